@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# One script for a short GPU loan: build fastbn with CUDA in place, run the tests,
+# run the CUDA benchmark. Needs torch (>= 2.5) with CUDA, and nvcc matching its CUDA.
+#
+#   bench/gpu_run.sh                 # build, test, bench
+#   bench/gpu_run.sh build test      # only some steps (e.g. to split across calls
+#   bench/gpu_run.sh bench           #  that each have a time limit)
+#
+# Everything (logs, JSON, PNG, markdown) goes to ${OUT:-bench/results}.
+# A failed build stops the script; failing tests do not stop the benchmark, their
+# exit code is reported at the end (and becomes the script's exit code).
+#
+# Environment knobs:
+#   PYTHON=python3            interpreter with torch
+#   CUDA_HOME=/usr/local/cuda toolkit to build with
+#   TORCH_CUDA_ARCH_LIST      default: the visible GPU's compute capability only (faster build)
+#   MAX_JOBS                  parallel compile jobs (default: number of CPUs)
+#   FASTBN_BUILD=inplace|pip  `setup.py build_ext --inplace` (default) or `pip install -e .`
+#   PYTEST_ARGS="-q"          arguments for pytest (after the tests folder)
+#   BENCH_ARGS=""             extra arguments for `python -m bench` (e.g. --quick)
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results}"
+mkdir -p "$OUT"
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export PATH="$CUDA_HOME/bin:$PATH"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(build test bench)
+
+wants() { local step; for step in "${steps[@]}"; do [ "$step" = "$1" ] && return 0; done; return 1; }
+say() { echo "== gpu_run: $*" | tee -a "$OUT/gpu_run.log"; }
+
+say "$(date -u +%FT%TZ) steps: ${steps[*]}; repo $(git describe --always --dirty 2>/dev/null || echo '?'); OUT=$OUT"
+{
+    nvidia-smi || echo "nvidia-smi failed"
+    "$CUDA_HOME/bin/nvcc" --version || echo "no nvcc under $CUDA_HOME"
+    "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'available', torch.cuda.is_available(), 'cudnn', torch.backends.cudnn.version())"
+} > "$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt"
+
+build_status="not run"
+if wants build; then
+    if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+        # Only the GPU in this machine: a build for one architecture takes half the time.
+        TORCH_CUDA_ARCH_LIST="$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')" \
+            || { say "cannot query the GPU's compute capability"; exit 1; }
+        export TORCH_CUDA_ARCH_LIST
+    fi
+    export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+    say "building (${FASTBN_BUILD:-inplace}, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS), log: $OUT/build.log"
+    start=$SECONDS
+    if [ "${FASTBN_BUILD:-inplace}" = "pip" ]; then
+        # --no-deps: torch and numpy are there already, and the machine may have no network.
+        build_command=("$PYTHON" -m pip install -v --no-build-isolation --no-deps -e .)
+    else
+        build_command=("$PYTHON" setup.py build_ext --inplace)
+    fi
+    if ! "${build_command[@]}" > "$OUT/build.log" 2>&1; then
+        tail -n 60 "$OUT/build.log"
+        say "BUILD FAILED (${build_command[*]}), stopping"
+        exit 1
+    fi
+    # setup.py falls back to a CPU-only build when torch or nvcc lack CUDA; here that is an error.
+    if grep -q "building CPU-only" "$OUT/build.log"; then
+        grep "fastbn:" "$OUT/build.log"
+        say "BUILD FAILED: the extension was built without CUDA, stopping"
+        exit 1
+    fi
+    say "built in $((SECONDS - start)) s: $(ls fastbn/_C*.so 2>/dev/null | tr '\n' ' ')"
+    # The smallest check that the CUDA kernels load and run, before spending time on tests.
+    if ! "$PYTHON" - > "$OUT/smoke.log" 2>&1 <<'EOF'
+import torch, fastbn, fastbn.functional
+x = torch.randn(4, 3, 5, 5, device="cuda")
+mean, var = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
+y = fastbn.functional.batch_norm(x, mean.clone(), var.clone(), training=True)
+reference = torch.nn.functional.batch_norm(x, mean.clone(), var.clone(), training=True)
+print("fastbn CUDA smoke run, max |fastbn - torch| =", (y - reference).abs().max().item())
+EOF
+    then
+        cat "$OUT/smoke.log"
+        say "BUILD FAILED: fastbn does not run on CUDA (see $OUT/smoke.log), stopping"
+        exit 1
+    fi
+    cat "$OUT/smoke.log"
+    build_status="ok"
+fi
+
+pytest_rc="not run"
+if wants test; then
+    say "pytest tests ${PYTEST_ARGS:--q}, log: $OUT/pytest.log"
+    # shellcheck disable=SC2086  # PYTEST_ARGS is meant to split into words
+    "$PYTHON" -m pytest tests ${PYTEST_ARGS:--q} 2>&1 | tee "$OUT/pytest.log"
+    pytest_rc=${PIPESTATUS[0]}
+    say "pytest exit code: $pytest_rc"
+fi
+
+bench_rc="not run"
+if wants bench; then
+    say "benchmark, tables: $OUT/bench-cuda.md, progress: $OUT/bench-cuda.log"
+    # shellcheck disable=SC2086  # BENCH_ARGS is meant to split into words
+    "$PYTHON" -m bench --device cuda --json "$OUT/bench-cuda.json" --plot "$OUT/bench-cuda.png" \
+        ${BENCH_ARGS:-} 2> "$OUT/bench-cuda.log" | tee "$OUT/bench-cuda.md"
+    bench_rc=${PIPESTATUS[0]}
+    [ "$bench_rc" = 0 ] || tail -n 30 "$OUT/bench-cuda.log"
+    say "benchmark exit code: $bench_rc"
+fi
+
+say "summary: build $build_status, pytest exit code $pytest_rc, benchmark exit code $bench_rc" \
+    | tee "$OUT/summary.txt"
+for rc in "$pytest_rc" "$bench_rc"; do
+    if [ "$rc" != "not run" ] && [ "$rc" != 0 ]; then exit "$rc"; fi
+done
+exit 0

@@ -1,0 +1,68 @@
+#include "bn_checks.h"
+
+#include <c10/util/Exception.h>
+
+namespace fastbn {
+
+c10::MemoryFormat output_memory_format(const at::Tensor& input) {
+  // A tensor with a size-1 spatial or channel dim can be contiguous in both
+  // formats; it is then treated as plain contiguous.
+  if (input.dim() == 4 && !input.is_contiguous() && input.is_contiguous(c10::MemoryFormat::ChannelsLast)) {
+    return c10::MemoryFormat::ChannelsLast;
+  }
+  if (input.dim() == 5 && !input.is_contiguous() && input.is_contiguous(c10::MemoryFormat::ChannelsLast3d)) {
+    return c10::MemoryFormat::ChannelsLast3d;
+  }
+  return c10::MemoryFormat::Contiguous;
+}
+
+Geometry describe(const at::Tensor& input) {
+  Geometry g;
+  g.N = input.size(0);
+  g.C = input.size(1);
+  g.S = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) g.S *= input.size(d);
+  g.format = output_memory_format(input);
+  // (N, C) is both planar with S = 1 and interleaved; interleaved vectorizes along C.
+  g.layout = (g.format != c10::MemoryFormat::Contiguous || input.dim() == 2) ? Layout::Interleaved : Layout::Planar;
+  return g;
+}
+
+void check_input(const at::Tensor& input, const char* op) {
+  TORCH_CHECK(input.defined(), op, ": input is undefined");
+  TORCH_CHECK(input.dim() >= 2, op, ": expected input of shape (N, C, *) with at least 2 dims, got ", input.dim(),
+              "-D input of size ", input.sizes());
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": input must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
+void check_channel_vector(const at::Tensor& input, const at::Tensor& vec, const char* name, const char* op) {
+  if (!vec.defined()) return;
+  const int64_t channels = input.size(1);
+  TORCH_CHECK(vec.dim() == 1, op, ": ", name, " must be 1-D with one value per channel, got size ", vec.sizes());
+  TORCH_CHECK(vec.numel() == channels, op, ": ", name, " should contain ", channels, " elements not ", vec.numel());
+  TORCH_CHECK(vec.device() == input.device(), op, ": ", name, " is on ", vec.device(), " but input is on ",
+              input.device());
+  const auto in = input.scalar_type();
+  const auto dt = vec.scalar_type();
+  const bool reduced = in == at::kHalf || in == at::kBFloat16;
+  TORCH_CHECK(dt == in || (reduced && dt == at::kFloat), op, ": ", name, " has dtype ", dt, " but input has dtype ",
+              in, "; expected ", in, reduced ? " or Float" : "");
+}
+
+void check_channel_vector(const at::Tensor& input, const std::optional<at::Tensor>& vec, const char* name,
+                          const char* op) {
+  if (vec.has_value()) check_channel_vector(input, *vec, name, op);
+}
+
+at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor to_accumulate(const std::optional<at::Tensor>& vec, at::ScalarType acc_dtype) {
+  if (!vec.has_value() || !vec->defined()) return at::Tensor();
+  return vec->to(acc_dtype).contiguous();
+}
+
+}  // namespace fastbn

@@ -1,0 +1,48 @@
+// Argument checks and layout decisions shared by the CPU and CUDA entry points,
+// so every backend rejects the same inputs with the same messages.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/MemoryFormat.h>
+
+#include <optional>
+
+namespace fastbn {
+
+// How a channel's values lie in memory.
+//  Planar:      (N, C, S) with S contiguous: NCHW, NCDHW, (N, C, L).
+//  Interleaved: (R, C) with C contiguous: channels_last, channels_last_3d, (N, C).
+enum class Layout { Planar, Interleaved };
+
+struct Geometry {
+  int64_t N;  // batch
+  int64_t C;  // channels
+  int64_t S;  // spatial size (product of dims after C)
+  Layout layout;
+  c10::MemoryFormat format;  // memory format of the tensors the kernels read and write
+  int64_t count() const { return N * S; }  // values per channel
+};
+
+// The memory format outputs get: channels_last(_3d) for inputs strictly in that
+// format, contiguous otherwise (fastbn/ops.py's fake kernels mirror this rule).
+c10::MemoryFormat output_memory_format(const at::Tensor& input);
+
+// Sizes and layout of `input` once made dense in output_memory_format(input).
+Geometry describe(const at::Tensor& input);
+
+// Float dtypes only, rank >= 2. `op` names the caller in messages.
+void check_input(const at::Tensor& input, const char* op);
+
+// A per-channel vector (weight, bias, mean, var, running stats): 1-D, C values,
+// same device as input, dtype equal to input's or float32 for half/bfloat16 input.
+void check_channel_vector(const at::Tensor& input, const at::Tensor& vec, const char* name, const char* op);
+void check_channel_vector(const at::Tensor& input, const std::optional<at::Tensor>& vec, const char* name,
+                          const char* op);
+
+// float for half/bfloat16/float, double for double.
+at::ScalarType accumulate_dtype(at::ScalarType input_dtype);
+
+// `vec` as a contiguous tensor of the accumulation dtype, or an undefined tensor.
+at::Tensor to_accumulate(const std::optional<at::Tensor>& vec, at::ScalarType acc_dtype);
+
+}  // namespace fastbn

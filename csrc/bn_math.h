@@ -1,0 +1,150 @@
+// Batch-norm formulas shared by the CPU and CUDA kernels.
+//
+// Everything here is a small inline function usable from host and device code,
+// so the CPU tests exercise exactly the arithmetic the GPU kernels run.
+// acc_t is the accumulation type: float for float/half/bfloat16 inputs,
+// double for double inputs.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FASTBN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FASTBN_HOST_DEVICE inline
+#endif
+
+namespace fastbn {
+
+FASTBN_HOST_DEVICE float sqrt_acc(float x) { return sqrtf(x); }
+FASTBN_HOST_DEVICE double sqrt_acc(double x) { return sqrt(x); }
+
+// Count, mean and M2 (sum of squared deviations from the mean) of one channel's
+// values, the state of Welford's / Chan's algorithm. Merging two of these is
+// stable however far the data's mean is from zero (x = 1e4 + randn keeps its
+// variance), unlike E[x^2] - E[x]^2.
+template <typename acc_t>
+struct Moments {
+  acc_t mean;
+  acc_t m2;
+  int64_t count;
+};
+
+template <typename acc_t>
+FASTBN_HOST_DEVICE Moments<acc_t> moments_merge(const Moments<acc_t>& a, const Moments<acc_t>& b) {
+  if (a.count == 0) return b;
+  if (b.count == 0) return a;
+  const int64_t count = a.count + b.count;
+  const acc_t b_share = acc_t(b.count) / acc_t(count);
+  const acc_t delta = b.mean - a.mean;
+  Moments<acc_t> out;
+  out.mean = a.mean + delta * b_share;
+  out.m2 = a.m2 + b.m2 + delta * delta * acc_t(a.count) * b_share;
+  out.count = count;
+  return out;
+}
+
+// One more value into the moments (Welford's update).
+template <typename acc_t>
+FASTBN_HOST_DEVICE void moments_push(Moments<acc_t>& m, acc_t x) {
+  m.count += 1;
+  const acc_t delta = x - m.mean;
+  m.mean += delta / acc_t(m.count);
+  m.m2 += delta * (x - m.mean);
+}
+
+// Biased (population) variance, the one batch norm normalizes with.
+template <typename acc_t>
+FASTBN_HOST_DEVICE acc_t moments_biased_var(const Moments<acc_t>& m) {
+  return m.count > 0 ? m.m2 / acc_t(m.count) : acc_t(0);
+}
+
+template <typename acc_t>
+FASTBN_HOST_DEVICE acc_t invstd_from_var(acc_t var, acc_t eps) {
+  return acc_t(1) / sqrt_acc(var + eps);
+}
+
+// The forward transform of one channel, y = (x - mean) * scale + bias.
+// Subtracting the mean first keeps the result exact for data far from zero,
+// where x * scale + (bias - mean * scale) would cancel catastrophically.
+template <typename acc_t>
+struct ForwardCoefficients {
+  acc_t mean;
+  acc_t scale;  // weight * invstd
+  acc_t bias;
+};
+
+template <typename acc_t>
+FASTBN_HOST_DEVICE ForwardCoefficients<acc_t> forward_coefficients(
+    acc_t mean, acc_t var, acc_t eps, acc_t weight, acc_t bias) {
+  ForwardCoefficients<acc_t> c;
+  c.mean = mean;
+  c.scale = weight * invstd_from_var(var, eps);
+  c.bias = bias;
+  return c;
+}
+
+template <typename acc_t>
+FASTBN_HOST_DEVICE acc_t forward_apply(const ForwardCoefficients<acc_t>& c, acc_t x) {
+  return (x - c.mean) * c.scale + c.bias;
+}
+
+// The input gradient of one channel as dx = dy * k_dy + (x - mean) * k_xmu + k_const.
+// Training mode (statistics from the batch):
+//   dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+// Evaluation mode (running statistics are constants): dx = w * invstd * dy.
+template <typename acc_t>
+struct BackwardCoefficients {
+  acc_t mean;
+  acc_t k_dy;
+  acc_t k_xmu;
+  acc_t k_const;
+};
+
+// sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)) over the channel's count values.
+template <typename acc_t>
+FASTBN_HOST_DEVICE BackwardCoefficients<acc_t> backward_coefficients(
+    acc_t mean, acc_t var, acc_t eps, acc_t weight, acc_t sum_dy, acc_t sum_dy_xmu,
+    int64_t count, bool train) {
+  const acc_t invstd = invstd_from_var(var, eps);
+  BackwardCoefficients<acc_t> c;
+  c.mean = mean;
+  c.k_dy = weight * invstd;
+  if (train && count > 0) {
+    const acc_t inv_count = acc_t(1) / acc_t(count);
+    c.k_xmu = -c.k_dy * sum_dy_xmu * invstd * invstd * inv_count;
+    c.k_const = -c.k_dy * sum_dy * inv_count;
+  } else {
+    c.k_xmu = acc_t(0);
+    c.k_const = acc_t(0);
+  }
+  return c;
+}
+
+template <typename acc_t>
+FASTBN_HOST_DEVICE acc_t backward_apply(const BackwardCoefficients<acc_t>& c, acc_t dy, acc_t x) {
+  return dy * c.k_dy + (x - c.mean) * c.k_xmu + c.k_const;
+}
+
+// grad_weight = sum(dy * xhat) = sum(dy * (x - mean)) * invstd; grad_bias = sum(dy).
+template <typename acc_t>
+FASTBN_HOST_DEVICE acc_t grad_weight_from_sums(acc_t sum_dy_xmu, acc_t var, acc_t eps) {
+  return sum_dy_xmu * invstd_from_var(var, eps);
+}
+
+// Running statistics: exponential moving average with `factor` (torch's momentum,
+// or 1/num_batches_tracked for the cumulative average), the variance unbiased by
+// count / (count - 1) as torch does.
+template <typename acc_t>
+FASTBN_HOST_DEVICE acc_t running_mean_update(acc_t running_mean, acc_t batch_mean, acc_t factor) {
+  return (acc_t(1) - factor) * running_mean + factor * batch_mean;
+}
+
+template <typename acc_t>
+FASTBN_HOST_DEVICE acc_t running_var_update(acc_t running_var, acc_t batch_var, acc_t factor, int64_t count) {
+  const acc_t unbiased = count > 1 ? batch_var * (acc_t(count) / acc_t(count - 1)) : batch_var;
+  return (acc_t(1) - factor) * running_var + factor * unbiased;
+}
+
+}  // namespace fastbn

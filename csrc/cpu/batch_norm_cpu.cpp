@@ -1,0 +1,494 @@
+// CPU kernels of fastbn's batch-norm operators.
+//
+// Planar layout (NCHW): a task owns whole channels when there are at least as
+// many channels as threads, and computes the statistics and then the output of
+// its channel while the channel's values are still in cache. With fewer
+// channels than threads, each channel is split into parts whose partial
+// statistics are merged first.
+// Interleaved layout (channels_last, (N, C)): each thread reduces a block of
+// rows into per-channel partial statistics, the partials are merged, and a
+// second parallel pass over rows writes the output.
+//
+// Statistics are computed in pieces of kPiece values: the mean of a piece, then
+// the squared deviations from it while the piece is in L1, and pieces are
+// merged with Chan's formula (bn_math.h). This is as stable as a two-pass
+// algorithm and reads memory once.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "bn_checks.h"
+#include "bn_math.h"
+#include "cpu/vec_kernels.h"
+
+namespace fastbn::cpu {
+namespace {
+
+using at::Tensor;
+
+// Values per statistics piece: 16 KiB of float, so its second pass hits L1.
+constexpr int64_t kPiece = 4096;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Calls f(offset, length) for each contiguous segment of the flat range
+// [begin, end) of one planar channel, whose values are N rows of S with
+// `row_stride` between rows. Offsets are relative to the channel's first value.
+template <typename F>
+inline void for_each_segment(int64_t begin, int64_t end, int64_t S, int64_t row_stride, const F& f) {
+  int64_t row = begin / S;
+  int64_t offset = begin % S;
+  while (begin < end) {
+    const int64_t length = std::min(S - offset, end - begin);
+    f(row * row_stride + offset, length);
+    begin += length;
+    ++row;
+    offset = 0;
+  }
+}
+
+// How many parts each planar channel is split into, so that all threads work
+// even when C is small. Parts are at least kPiece values long.
+int64_t planar_parts(const Geometry& g) {
+  const int64_t threads = at::get_num_threads();
+  if (g.C >= threads) return 1;
+  return std::max<int64_t>(1, std::min(ceil_div(threads, g.C), g.count() / kPiece));
+}
+
+// The j-th of `parts` near-equal ranges of [0, count).
+inline std::pair<int64_t, int64_t> part_range(int64_t count, int64_t parts, int64_t j) {
+  return {count * j / parts, count * (j + 1) / parts};
+}
+
+template <typename scalar_t, typename acc_t>
+Moments<acc_t> planar_moments(const scalar_t* xc, const Geometry& g, int64_t begin, int64_t end) {
+  const int64_t row_stride = g.C * g.S;
+  Moments<acc_t> total{acc_t(0), acc_t(0), 0};
+  for (int64_t p = begin; p < end; p += kPiece) {
+    const int64_t q = std::min(end, p + kPiece);
+    acc_t sum = 0;
+    for_each_segment(p, q, g.S, row_stride, [&](int64_t off, int64_t len) { sum += span_sum(xc + off, len); });
+    const acc_t mean = sum / acc_t(q - p);
+    acc_t m2 = 0;
+    for_each_segment(p, q, g.S, row_stride,
+                     [&](int64_t off, int64_t len) { m2 += span_sum_sq_dev(xc + off, len, mean); });
+    total = moments_merge(total, Moments<acc_t>{mean, m2, q - p});
+  }
+  return total;
+}
+
+// Per-channel parameters as acc_t, with the identity where a tensor is absent.
+template <typename acc_t>
+struct ChannelParams {
+  const acc_t* weight;
+  const acc_t* bias;
+  acc_t w(int64_t c) const { return weight ? weight[c] : acc_t(1); }
+  acc_t b(int64_t c) const { return bias ? bias[c] : acc_t(0); }
+};
+
+template <typename acc_t>
+ChannelParams<acc_t> channel_params(const Tensor& weight, const Tensor& bias) {
+  return {weight.defined() ? weight.data_ptr<acc_t>() : nullptr, bias.defined() ? bias.data_ptr<acc_t>() : nullptr};
+}
+
+// ------------------------------------------------------------------ training forward
+
+template <typename scalar_t, typename acc_t>
+void train_forward_planar(const scalar_t* x, scalar_t* y, acc_t* mean_out, acc_t* var_out,
+                          ChannelParams<acc_t> params, const Geometry& g, acc_t eps) {
+  const int64_t count = g.count();
+  const int64_t parts = planar_parts(g);
+  auto normalize = [&](int64_t c, int64_t begin, int64_t end) {
+    const auto k = forward_coefficients(mean_out[c], var_out[c], eps, params.w(c), params.b(c));
+    for_each_segment(begin, end, g.S, g.C * g.S,
+                     [&](int64_t off, int64_t len) { span_forward(x + c * g.S + off, y + c * g.S + off, len, k); });
+  };
+  if (parts == 1) {
+    // Statistics then output of one channel back to back: the second read hits cache.
+    at::parallel_for(0, g.C, 1, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        const auto m = planar_moments<scalar_t, acc_t>(x + c * g.S, g, 0, count);
+        mean_out[c] = m.mean;
+        var_out[c] = moments_biased_var(m);
+        normalize(c, 0, count);
+      }
+    });
+    return;
+  }
+  std::vector<Moments<acc_t>> partial(g.C * parts);
+  at::parallel_for(0, g.C * parts, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const auto [begin, end] = part_range(count, parts, t % parts);
+      partial[t] = planar_moments<scalar_t, acc_t>(x + (t / parts) * g.S, g, begin, end);
+    }
+  });
+  for (int64_t c = 0; c < g.C; ++c) {
+    Moments<acc_t> m{acc_t(0), acc_t(0), 0};
+    for (int64_t j = 0; j < parts; ++j) m = moments_merge(m, partial[c * parts + j]);
+    mean_out[c] = m.mean;
+    var_out[c] = moments_biased_var(m);
+  }
+  at::parallel_for(0, g.C * parts, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const auto [begin, end] = part_range(count, parts, t % parts);
+      normalize(t / parts, begin, end);
+    }
+  });
+}
+
+// Number of row blocks the interleaved reductions split R rows into.
+int64_t interleaved_tasks(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / 8));
+}
+
+// Rows per statistics piece: about kPiece values, at least 8 rows so the
+// per-piece merge stays cheap next to the data.
+int64_t rows_per_piece(int64_t C) { return std::max<int64_t>(8, kPiece / std::max<int64_t>(C, 1)); }
+
+// Rows per parallel chunk of the elementwise passes.
+int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
+
+template <typename scalar_t, typename acc_t>
+void train_forward_interleaved(const scalar_t* x, scalar_t* y, acc_t* mean_out, acc_t* var_out,
+                               ChannelParams<acc_t> params, const Geometry& g, acc_t eps) {
+  const int64_t C = g.C, rows = g.count();
+  const int64_t tasks = interleaved_tasks(rows);
+  std::vector<acc_t> task_mean(tasks * C, acc_t(0)), task_m2(tasks * C, acc_t(0));
+  std::vector<int64_t> task_count(tasks, 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
+    std::vector<acc_t> piece_mean(C), piece_m2(C);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      acc_t* mean = task_mean.data() + t * C;
+      acc_t* m2 = task_m2.data() + t * C;
+      int64_t seen = 0;
+      const auto [r_begin, r_end] = part_range(rows, tasks, t);
+      for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
+        const int64_t r_stop = std::min(r_end, r + rows_per_piece(C));
+        const acc_t n = acc_t(r_stop - r);
+        std::fill(piece_mean.begin(), piece_mean.end(), acc_t(0));
+        for (int64_t i = r; i < r_stop; ++i) row_add(x + i * C, piece_mean.data(), C);
+        for (int64_t c = 0; c < C; ++c) piece_mean[c] /= n;
+        std::fill(piece_m2.begin(), piece_m2.end(), acc_t(0));
+        for (int64_t i = r; i < r_stop; ++i) row_add_sq_dev(x + i * C, piece_mean.data(), piece_m2.data(), C);
+        for (int64_t c = 0; c < C; ++c) {
+          const auto merged = moments_merge(Moments<acc_t>{mean[c], m2[c], seen},
+                                            Moments<acc_t>{piece_mean[c], piece_m2[c], r_stop - r});
+          mean[c] = merged.mean;
+          m2[c] = merged.m2;
+        }
+        seen += r_stop - r;
+      }
+      task_count[t] = seen;
+    }
+  });
+  std::vector<acc_t> coef_mean(C), coef_scale(C), coef_bias(C);
+  for (int64_t c = 0; c < C; ++c) {
+    Moments<acc_t> m{acc_t(0), acc_t(0), 0};
+    for (int64_t t = 0; t < tasks; ++t) {
+      m = moments_merge(m, Moments<acc_t>{task_mean[t * C + c], task_m2[t * C + c], task_count[t]});
+    }
+    mean_out[c] = m.mean;
+    var_out[c] = moments_biased_var(m);
+    const auto k = forward_coefficients(mean_out[c], var_out[c], eps, params.w(c), params.b(c));
+    coef_mean[c] = k.mean;
+    coef_scale[c] = k.scale;
+    coef_bias[c] = k.bias;
+  }
+  at::parallel_for(0, rows, row_grain(C), [&](int64_t r_begin, int64_t r_end) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      row_forward(x + r * C, y + r * C, coef_mean.data(), coef_scale.data(), coef_bias.data(), C);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ eval forward
+
+template <typename scalar_t, typename acc_t>
+void eval_forward(const scalar_t* x, scalar_t* y, const acc_t* mean, const acc_t* var,
+                  ChannelParams<acc_t> params, const Geometry& g, acc_t eps) {
+  std::vector<acc_t> coef_mean(g.C), coef_scale(g.C), coef_bias(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    const auto k = forward_coefficients(mean[c], var[c], eps, params.w(c), params.b(c));
+    coef_mean[c] = k.mean;
+    coef_scale[c] = k.scale;
+    coef_bias[c] = k.bias;
+  }
+  if (g.layout == Layout::Interleaved) {
+    at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        row_forward(x + r * g.C, y + r * g.C, coef_mean.data(), coef_scale.data(), coef_bias.data(), g.C);
+      }
+    });
+    return;
+  }
+  // Planar: N * C rows of S values, each with its channel's coefficients.
+  at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t c = i % g.C;
+      const ForwardCoefficients<acc_t> k{coef_mean[c], coef_scale[c], coef_bias[c]};
+      span_forward(x + i * g.S, y + i * g.S, g.S, k);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ backward
+// Outputs: dx, and per channel sum(dy) (grad_bias) and sum(dy * (x - mean)),
+// turned into grad_weight by the caller-independent formula in bn_math.h.
+
+template <typename scalar_t, typename acc_t>
+void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const acc_t* mean, const acc_t* var,
+                     ChannelParams<acc_t> params, acc_t* grad_weight, acc_t* grad_bias, const Geometry& g, acc_t eps,
+                     bool train) {
+  const int64_t count = g.count();
+  const int64_t row_stride = g.C * g.S;
+  const int64_t parts = planar_parts(g);
+  // Partial sums are added in double: a channel can hold millions of values.
+  auto sums = [&](int64_t c, int64_t begin, int64_t end) {
+    double sum_dy = 0, sum_dy_xmu = 0;
+    const int64_t base = c * g.S;
+    for_each_segment(begin, end, g.S, row_stride, [&](int64_t off, int64_t len) {
+      const auto [s_dy, s_dy_xmu] = span_backward_sums(dy + base + off, x + base + off, len, mean[c]);
+      sum_dy += s_dy;
+      sum_dy_xmu += s_dy_xmu;
+    });
+    return std::pair<double, double>{sum_dy, sum_dy_xmu};
+  };
+  auto finish_channel = [&](int64_t c, double sum_dy, double sum_dy_xmu) {
+    grad_bias[c] = acc_t(sum_dy);
+    grad_weight[c] = grad_weight_from_sums(acc_t(sum_dy_xmu), var[c], eps);
+    return backward_coefficients(mean[c], var[c], eps, params.w(c), acc_t(sum_dy), acc_t(sum_dy_xmu), count, train);
+  };
+  auto apply = [&](int64_t c, const BackwardCoefficients<acc_t>& k, int64_t begin, int64_t end) {
+    const int64_t base = c * g.S;
+    for_each_segment(begin, end, g.S, row_stride, [&](int64_t off, int64_t len) {
+      span_backward(dy + base + off, x + base + off, dx + base + off, len, k);
+    });
+  };
+  if (parts == 1) {
+    at::parallel_for(0, g.C, 1, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        const auto [sum_dy, sum_dy_xmu] = sums(c, 0, count);
+        apply(c, finish_channel(c, sum_dy, sum_dy_xmu), 0, count);
+      }
+    });
+    return;
+  }
+  std::vector<std::pair<double, double>> partial(g.C * parts);
+  at::parallel_for(0, g.C * parts, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const auto [begin, end] = part_range(count, parts, t % parts);
+      partial[t] = sums(t / parts, begin, end);
+    }
+  });
+  std::vector<BackwardCoefficients<acc_t>> coef(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    double sum_dy = 0, sum_dy_xmu = 0;
+    for (int64_t j = 0; j < parts; ++j) {
+      sum_dy += partial[c * parts + j].first;
+      sum_dy_xmu += partial[c * parts + j].second;
+    }
+    coef[c] = finish_channel(c, sum_dy, sum_dy_xmu);
+  }
+  at::parallel_for(0, g.C * parts, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const auto [begin, end] = part_range(count, parts, t % parts);
+      apply(t / parts, coef[t / parts], begin, end);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_interleaved(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const acc_t* mean, const acc_t* var,
+                          ChannelParams<acc_t> params, acc_t* grad_weight, acc_t* grad_bias, const Geometry& g,
+                          acc_t eps, bool train) {
+  const int64_t C = g.C, rows = g.count();
+  const int64_t tasks = interleaved_tasks(rows);
+  // Each task sums pieces of rows in acc_t and adds the pieces up in double.
+  std::vector<double> task_dy(tasks * C, 0.0), task_dy_xmu(tasks * C, 0.0);
+  at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
+    std::vector<acc_t> piece_dy(C), piece_dy_xmu(C);
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const auto [r_begin, r_end] = part_range(rows, tasks, t);
+      for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
+        const int64_t r_stop = std::min(r_end, r + rows_per_piece(C));
+        std::fill(piece_dy.begin(), piece_dy.end(), acc_t(0));
+        std::fill(piece_dy_xmu.begin(), piece_dy_xmu.end(), acc_t(0));
+        for (int64_t i = r; i < r_stop; ++i) {
+          row_add_backward_sums(dy + i * C, x + i * C, mean, piece_dy.data(), piece_dy_xmu.data(), C);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          task_dy[t * C + c] += piece_dy[c];
+          task_dy_xmu[t * C + c] += piece_dy_xmu[c];
+        }
+      }
+    }
+  });
+  std::vector<acc_t> k_mean(C), k_dy(C), k_xmu(C), k_const(C);
+  for (int64_t c = 0; c < C; ++c) {
+    double sum_dy = 0, sum_dy_xmu = 0;
+    for (int64_t t = 0; t < tasks; ++t) {
+      sum_dy += task_dy[t * C + c];
+      sum_dy_xmu += task_dy_xmu[t * C + c];
+    }
+    grad_bias[c] = acc_t(sum_dy);
+    grad_weight[c] = grad_weight_from_sums(acc_t(sum_dy_xmu), var[c], eps);
+    const auto k = backward_coefficients(mean[c], var[c], eps, params.w(c), acc_t(sum_dy), acc_t(sum_dy_xmu), rows, train);
+    k_mean[c] = k.mean;
+    k_dy[c] = k.k_dy;
+    k_xmu[c] = k.k_xmu;
+    k_const[c] = k.k_const;
+  }
+  at::parallel_for(0, rows, row_grain(C), [&](int64_t r_begin, int64_t r_end) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      row_backward(dy + r * C, x + r * C, dx + r * C, k_mean.data(), k_dy.data(), k_xmu.data(), k_const.data(), C);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ operator entry points
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(const Tensor& input, const std::optional<Tensor>& weight,
+                                                        const std::optional<Tensor>& bias, double eps) {
+  constexpr const char* op = "fastbn.batch_norm_train";
+  check_input(input, op);
+  check_channel_vector(input, weight, "weight", op);
+  check_channel_vector(input, bias, "bias", op);
+  const Geometry g = describe(input);
+  const auto acc = accumulate_dtype(input.scalar_type());
+  const Tensor x = input.contiguous(g.format);
+  Tensor y = at::empty(input.sizes(), input.options().memory_format(g.format));
+  Tensor mean = at::empty({g.C}, input.options().dtype(acc));
+  Tensor var = at::empty({g.C}, input.options().dtype(acc));
+  if (g.count() == 0) {  // no values: the statistics are undefined, like torch's mean of nothing
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {y, mean, var};
+  }
+  const Tensor w = to_accumulate(weight, acc), b = to_accumulate(bias, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_train_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto params = channel_params<acc_t>(w, b);
+    if (g.layout == Layout::Planar) {
+      train_forward_planar<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                            mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), params, g, acc_t(eps));
+    } else {
+      train_forward_interleaved<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                                 mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), params, g,
+                                                 acc_t(eps));
+    }
+  });
+  return {y, mean, var};
+}
+
+Tensor batch_norm_eval_cpu(const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                           const Tensor& running_mean, const Tensor& running_var, double eps) {
+  constexpr const char* op = "fastbn.batch_norm_eval";
+  check_input(input, op);
+  check_channel_vector(input, weight, "weight", op);
+  check_channel_vector(input, bias, "bias", op);
+  TORCH_CHECK(running_mean.defined() && running_var.defined(), op, ": running_mean and running_var are required");
+  check_channel_vector(input, running_mean, "running_mean", op);
+  check_channel_vector(input, running_var, "running_var", op);
+  const Geometry g = describe(input);
+  const auto acc = accumulate_dtype(input.scalar_type());
+  const Tensor x = input.contiguous(g.format);
+  Tensor y = at::empty(input.sizes(), input.options().memory_format(g.format));
+  if (g.count() == 0) return y;
+  const Tensor w = to_accumulate(weight, acc), b = to_accumulate(bias, acc);
+  const Tensor mean = to_accumulate(running_mean, acc), var = to_accumulate(running_var, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_eval_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    eval_forward<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
+                                  var.const_data_ptr<acc_t>(), channel_params<acc_t>(w, b), g, acc_t(eps));
+  });
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input,
+                                                           const std::optional<Tensor>& weight, const Tensor& mean,
+                                                           const Tensor& var, double eps, bool train) {
+  constexpr const char* op = "fastbn.batch_norm_backward";
+  check_input(input, op);
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), op, ": grad_output has size ", grad_output.sizes(),
+              " but input has size ", input.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(), op,
+              ": grad_output must match input's dtype and device, got ", grad_output.scalar_type(), " on ",
+              grad_output.device(), " for input ", input.scalar_type(), " on ", input.device());
+  check_channel_vector(input, weight, "weight", op);
+  check_channel_vector(input, mean, "mean", op);
+  check_channel_vector(input, var, "var", op);
+  const Geometry g = describe(input);
+  const auto acc = accumulate_dtype(input.scalar_type());
+  const Tensor x = input.contiguous(g.format);
+  // grad_output can come in any strides (an expanded ones_like, say): match x's.
+  const Tensor dy = grad_output.contiguous(g.format);
+  Tensor dx = at::empty(input.sizes(), input.options().memory_format(g.format));
+  Tensor grad_weight = at::zeros({g.C}, input.options().dtype(acc));
+  Tensor grad_bias = at::zeros({g.C}, input.options().dtype(acc));
+  if (g.count() == 0) return {dx, grad_weight, grad_bias};
+  const Tensor w = to_accumulate(weight, acc);
+  const Tensor mean_acc = to_accumulate(mean, acc), var_acc = to_accumulate(var, acc);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto params = channel_params<acc_t>(w, Tensor());
+    auto kernel = g.layout == Layout::Planar ? backward_planar<scalar_t, acc_t> : backward_interleaved<scalar_t, acc_t>;
+    kernel(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
+           mean_acc.const_data_ptr<acc_t>(), var_acc.const_data_ptr<acc_t>(), params, grad_weight.data_ptr<acc_t>(),
+           grad_bias.data_ptr<acc_t>(), g, acc_t(eps), train);
+  });
+  return {dx, grad_weight, grad_bias};
+}
+
+void update_running_stats_cpu(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean, const Tensor& var,
+                              double factor, int64_t count) {
+  constexpr const char* op = "fastbn.update_running_stats";
+  TORCH_CHECK(count >= 0, op, ": count must be non-negative, got ", count);
+  TORCH_CHECK(mean.dim() == 1 && var.sizes() == mean.sizes() && running_mean.sizes() == mean.sizes() &&
+                  running_var.sizes() == mean.sizes(),
+              op, ": running_mean ", running_mean.sizes(), ", running_var ", running_var.sizes(), ", mean ",
+              mean.sizes(), " and var ", var.sizes(), " must be 1-D of one size");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
+              ": mean must be float32 or float64, got ", mean.scalar_type());
+  TORCH_CHECK(var.scalar_type() == mean.scalar_type(), op, ": var has dtype ", var.scalar_type(), " but mean has ",
+              mean.scalar_type());
+  for (const Tensor* t : {&running_mean, &running_var, &var}) {
+    TORCH_CHECK(t->device() == mean.device(), op, ": all tensors must be on one device, got ", t->device(), " and ",
+                mean.device());
+  }
+  if (count == 0) return;  // an empty batch leaves the running statistics as they are (as torch does)
+  const auto acc = mean.scalar_type();
+  Tensor new_mean = running_mean.to(acc).contiguous().clone();
+  Tensor new_var = running_var.to(acc).contiguous().clone();
+  const Tensor batch_mean = mean.contiguous(), batch_var = var.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "fastbn_update_running_stats_cpu", [&] {
+    auto* rm = new_mean.data_ptr<scalar_t>();
+    auto* rv = new_var.data_ptr<scalar_t>();
+    const auto* bm = batch_mean.const_data_ptr<scalar_t>();
+    const auto* bv = batch_var.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < mean.numel(); ++c) {
+      rm[c] = running_mean_update(rm[c], bm[c], scalar_t(factor));
+      rv[c] = running_var_update(rv[c], bv[c], scalar_t(factor), count);
+    }
+  });
+  running_mean.copy_(new_mean);
+  running_var.copy_(new_var);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastbn, CPU, m) {
+  m.impl("batch_norm_train", &batch_norm_train_cpu);
+  m.impl("batch_norm_eval", &batch_norm_eval_cpu);
+  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+  m.impl("update_running_stats", &update_running_stats_cpu);
+}
+
+}  // namespace fastbn::cpu

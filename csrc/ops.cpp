@@ -1,0 +1,53 @@
+// The operator schemas, defined once for every backend (CPU here in csrc/cpu,
+// CUDA in csrc/cuda), and the Python module stub that loads them.
+//
+// Statistics travel as (mean, biased variance) in the accumulation dtype
+// (float32 for half/bfloat16 input): the running-variance update needs the
+// variance itself, and 1/sqrt(var + eps) is recomputed where needed by the
+// shared formula in bn_math.h.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastbn, m) {
+  // Training forward: batch statistics and normalization in one pass over the
+  // channel's data. Returns (output, batch mean, batch biased variance).
+  m.def("batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  // Evaluation forward with given (running) statistics.
+  m.def(
+      "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
+      "float eps) -> Tensor");
+  // Backward of both: (grad_input, grad_weight, grad_bias). `train` says whether
+  // mean/var were batch statistics (they then depend on the input) or constants.
+  // grad_weight and grad_bias come in the accumulation dtype.
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor var, float eps, "
+      "bool train) -> (Tensor, Tensor, Tensor)");
+  // running = (1 - factor) * running + factor * batch, variance unbiased by count / (count - 1).
+  m.def(
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+      "float factor, int count) -> ()");
+}
+
+
+extern "C" {
+// `import fastbn._C` runs the TORCH_LIBRARY registrations above; the module
+// itself only reports how it was built.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      "fastbn's compiled operators (registered under torch.ops.fastbn)",
+      -1,    // no per-module state
+      nullptr,
+  };
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  PyModule_AddStringConstant(module, "cpu_capability", FASTBN_CPU_CAPABILITY_NAME);
+#ifdef FASTBN_WITH_CUDA
+  PyModule_AddIntConstant(module, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(module, "with_cuda", 0);
+#endif
+  return module;
+}
+}

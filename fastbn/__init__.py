@@ -1,0 +1,14 @@
+"""fastbn: fused batch normalization for PyTorch.
+
+    import fastbn
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), fastbn.BatchNorm2d(64), torch.nn.ReLU())
+"""
+import torch  # noqa: F401  (load torch's shared libraries before the extension, which has no rpath)
+
+from . import functional, ops
+from .functional import batch_norm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "functional", "ops"]

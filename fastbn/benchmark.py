@@ -1,0 +1,653 @@
+"""Benchmark fastbn's batch norm against torch's, side by side.
+
+Run from the repository root with ``python -m bench`` (or the ``fastbn-bench``
+console script). Every row of the result times torch and fastbn on the same
+input, alternating between them in a few rounds so that both see the same machine
+state (frequency, cache, other load), and reports the medians.
+
+Bandwidth is counted from the *minimum* bytes an implementation must move (the
+activation-sized tensors, not the per-channel vectors) and compared with a copy
+bandwidth measured at start-up, so "% copy" says how close a kernel gets to
+streaming memory once per tensor it must touch. Shapes whose tensors fit in the
+last-level cache can exceed 100%.
+
+Nothing here asserts on timings; the numbers are for people to read.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.utils.benchmark as torch_benchmark
+
+# --------------------------------------------------------------------------------------
+# What is measured
+# --------------------------------------------------------------------------------------
+
+DEFAULT_SHAPES: List[Tuple[int, int, int, int]] = [
+    (250, 32, 26, 26),  # MNIST-sized CNN, batch 250: first BN (28x28 after a 3x3 conv)
+    (250, 64, 11, 11),  # ... and a second, after pooling and another conv
+    (32, 64, 56, 56),  # ResNet-50 stage 1
+    (32, 256, 14, 14),  # ResNet-50 stage 3
+    (8, 64, 112, 112),  # ResNet stem at a small batch: few channels, long planes
+]
+# --quick keeps one MNIST-like shape and one with many channels and short planes.
+QUICK_SHAPES = [(250, 32, 26, 26), (32, 256, 14, 14)]
+
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_DTYPES = {"cpu": ["float32", "bfloat16"], "cuda": ["float32", "bfloat16", "float16"]}
+
+# Largest |fastbn - torch| on the first output (and input gradient) that still counts as
+# the same result; a mismatching row is flagged, since its timing would mean nothing.
+CHECK_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 2e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One way of calling batch norm. Adding a case is one entry in CASES."""
+
+    name: str
+    description: str
+    training: bool  # module.train() (batch statistics, running stats updated) or .eval()
+    backward: bool  # also run y.backward(grad_out), parameters' and input's grads
+    activation: Optional[str] = None  # fused activation (fastbn) vs BN then the op (torch)
+
+    def min_bytes(self, numel: int, element_size: int) -> int:
+        # Forward reads x and writes y. Backward must at least read x and dy and write dx
+        # (the statistics can be recomputed or come from the forward's saved vectors;
+        # per-channel vectors are ignored as they are tiny next to the activations).
+        tensor_passes = 2 + (3 if self.backward else 0)
+        return tensor_passes * numel * element_size
+
+
+CASES: List[Case] = [
+    Case("train_fwd", "training forward (batch stats, running stats updated)", True, False),
+    Case("train_fwd_bwd", "training forward + backward (dx, dweight, dbias)", True, True),
+    Case("eval_fwd", "inference forward under no_grad (running stats)", False, False),
+    Case("bn_relu_fwd_bwd", "BN+ReLU training forward + backward; torch: BN then torch.relu",
+         True, True, activation="relu"),
+]
+CASES_BY_NAME = {case.name: case for case in CASES}
+
+
+class NotAvailable(Exception):
+    """The implementation does not support this case (reported as n/a, not as an error)."""
+
+
+# --------------------------------------------------------------------------------------
+# The two implementations
+# --------------------------------------------------------------------------------------
+
+class _TorchBNThenActivation(torch.nn.Module):
+    """torch's unfused reference for the BN+activation cases: BN, then the op."""
+
+    ACTIVATIONS = {"relu": torch.relu}
+
+    def __init__(self, num_features: int, activation: str):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(num_features)
+        self.activation = self.ACTIVATIONS[activation]
+
+    def forward(self, x):
+        return self.activation(self.bn(x))
+
+
+def make_torch_module(num_features: int, activation: Optional[str]) -> torch.nn.Module:
+    if activation is None:
+        return torch.nn.BatchNorm2d(num_features)
+    return _TorchBNThenActivation(num_features, activation)
+
+
+def load_fastbn_module_factory(stand_in: bool) -> Tuple[Callable[..., torch.nn.Module], str]:
+    """Return (factory(num_features, activation) -> module, a description for the header).
+
+    ``stand_in`` benchmarks torch against itself; it exists only to develop and check
+    this script on a checkout whose extension is not built yet.
+    """
+    if stand_in:
+        def make_stand_in(num_features: int, activation: Optional[str]) -> torch.nn.Module:
+            if activation is not None:
+                raise NotAvailable("the stand-in has no fused activation")
+            return torch.nn.BatchNorm2d(num_features)
+        return make_stand_in, "STAND-IN (torch.nn.BatchNorm2d, not fastbn)"
+
+    try:
+        import fastbn
+    except Exception as error:  # ImportError, or the extension failing to load
+        raise SystemExit(
+            f"cannot import fastbn ({type(error).__name__}: {error}).\n"
+            "Build the extension first: pip install --no-build-isolation -e . "
+            "(or python setup.py build_ext --inplace).\n"
+            "--stand-in runs the script with torch on both sides, to develop it."
+        ) from error
+
+    def make_fastbn(num_features: int, activation: Optional[str]) -> torch.nn.Module:
+        if activation is None:
+            return fastbn.BatchNorm2d(num_features)
+        try:
+            return fastbn.BatchNorm2d(num_features, activation=activation)
+        except TypeError as error:  # this fastbn's constructor has no activation= yet
+            raise NotAvailable(f"fastbn.BatchNorm2d(activation={activation!r}): {error}") from error
+        except (ValueError, NotImplementedError) as error:  # known keyword, unknown value
+            raise NotAvailable(str(error)) from error
+
+    description = f"fastbn {getattr(fastbn, '__version__', '?')} ({os.path.dirname(fastbn.__file__)})"
+    # Report the vector ISA the CPU kernels were built for, where the package exposes it.
+    for attribute in ("cpu_capability", "CPU_CAPABILITY"):
+        capability = getattr(fastbn, attribute, None)
+        if capability is not None:
+            capability = capability() if callable(capability) else capability
+            description += f", CPU kernels: {capability}"
+            break
+    return make_fastbn, description
+
+
+# --------------------------------------------------------------------------------------
+# Building one timed step
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Workload:
+    """The input and output gradient of one row, shared by both implementations."""
+
+    x: torch.Tensor
+    grad_out: torch.Tensor
+
+
+def make_workload(shape, dtype, memory_format, device) -> Workload:
+    generator = torch.Generator().manual_seed(0)
+    # Offset and scale the input so the normalization actually has work to undo.
+    x = torch.randn(shape, generator=generator) * 2.0 + 0.5
+    grad_out = torch.randn(shape, generator=generator)
+    convert = dict(device=device, dtype=dtype, memory_format=memory_format)
+    return Workload(x.to(**convert), grad_out.to(**convert))
+
+
+def prepare_module(module: torch.nn.Module, case: Case, param_dtype, device) -> torch.nn.Module:
+    """Move the module and give its BN non-trivial, seeded parameters and running stats.
+
+    Both implementations get the same values, so their outputs can be compared, and
+    none of them is the identity (weight 1, bias 0, mean 0, var 1 could hide bugs).
+    """
+    module = module.to(device=device, dtype=param_dtype)
+    generator = torch.Generator().manual_seed(1)
+    for bn in module.modules():
+        if not isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+            continue
+        channels = bn.num_features
+
+        def seeded(offset, scale):
+            values = offset + scale * torch.rand(channels, generator=generator)
+            return values.to(device=device, dtype=param_dtype)
+        with torch.no_grad():
+            bn.weight.copy_(seeded(0.5, 1.0))
+            bn.bias.copy_(seeded(-0.5, 1.0))
+            bn.running_mean.copy_(seeded(0.0, 1.0))
+            bn.running_var.copy_(seeded(3.0, 2.0))
+    module.train(case.training)
+    return module
+
+
+def make_step(module: torch.nn.Module, case: Case, workload: Workload) -> Tuple[Callable[[], torch.Tensor], torch.Tensor]:
+    """Return (step, x): step() runs the case once and returns its output; x is its input.
+
+    Returning the output costs nothing and lets the correctness check call the very
+    function that is timed.
+    """
+    parameters = list(module.parameters())
+    if case.backward:
+        # A leaf of its own per implementation, so the two never share .grad.
+        x = workload.x.detach().clone().requires_grad_(True)
+        grad_out = workload.grad_out
+
+        def step():
+            # set_to_none, as optimizer.zero_grad() does by default: the backward then
+            # writes fresh gradients instead of accumulating (an extra read+write).
+            x.grad = None
+            for parameter in parameters:
+                parameter.grad = None
+            y = module(x)
+            y.backward(grad_out)
+            return y
+        return step, x
+
+    x = workload.x
+    if case.training:
+        def step():
+            # As in training: the parameters require grad, so autograd records the
+            # graph, and whatever the op saves for backward is part of the cost.
+            return module(x)
+    else:
+        def step():
+            with torch.no_grad():
+                return module(x)
+    return step, x
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+
+def median_seconds(step: Callable, num_threads: int, min_run_time: float, label: str) -> List[float]:
+    """Per-call times (seconds) of the blocks of one blocked_autorange.
+
+    torch.utils.benchmark synchronizes CUDA around each block, sets the thread count,
+    and picks how many calls a block holds; a median over blocks resists outliers.
+    """
+    timer = torch_benchmark.Timer(
+        stmt="step()", globals={"step": step}, num_threads=num_threads, label=label)
+    return list(timer.blocked_autorange(min_run_time=min_run_time).times)
+
+
+def measure_copy_bandwidth(device: str, num_threads: int, min_run_time: float,
+                           megabytes: int = 256) -> Dict[str, float]:
+    """GB/s of dst.copy_(src) on a buffer far larger than any cache (read + write counted)."""
+    numel = megabytes * 2**20 // 4
+    source = torch.rand(numel, device=device)
+    destination = torch.empty_like(source)
+    destination.copy_(source)  # first touch: page faults are not bandwidth
+    times = median_seconds(lambda: destination.copy_(source), num_threads, min_run_time, "copy")
+    seconds = statistics.median(times)
+    bytes_moved = 2 * numel * 4
+    return {"buffer_MiB": megabytes, "median_s": seconds, "GBps": bytes_moved / seconds / 1e9}
+
+
+@dataclass
+class Row:
+    case: str
+    shape: Tuple[int, int, int, int]
+    layout: str
+    dtype: str
+    min_bytes: int
+    torch_s: Optional[float] = None
+    fastbn_s: Optional[float] = None
+    fastbn_status: str = "ok"  # ok | n/a | error | mismatch
+    note: str = ""
+    max_abs_diff: Optional[float] = None
+    # Interquartile range of the per-block times, to spot rows the machine disturbed.
+    torch_iqr_s: Optional[float] = None
+    fastbn_iqr_s: Optional[float] = None
+
+    @property
+    def speedup(self) -> Optional[float]:
+        if self.torch_s is None or self.fastbn_s is None:
+            return None
+        return self.torch_s / self.fastbn_s
+
+    def gbps(self, seconds: Optional[float]) -> Optional[float]:
+        return None if seconds is None else self.min_bytes / seconds / 1e9
+
+
+def max_abs_difference(reference_step, reference_x, candidate_step, candidate_x, backward) -> float:
+    """Largest |difference| of the outputs (and, with backward, of the input gradients)."""
+    reference_y = reference_step().detach().float()
+    candidate_y = candidate_step().detach().float()
+    differences = [(reference_y - candidate_y).abs().max().item()]
+    if backward:
+        differences.append((reference_x.grad.float() - candidate_x.grad.float()).abs().max().item())
+    return max(differences)
+
+
+def benchmark_row(case: Case, shape, layout: str, dtype_name: str, options,
+                  make_fastbn: Callable) -> Row:
+    dtype = DTYPES[dtype_name]
+    param_dtype = torch.float32 if options.param_dtype == "float32" else dtype
+    numel = math.prod(shape)
+    row = Row(case.name, tuple(shape), layout, dtype_name,
+              case.min_bytes(numel, torch.empty((), dtype=dtype).element_size()))
+    workload = make_workload(shape, dtype, LAYOUTS[layout], options.device)
+    channels = shape[1]
+
+    torch_module = prepare_module(make_torch_module(channels, case.activation), case,
+                                  param_dtype, options.device)
+    torch_step, torch_x = make_step(torch_module, case, workload)
+
+    fastbn_step = None
+    try:
+        fastbn_module = prepare_module(make_fastbn(channels, case.activation), case,
+                                       param_dtype, options.device)
+        fastbn_step, fastbn_x = make_step(fastbn_module, case, workload)
+        # Correctness first: a fast wrong answer is not a result. This call also warms
+        # both sides up (allocator, lazy initialization, first-touch page faults).
+        row.max_abs_diff = max_abs_difference(torch_step, torch_x, fastbn_step, fastbn_x,
+                                              case.backward)
+        if not row.max_abs_diff <= CHECK_TOLERANCE[dtype]:  # also catches NaN
+            row.fastbn_status = "mismatch"
+            row.note = f"max|fastbn-torch| = {row.max_abs_diff:.3g}"
+    except NotAvailable as reason:
+        row.fastbn_status, row.note, fastbn_step = "n/a", str(reason), None
+    except Exception as error:  # report and go on: one unsupported combination is no reason to stop
+        row.fastbn_status, row.note, fastbn_step = "error", f"{type(error).__name__}: {error}", None
+    if row.note:
+        row.note = row.note.strip().splitlines()[0][:200]
+
+    # Interleave: torch, fastbn, torch, fastbn, ... each a short blocked_autorange, so a
+    # drift in machine state (clock, thermal, a neighbour) lands on both sides alike.
+    per_round = options.min_run_time / options.rounds
+    label = f"{case.name} {shape} {layout} {dtype_name}"
+    torch_times: List[float] = []
+    fastbn_times: List[float] = []
+    for _ in range(options.rounds):
+        torch_times += median_seconds(torch_step, options.threads, per_round, label)
+        if fastbn_step is not None:
+            fastbn_times += median_seconds(fastbn_step, options.threads, per_round, label)
+    row.torch_s, row.torch_iqr_s = statistics.median(torch_times), interquartile_range(torch_times)
+    if fastbn_times:
+        row.fastbn_s, row.fastbn_iqr_s = statistics.median(fastbn_times), interquartile_range(fastbn_times)
+    return row
+
+
+def interquartile_range(values: Sequence[float]) -> Optional[float]:
+    if len(values) < 2:
+        return None
+    quartiles = statistics.quantiles(values, n=4)
+    return quartiles[2] - quartiles[0]
+
+
+# --------------------------------------------------------------------------------------
+# Describing the machine
+# --------------------------------------------------------------------------------------
+
+def describe_cpu() -> str:
+    model = platform.processor() or platform.machine()
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name") and model in (platform.processor(), platform.machine()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = line
+    except OSError:
+        pass
+    isa = next((name for name, flag in (("AVX-512", " avx512f"), ("AVX2", " avx2")) if flag in flags), "")
+    last_level_cache = ""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as size:
+            last_level_cache = f", L3 {size.read().strip()}"
+    except OSError:
+        pass
+    details = ", ".join(part for part in (f"{os.cpu_count()} logical CPUs", isa) if part)
+    return f"{model} ({details}{last_level_cache})"
+
+
+def describe_machine(device: str) -> Dict[str, str]:
+    machine = {"cpu": describe_cpu(), "torch": torch.__version__, "python": platform.python_version()}
+    if device == "cuda":
+        properties = torch.cuda.get_device_properties(0)
+        machine["gpu"] = f"{properties.name} ({properties.total_memory / 2**30:.0f} GiB, sm_{properties.major}{properties.minor})"
+        machine["cuda"] = str(torch.version.cuda)
+        machine["cudnn"] = str(torch.backends.cudnn.version())
+    return machine
+
+
+def git_revision() -> str:
+    """The checkout's commit (with -dirty), so logged numbers can be tied to code."""
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        result = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here,
+                                capture_output=True, text=True, timeout=10)
+        return result.stdout.strip() or "no commit"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------
+
+def _format(value: Optional[float], pattern: str) -> str:
+    return "—" if value is None else pattern.format(value)
+
+
+def markdown_table(rows: Sequence[Row], copy_gbps: float, fastbn_name: str) -> str:
+    header = ("| case | shape (N,C,H,W) | layout | dtype | torch µs | "
+              f"{fastbn_name} µs | speedup | torch GB/s | {fastbn_name} GB/s | {fastbn_name} % copy |")
+    lines = [header, "|" + "---|" * 4 + "---:|" * 6]
+    for row in rows:
+        if row.fastbn_status in ("n/a", "error"):
+            fastbn_time = row.fastbn_status
+        else:
+            fastbn_time = _format(row.fastbn_s and row.fastbn_s * 1e6, "{:.1f}")
+        speedup = _format(row.speedup, "{:.2f}x")
+        if row.fastbn_status == "mismatch":
+            speedup += " (MISMATCH)"
+        fastbn_gbps = row.gbps(row.fastbn_s)
+        percent = None if fastbn_gbps is None else 100 * fastbn_gbps / copy_gbps
+        lines.append("| " + " | ".join([
+            row.case, ",".join(map(str, row.shape)), row.layout, row.dtype,
+            _format(row.torch_s * 1e6, "{:.1f}"), fastbn_time, speedup,
+            _format(row.gbps(row.torch_s), "{:.1f}"), _format(fastbn_gbps, "{:.1f}"),
+            _format(percent, "{:.0f}%"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def speedup_summary(rows: Sequence[Row], dtypes: Sequence[str]) -> str:
+    """Median speedup per case over shapes and layouts, one column per dtype."""
+    lines = ["| case | " + " | ".join(f"median speedup {d}" for d in dtypes) + " |",
+             "|---|" + "---:|" * len(dtypes)]
+    case_names = [case.name for case in CASES if any(row.case == case.name for row in rows)]
+    for case_name in case_names:
+        cells = []
+        for dtype in dtypes:
+            speedups = [row.speedup for row in rows
+                        if row.case == case_name and row.dtype == dtype and row.speedup is not None]
+            cells.append(f"{statistics.median(speedups):.2f}x (n={len(speedups)})" if speedups else "n/a")
+        lines.append(f"| {case_name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_speedups(rows: Sequence[Row], path: str, title: str) -> None:
+    """One panel per case: a bar per shape, grouped by layout and dtype; 1.0 = parity."""
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU machine may lack it; the JSON holds the same numbers
+        print(f"matplotlib is not installed, no plot written to {path}", file=sys.stderr)
+        return
+    matplotlib.use("Agg")  # no display on benchmark machines
+    import matplotlib.pyplot as plt
+
+    case_names = [case.name for case in CASES if any(row.case == case.name for row in rows)]
+    shapes = list(dict.fromkeys(row.shape for row in rows))
+    series = list(dict.fromkeys((row.layout, row.dtype) for row in rows))
+    figure, axes = plt.subplots(len(case_names), 1, squeeze=False,
+                                figsize=(max(8, 1.6 * len(shapes) * max(1, len(series)) / 2), 3.2 * len(case_names)))
+    bar_width = 0.8 / max(1, len(series))
+    for axis, case_name in zip(axes[:, 0], case_names):
+        for series_index, (layout, dtype) in enumerate(series):
+            heights = []
+            for shape in shapes:
+                match = [r for r in rows if r.case == case_name and r.shape == shape
+                         and r.layout == layout and r.dtype == dtype]
+                heights.append(match[0].speedup if match and match[0].speedup else 0.0)
+            positions = [i + (series_index - (len(series) - 1) / 2) * bar_width for i in range(len(shapes))]
+            axis.bar(positions, heights, bar_width, label=f"{layout} {dtype}")
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_xticks(range(len(shapes)))
+        axis.set_xticklabels(["x".join(map(str, shape)) for shape in shapes], fontsize=8)
+        axis.set_ylabel("speedup vs torch")
+        axis.set_title(case_name, fontsize=10)
+        axis.legend(fontsize=7, ncol=len(series))
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+def _choices(all_choices):
+    """argparse type for a repeatable, comma-separated option restricted to choices."""
+    def parse(text):
+        values = [value.strip() for value in text.split(",") if value.strip()]
+        unknown = [value for value in values if value not in all_choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {list(all_choices)}")
+        return values
+    return parse
+
+
+def _shape(text):
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) <= 0:
+        raise argparse.ArgumentTypeError(f"expected N,C,H,W with positive integers, got {text!r}")
+    return shape
+
+
+def parse_arguments(argv):
+    parser = argparse.ArgumentParser(
+        prog="fastbn-bench", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--case", type=_choices(CASES_BY_NAME), action="append",
+                        help=f"cases to run (repeatable or comma-separated); default all of {list(CASES_BY_NAME)}")
+    parser.add_argument("--dtype", type=_choices(DTYPES), action="append",
+                        help="dtypes (repeatable or comma-separated); default float32,bfloat16 "
+                             "(+float16 on cuda)")
+    parser.add_argument("--layout", type=_choices(LAYOUTS), action="append",
+                        help="memory layouts (repeatable or comma-separated); default both")
+    parser.add_argument("--shape", type=_shape, action="append", default=[],
+                        help="add a shape N,C,H,W (repeatable)")
+    parser.add_argument("--only-shapes", action="store_true",
+                        help="run only the --shape shapes, not the default list")
+    parser.add_argument("--param-dtype", choices=["float32", "input"], default="float32",
+                        help="dtype of weight/bias/running stats: float32 (as in mixed precision "
+                             "training) or the input's dtype (as after module.to(dtype))")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: two shapes, short timing (under a minute)")
+    parser.add_argument("--min-run-time", type=float, default=None,
+                        help="seconds of timing per implementation and row (default 1.0, --quick 0.1)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="alternations torch/fastbn per row (default 3, --quick 2)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="intra-op threads for both implementations")
+    parser.add_argument("--json", default=None,
+                        help="where to write results (default bench/results/bench-<device>.json)")
+    parser.add_argument("--no-json", action="store_true", help="do not write the JSON file")
+    parser.add_argument("--plot", default=None, help="write a PNG bar chart of the speedups here")
+    parser.add_argument("--stand-in", action="store_true",
+                        help="time torch against itself instead of fastbn (only to develop this script)")
+    options = parser.parse_args(argv)
+
+    flatten = lambda lists: [value for values in lists for value in values] if lists else None
+    options.cases = [CASES_BY_NAME[name] for name in dict.fromkeys(flatten(options.case) or CASES_BY_NAME)]
+    options.dtypes = list(dict.fromkeys(flatten(options.dtype) or DEFAULT_DTYPES[options.device]))
+    options.layouts = list(dict.fromkeys(flatten(options.layout) or LAYOUTS))
+    base_shapes = [] if options.only_shapes else (QUICK_SHAPES if options.quick else DEFAULT_SHAPES)
+    options.shapes = list(dict.fromkeys(base_shapes + options.shape))
+    if not options.shapes:
+        parser.error("no shapes: --only-shapes needs at least one --shape")
+    if options.min_run_time is None:
+        options.min_run_time = 0.1 if options.quick else 1.0
+    if options.rounds is None:
+        options.rounds = 2 if options.quick else 3
+    if options.json is None:
+        options.json = os.path.join("bench", "results", f"bench-{options.device}.json")
+    if options.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    if options.device == "cpu" and "float16" in options.dtypes:
+        print("note: float16 batch norm on CPU is not a tuned path in torch", file=sys.stderr)
+    return options
+
+
+def main(argv=None) -> int:
+    options = parse_arguments(argv)
+    torch.set_num_threads(options.threads)
+    make_fastbn, fastbn_description = load_fastbn_module_factory(options.stand_in)
+    fastbn_name = "stand-in" if options.stand_in else "fastbn"
+
+    machine = describe_machine(options.device)
+    copy = measure_copy_bandwidth(options.device, options.threads, 0.3 if options.quick else 1.0)
+    where = machine.get("gpu", machine["cpu"])
+    started = datetime.datetime.now().astimezone()
+    print(f"# fastbn benchmark, {options.device}: {where}")
+    print(f"torch {machine['torch']}"
+          + (f", CUDA {machine['cuda']}, cuDNN {machine['cudnn']}" if options.device == "cuda" else "")
+          + f", threads {options.threads}, copy bandwidth {copy['GBps']:.1f} GB/s "
+            f"(median dst.copy_(src), {copy['buffer_MiB']} MiB, read+write counted)")
+    print(f"{fastbn_description}; git {git_revision()}; {started:%Y-%m-%d %H:%M %Z}; "
+          f"params {options.param_dtype}; min_run_time {options.min_run_time}s x {options.rounds} rounds "
+          "per side; times are medians")
+    print(flush=True)
+
+    rows: List[Row] = []
+    total = len(options.cases) * len(options.shapes) * len(options.layouts) * len(options.dtypes)
+    for case in options.cases:
+        for shape in options.shapes:
+            for layout in options.layouts:
+                for dtype_name in options.dtypes:
+                    row = benchmark_row(case, shape, layout, dtype_name, options, make_fastbn)
+                    rows.append(row)
+                    # Progress on stderr keeps stdout a clean markdown document.
+                    print(f"[{len(rows)}/{total}] {case.name} {shape} {layout} {dtype_name}: "
+                          f"speedup {_format(row.speedup, '{:.2f}x')} {row.fastbn_status}",
+                          file=sys.stderr, flush=True)
+
+    # Measured again at the end: a shared machine's bandwidth drifts, and a large change
+    # means this run's numbers should be taken with care.
+    copy_at_end = measure_copy_bandwidth(options.device, options.threads, 0.3 if options.quick else 1.0)
+    print(markdown_table(rows, copy["GBps"], fastbn_name))
+    print()
+    print(f"Copy bandwidth at the end: {copy_at_end['GBps']:.1f} GB/s (start: {copy['GBps']:.1f} GB/s; "
+          "% copy uses the start).")
+    print()
+    print("Median speedup (torch time / fastbn time) over shapes and layouts:")
+    print()
+    print(speedup_summary(rows, [d for d in DTYPES if d in options.dtypes]))
+    notes = [f"- {row.case} {row.shape} {row.layout} {row.dtype}: {row.fastbn_status}: {row.note}"
+             for row in rows if row.note]
+    if notes:
+        print()
+        print("Notes:")
+        # n/a rows repeat the same reason for every shape; say each reason once.
+        for note in dict.fromkeys(n.split(": ", 1)[1] for n in notes):
+            print(f"- {note}")
+
+    if not options.no_json:
+        directory = os.path.dirname(options.json)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        record = {
+            "started": started.isoformat(timespec="seconds"),
+            "device": options.device, "machine": machine, "threads": options.threads,
+            "fastbn": fastbn_description, "stand_in": options.stand_in, "git": git_revision(),
+            "copy_bandwidth": copy, "copy_bandwidth_at_end": copy_at_end,
+            "param_dtype": options.param_dtype,
+            "min_run_time_s": options.min_run_time, "rounds": options.rounds,
+            "argv": sys.argv[1:] if argv is None else list(argv),
+            "rows": [dict(asdict(row), speedup=row.speedup,
+                          torch_GBps=row.gbps(row.torch_s), fastbn_GBps=row.gbps(row.fastbn_s))
+                     for row in rows],
+        }
+        with open(options.json, "w") as out:
+            json.dump(record, out, indent=1)
+        print(f"\nwrote {options.json}", file=sys.stderr)
+    if options.plot:
+        plot_speedups(rows, options.plot,
+                      f"{fastbn_name} vs torch, {options.device}: {where}, {options.threads} threads")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

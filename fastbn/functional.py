@@ -1,0 +1,86 @@
+"""``fastbn.functional.batch_norm``: torch.nn.functional.batch_norm on fastbn's kernels.
+
+Every argument is checked before anything is computed or updated, so a rejected
+call leaves the running statistics as they were.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_channel_vector(input: Tensor, vec: Optional[Tensor], name: str) -> None:
+    if vec is None:
+        return
+    if not isinstance(vec, Tensor):
+        raise TypeError(f"fastbn.batch_norm: {name} must be a Tensor or None, got {type(vec).__name__}")
+    channels = input.shape[1]
+    if vec.dim() != 1:
+        raise RuntimeError(f"fastbn.batch_norm: {name} must be 1-D with one value per channel, got size {tuple(vec.shape)}")
+    if vec.numel() != channels:
+        raise RuntimeError(f"{name} should contain {channels} elements not {vec.numel()}")
+    if vec.device != input.device:
+        raise RuntimeError(f"fastbn.batch_norm: {name} is on {vec.device} but input is on {input.device}")
+    reduced = input.dtype in (torch.float16, torch.bfloat16)
+    if vec.dtype != input.dtype and not (reduced and vec.dtype == torch.float32):
+        expected = f"{input.dtype} or torch.float32" if reduced else f"{input.dtype}"
+        raise RuntimeError(
+            f"fastbn.batch_norm: {name} has dtype {vec.dtype} but input has dtype {input.dtype}; expected {expected}")
+
+
+def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                          weight: Optional[Tensor], bias: Optional[Tensor], training: bool) -> None:
+    """Raise, with torch's exception type and a message naming the problem, for anything torch's BN rejects."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"fastbn.batch_norm: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"fastbn.batch_norm: expected input of shape (N, C, *) with at least 2 dims, "
+                         f"got {input.dim()}-D input of size {tuple(input.shape)}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"fastbn.batch_norm: input must be float32, float64, float16 or bfloat16, got {input.dtype}")
+    for name, vec in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _check_channel_vector(input, vec, name)
+    if training:
+        values_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
+        if values_per_channel == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+    elif running_mean is None or running_var is None:
+        raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
+
+
+def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
+                         eps: float) -> Tensor:
+    """batch_norm after check_batch_norm_args has passed."""
+    if input.numel() == 0:
+        # An empty batch (N = 0 or C = 0): torch returns an empty output, keeps the
+        # running statistics and gives zero parameter grads. Use its own path.
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if not training:
+        return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
+    output, mean, var = ops.batch_norm_train(input, weight, bias, eps)
+    if running_mean is not None or running_var is not None:
+        # torch updates whichever running statistic it is given.
+        ops.update_running_stats(
+            running_mean if running_mean is not None else torch.empty_like(mean),
+            running_var if running_var is not None else torch.empty_like(var),
+            mean, var, momentum, input.numel() // input.shape[1])
+    return output
+
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Same signature and semantics as :func:`torch.nn.functional.batch_norm`.
+
+    In training mode the batch statistics normalize the input and, where given,
+    ``running_mean``/``running_var`` are updated in place with ``momentum``
+    (the variance unbiased). In evaluation mode the running statistics normalize.
+    """
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training)
+    return batch_norm_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -1,0 +1,45 @@
+"""Drop-in batch-norm modules running fastbn's kernels.
+
+Each class subclasses torch's own (same constructor, parameters, buffers,
+state_dict keys, repr, train/eval and running-statistics semantics) and only
+replaces ``forward``. Unlike torch, the input is checked before
+``num_batches_tracked`` is incremented, so a rejected batch changes nothing.
+"""
+import torch
+from torch import Tensor, nn
+
+from . import functional
+
+
+class _FastBatchNorm:
+    """forward() of torch's _BatchNorm, on fastbn.functional."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        # Buffers are used for normalization outside training (when they exist) and
+        # are updated only in training mode when tracked: the same rule as torch's.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        pass_buffers = not self.training or self.track_running_stats
+        running_mean = self.running_mean if pass_buffers else None
+        running_var = self.running_var if pass_buffers else None
+        functional.check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, use_batch_stats)
+
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        return functional.batch_norm_unchecked(
+            input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps)
+
+
+class BatchNorm1d(_FastBatchNorm, nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on fastbn's kernels: input (N, C) or (N, C, L)."""
+
+
+class BatchNorm2d(_FastBatchNorm, nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on fastbn's kernels: input (N, C, H, W), NCHW or channels_last."""
+
+
+class BatchNorm3d(_FastBatchNorm, nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d on fastbn's kernels: input (N, C, D, H, W), NCDHW or channels_last_3d."""

@@ -1,0 +1,218 @@
+"""fastbn's operators: load the compiled library and teach torch about it.
+
+The schemas and kernels live in C++ (csrc/). Here each op gets a fake kernel
+(shapes only, for torch.compile and meta tensors) and the trainable ones an
+autograd formula, all through ``torch.library``.
+"""
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loading it registers torch.ops.fastbn.*)
+
+_CPU_FLAGS_NEEDED = {
+    "DEFAULT": (),
+    "AVX2": ("avx2", "fma"),
+    "AVX512": ("avx512f", "avx512bw", "avx512vl", "avx512dq"),
+}
+
+
+def _check_cpu_capability() -> None:
+    """Fail at import, not with an illegal instruction, on a CPU older than the build's."""
+    needed = _CPU_FLAGS_NEEDED.get(_C.cpu_capability, ())
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux: trust the build
+        return
+    missing = [flag for flag in needed if flag not in flags]
+    if missing:
+        raise ImportError(
+            f"fastbn was compiled for {_C.cpu_capability} but this CPU lacks {', '.join(missing)}; "
+            "rebuild it here (pip install --no-build-isolation -e .) or with FASTBN_CPU_CAPABILITY=DEFAULT"
+        )
+
+
+_check_cpu_capability()
+
+WITH_CUDA = bool(_C.with_cuda)
+CPU_CAPABILITY = _C.cpu_capability
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are computed and returned in (as the kernels do)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def output_memory_format(input: Tensor) -> torch.memory_format:
+    """The memory format of the kernels' outputs; mirrors output_memory_format in csrc/bn_checks.cpp."""
+    if input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if input.dim() == 5 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def reduce_dims(input: Tensor) -> list:
+    """All dims but the channel dim (1)."""
+    return [0] + list(range(2, input.dim()))
+
+
+def channel_shape(input: Tensor) -> list:
+    """Shape that broadcasts a per-channel vector against input: (1, C, 1, ...)."""
+    return [1, input.shape[1]] + [1] * (input.dim() - 2)
+
+
+# ---------------------------------------------------------------- fake kernels
+
+
+@torch.library.register_fake("fastbn::batch_norm_train")
+def _batch_norm_train_fake(input, weight, bias, eps):
+    channels = input.shape[1]
+    acc = accumulate_dtype(input.dtype)
+    output = torch.empty_like(input, memory_format=output_memory_format(input))
+    return output, input.new_empty((channels,), dtype=acc), input.new_empty((channels,), dtype=acc)
+
+
+@torch.library.register_fake("fastbn::batch_norm_eval")
+def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, eps):
+    return torch.empty_like(input, memory_format=output_memory_format(input))
+
+
+@torch.library.register_fake("fastbn::batch_norm_backward")
+def _batch_norm_backward_fake(grad_output, input, weight, mean, var, eps, train):
+    channels = input.shape[1]
+    acc = accumulate_dtype(input.dtype)
+    grad_input = torch.empty_like(input, memory_format=output_memory_format(input))
+    return grad_input, input.new_empty((channels,), dtype=acc), input.new_empty((channels,), dtype=acc)
+
+
+@torch.library.register_fake("fastbn::update_running_stats")
+def _update_running_stats_fake(running_mean, running_var, mean, var, factor, count):
+    return None
+
+
+# ---------------------------------------------------------------- autograd
+
+
+def composite_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], mean: Optional[Tensor],
+                       var: Optional[Tensor], eps: float, train: bool):
+    """The backward written with differentiable torch ops, used when a graph of the
+    backward itself is wanted (double backward, gradgradcheck).
+
+    In training mode the statistics are recomputed from ``input`` so that their
+    dependence on it is part of the graph; in eval mode ``mean``/``var`` are constants.
+    """
+    acc = accumulate_dtype(input.dtype)
+    dims, shape = reduce_dims(input), channel_shape(input)
+    x, dy = input.to(acc), grad_output.to(acc)
+    if train:
+        mean = x.mean(dims)
+        var = x.var(dims, unbiased=False)
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    xhat = (x - mean.to(acc).view(shape)) * invstd.view(shape)
+    grad_bias = dy.sum(dims)
+    grad_weight = (dy * xhat).sum(dims)
+    scale = invstd if weight is None else weight.to(acc) * invstd
+    if train:
+        count = x.numel() // x.shape[1]
+        grad_input = scale.view(shape) * (dy - (grad_bias / count).view(shape) - xhat * (grad_weight / count).view(shape))
+    else:
+        grad_input = dy * scale.view(shape)
+    return grad_input.to(input.dtype), grad_weight, grad_bias
+
+
+def _wants_graph(*tensors) -> bool:
+    """True when autograd records the backward (create_graph=True)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _grads_for_params(ctx, grad_input, grad_weight, grad_bias):
+    """Cast the accumulation-dtype parameter grads to the parameters' dtypes; None where not needed."""
+    needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    grad_weight = grad_weight.to(ctx.weight_dtype) if needs_weight else None
+    grad_bias = grad_bias.to(ctx.bias_dtype) if needs_bias else None
+    return (grad_input if needs_input else None), grad_weight, grad_bias
+
+
+def _train_setup_context(ctx, inputs, output):
+    input, weight, bias, eps = inputs
+    _, mean, var = output
+    ctx.save_for_backward(input, weight, mean, var)
+    ctx.eps = eps
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _train_backward(ctx, grad_output, grad_mean, grad_var):
+    input, weight, mean, var = ctx.saved_tensors
+    if grad_output is None:
+        grad_output = torch.zeros_like(input)
+    if _wants_graph(grad_output, input, weight):
+        grad_input, grad_weight, grad_bias = composite_backward(grad_output, input, weight, None, None, ctx.eps, True)
+    else:
+        grad_input, grad_weight, grad_bias = torch.ops.fastbn.batch_norm_backward(
+            grad_output, input, weight, mean, var, ctx.eps, True)
+    # The batch statistics are outputs too; if anything used them, add their
+    # gradients: d mean / dx = 1/n, d var / dx = 2 (x - mean) / n.
+    if grad_mean is not None or grad_var is not None:
+        shape, count = channel_shape(input), input.numel() // input.shape[1]
+        extra = torch.zeros((), dtype=mean.dtype, device=input.device)
+        if grad_mean is not None:
+            extra = extra + grad_mean.view(shape) / count
+        if grad_var is not None:
+            extra = extra + grad_var.view(shape) * 2 * (input.to(mean.dtype) - mean.view(shape)) / count
+        grad_input = (grad_input.to(mean.dtype) + extra).to(input.dtype)
+    return (*_grads_for_params(ctx, grad_input, grad_weight, grad_bias), None)
+
+
+torch.library.register_autograd("fastbn::batch_norm_train", _train_backward, setup_context=_train_setup_context)
+
+
+def _eval_setup_context(ctx, inputs, output):
+    input, weight, bias, running_mean, running_var, eps = inputs
+    ctx.save_for_backward(input, weight, running_mean, running_var)
+    ctx.eps = eps
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _eval_backward(ctx, grad_output):
+    input, weight, running_mean, running_var = ctx.saved_tensors
+    if _wants_graph(grad_output, input, weight):
+        grads = composite_backward(grad_output, input, weight, running_mean, running_var, ctx.eps, False)
+    else:
+        grads = torch.ops.fastbn.batch_norm_backward(
+            grad_output, input, weight, running_mean, running_var, ctx.eps, False)
+    return (*_grads_for_params(ctx, *grads), None, None, None)
+
+
+torch.library.register_autograd("fastbn::batch_norm_eval", _eval_backward, setup_context=_eval_setup_context)
+
+
+# ---------------------------------------------------------------- thin Python entry points
+
+
+def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
+    """(output, batch mean, batch biased variance); differentiable in input, weight, bias."""
+    return torch.ops.fastbn.batch_norm_train.default(input, weight, bias, eps)
+
+
+def batch_norm_eval(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
+                    running_var: Tensor, eps: float) -> Tensor:
+    return torch.ops.fastbn.batch_norm_eval.default(input, weight, bias, running_mean, running_var, eps)
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float,
+                         count: int) -> None:
+    """In place: running = (1 - factor) * running + factor * batch (variance unbiased)."""
+    with torch.no_grad():
+        torch.ops.fastbn.update_running_stats.default(running_mean, running_var, mean.detach(), var.detach(),
+                                                      float(factor), int(count))
+
+
+__all__: Sequence[str] = [
+    "WITH_CUDA", "CPU_CAPABILITY", "accumulate_dtype", "output_memory_format", "composite_backward",
+    "batch_norm_train", "batch_norm_eval", "update_running_stats",
+]
