@@ -65,21 +65,25 @@ FASTBN_HOST_DEVICE acc_t invstd_from_var(acc_t var, acc_t eps) {
   return acc_t(1) / sqrt_acc(var + eps);
 }
 
-// The forward transform of one channel, y = (x - mean) * scale + bias.
+// The forward transform of one channel, y = ((x - mean_hi) - mean_lo) * scale + bias.
 // Subtracting the mean first keeps the result exact for data far from zero,
-// where x * scale + (bias - mean * scale) would cancel catastrophically.
+// where x * scale + (bias - mean * scale) would cancel catastrophically. The mean
+// comes as a float pair hi + lo when it was computed in double (CPU): rounding it
+// to one float would shift every output of x = 1e4 + randn by up to 5e-4.
 template <typename acc_t>
 struct ForwardCoefficients {
-  acc_t mean;
+  acc_t mean_hi;
+  acc_t mean_lo;
   acc_t scale;  // weight * invstd
   acc_t bias;
 };
 
-template <typename acc_t>
+template <typename acc_t, typename mean_t>
 FASTBN_HOST_DEVICE ForwardCoefficients<acc_t> forward_coefficients(
-    acc_t mean, acc_t var, acc_t eps, acc_t weight, acc_t bias) {
+    mean_t mean, acc_t var, acc_t eps, acc_t weight, acc_t bias) {
   ForwardCoefficients<acc_t> c;
-  c.mean = mean;
+  c.mean_hi = acc_t(mean);
+  c.mean_lo = acc_t(mean - mean_t(c.mean_hi));
   c.scale = weight * invstd_from_var(var, eps);
   c.bias = bias;
   return c;
@@ -87,7 +91,7 @@ FASTBN_HOST_DEVICE ForwardCoefficients<acc_t> forward_coefficients(
 
 template <typename acc_t>
 FASTBN_HOST_DEVICE acc_t forward_apply(const ForwardCoefficients<acc_t>& c, acc_t x) {
-  return (x - c.mean) * c.scale + c.bias;
+  return ((x - c.mean_hi) - c.mean_lo) * c.scale + c.bias;
 }
 
 // The input gradient of one channel as dx = dy * k_dy + (x - mean) * k_xmu + k_const.

@@ -6,7 +6,6 @@ call leaves the running statistics as they were.
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
@@ -34,7 +33,7 @@ def _check_channel_vector(input: Tensor, vec: Optional[Tensor], name: str) -> No
 
 
 def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                          weight: Optional[Tensor], bias: Optional[Tensor], training: bool) -> None:
+                          weight: Optional[Tensor], bias: Optional[Tensor], training: bool, eps: float) -> None:
     """Raise, with torch's exception type and a message naming the problem, for anything torch's BN rejects."""
     if not isinstance(input, Tensor):
         raise TypeError(f"fastbn.batch_norm: input must be a Tensor, got {type(input).__name__}")
@@ -45,12 +44,19 @@ def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], running
         raise TypeError(f"fastbn.batch_norm: input must be float32, float64, float16 or bfloat16, got {input.dtype}")
     for name, vec in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         _check_channel_vector(input, vec, name)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     if training:
         values_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
         if values_per_channel == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
-    elif running_mean is None or running_var is None:
-        raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
+        if not eps > 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    else:
+        if running_mean is None:
+            raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
+        if not eps >= 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -58,18 +64,20 @@ def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_
                          eps: float) -> Tensor:
     """batch_norm after check_batch_norm_args has passed."""
     if input.numel() == 0:
-        # An empty batch (N = 0 or C = 0): torch returns an empty output, keeps the
-        # running statistics and gives zero parameter grads. Use its own path.
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        # An empty batch (N = 0 or C = 0): an empty output, running statistics kept,
+        # zero grads for weight and bias (what torch gives), via the affine part alone.
+        shape = ops.channel_shape(input)
+        output = input.clone()
+        if weight is not None:
+            output = output * weight.view(shape)
+        if bias is not None:
+            output = output + bias.view(shape)
+        return output.to(input.dtype)
     if not training:
         return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
     output, mean, var = ops.batch_norm_train(input, weight, bias, eps)
-    if running_mean is not None or running_var is not None:
-        # torch updates whichever running statistic it is given.
-        ops.update_running_stats(
-            running_mean if running_mean is not None else torch.empty_like(mean),
-            running_var if running_var is not None else torch.empty_like(var),
-            mean, var, momentum, input.numel() // input.shape[1])
+    if running_mean is not None:
+        ops.update_running_stats(running_mean, running_var, mean, var, momentum, input.numel() // input.shape[1])
     return output
 
 
@@ -82,5 +90,5 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     ``running_mean``/``running_var`` are updated in place with ``momentum``
     (the variance unbiased). In evaluation mode the running statistics normalize.
     """
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     return batch_norm_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -22,7 +22,8 @@ class _FastBatchNorm:
         pass_buffers = not self.training or self.track_running_stats
         running_mean = self.running_mean if pass_buffers else None
         running_var = self.running_var if pass_buffers else None
-        functional.check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, use_batch_stats)
+        functional.check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
+                                         self.eps)
 
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:

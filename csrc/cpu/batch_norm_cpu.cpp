@@ -109,8 +109,9 @@ void train_forward_planar(const scalar_t* x, scalar_t* y, acc_t* mean_out, acc_t
                           ChannelParams<acc_t> params, const Geometry& g, acc_t eps) {
   const int64_t count = g.count();
   const int64_t parts = planar_parts(g);
+  std::vector<double> mean_double(g.C);  // the exact mean for the output (see forward_coefficients)
   auto normalize = [&](int64_t c, int64_t begin, int64_t end) {
-    const auto k = forward_coefficients(mean_out[c], var_out[c], eps, params.w(c), params.b(c));
+    const auto k = forward_coefficients(mean_double[c], var_out[c], eps, params.w(c), params.b(c));
     for_each_segment(begin, end, g.S, g.C * g.S,
                      [&](int64_t off, int64_t len) { span_forward(x + c * g.S + off, y + c * g.S + off, len, k); });
   };
@@ -119,6 +120,7 @@ void train_forward_planar(const scalar_t* x, scalar_t* y, acc_t* mean_out, acc_t
     at::parallel_for(0, g.C, 1, [&](int64_t c_begin, int64_t c_end) {
       for (int64_t c = c_begin; c < c_end; ++c) {
         const auto m = planar_moments<scalar_t, acc_t>(x + c * g.S, g, 0, count);
+        mean_double[c] = m.mean;
         mean_out[c] = acc_t(m.mean);
         var_out[c] = acc_t(moments_biased_var(m));
         normalize(c, 0, count);
@@ -136,6 +138,7 @@ void train_forward_planar(const scalar_t* x, scalar_t* y, acc_t* mean_out, acc_t
   for (int64_t c = 0; c < g.C; ++c) {
     Moments<double> m{0.0, 0.0, 0};
     for (int64_t j = 0; j < parts; ++j) m = moments_merge(m, partial[c * parts + j]);
+    mean_double[c] = m.mean;
     mean_out[c] = acc_t(m.mean);
     var_out[c] = acc_t(moments_biased_var(m));
   }
@@ -196,7 +199,7 @@ void train_forward_interleaved(const scalar_t* x, scalar_t* y, acc_t* mean_out, 
       task_count[t] = seen;
     }
   });
-  std::vector<acc_t> coef_mean(C), coef_scale(C), coef_bias(C);
+  ForwardArrays<acc_t> coef(C);
   for (int64_t c = 0; c < C; ++c) {
     Moments<double> m{0.0, 0.0, 0};
     for (int64_t t = 0; t < tasks; ++t) {
@@ -204,15 +207,10 @@ void train_forward_interleaved(const scalar_t* x, scalar_t* y, acc_t* mean_out, 
     }
     mean_out[c] = acc_t(m.mean);
     var_out[c] = acc_t(moments_biased_var(m));
-    const auto k = forward_coefficients(mean_out[c], var_out[c], eps, params.w(c), params.b(c));
-    coef_mean[c] = k.mean;
-    coef_scale[c] = k.scale;
-    coef_bias[c] = k.bias;
+    coef.set(c, forward_coefficients(m.mean, var_out[c], eps, params.w(c), params.b(c)));
   }
   at::parallel_for(0, rows, row_grain(C), [&](int64_t r_begin, int64_t r_end) {
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      row_forward(x + r * C, y + r * C, coef_mean.data(), coef_scale.data(), coef_bias.data(), C);
-    }
+    for (int64_t r = r_begin; r < r_end; ++r) row_forward(x + r * C, y + r * C, coef, C);
   });
 }
 
@@ -221,27 +219,18 @@ void train_forward_interleaved(const scalar_t* x, scalar_t* y, acc_t* mean_out, 
 template <typename scalar_t, typename acc_t>
 void eval_forward(const scalar_t* x, scalar_t* y, const acc_t* mean, const acc_t* var,
                   ChannelParams<acc_t> params, const Geometry& g, acc_t eps) {
-  std::vector<acc_t> coef_mean(g.C), coef_scale(g.C), coef_bias(g.C);
-  for (int64_t c = 0; c < g.C; ++c) {
-    const auto k = forward_coefficients(mean[c], var[c], eps, params.w(c), params.b(c));
-    coef_mean[c] = k.mean;
-    coef_scale[c] = k.scale;
-    coef_bias[c] = k.bias;
-  }
+  ForwardArrays<acc_t> coef(g.C);
+  for (int64_t c = 0; c < g.C; ++c) coef.set(c, forward_coefficients(mean[c], var[c], eps, params.w(c), params.b(c)));
   if (g.layout == Layout::Interleaved) {
     at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
-      for (int64_t r = r_begin; r < r_end; ++r) {
-        row_forward(x + r * g.C, y + r * g.C, coef_mean.data(), coef_scale.data(), coef_bias.data(), g.C);
-      }
+      for (int64_t r = r_begin; r < r_end; ++r) row_forward(x + r * g.C, y + r * g.C, coef, g.C);
     });
     return;
   }
   // Planar: N * C rows of S values, each with its channel's coefficients.
   at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1)), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const int64_t c = i % g.C;
-      const ForwardCoefficients<acc_t> k{coef_mean[c], coef_scale[c], coef_bias[c]};
-      span_forward(x + i * g.S, y + i * g.S, g.S, k);
+      span_forward(x + i * g.S, y + i * g.S, g.S, coef.get(i % g.C));
     }
   });
 }

@@ -15,6 +15,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <vector>
+
 #include "bn_math.h"
 
 namespace fastbn::cpu {
@@ -281,22 +283,23 @@ inline void row_add_backward_sums(const scalar_t* dy, const scalar_t* x, const r
 
 // ---------------------------------------------------------------- elementwise
 
-// y = (x - mean) * scale + bias
+// y = ((x - mean_hi) - mean_lo) * scale + bias (forward_apply in bn_math.h)
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 inline void span_forward(const scalar_t* x, scalar_t* y, int64_t n, const ForwardCoefficients<acc_t>& k) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
-  const Vec vmean(k.mean), vscale(k.scale), vbias(k.bias);
+  const Vec vhi(k.mean_hi), vlo(k.mean_lo), vscale(k.scale), vbias(k.bias);
+  auto apply = [&](const Vec& v) { return at::vec::fmadd((v - vhi) - vlo, vscale, vbias); };
   int64_t i = 0;
   for (; i + L::kBlock <= n; i += L::kBlock) {
     Vec lo, hi;
     L::load(x + i, lo, hi);
-    L::store(y + i, at::vec::fmadd(lo - vmean, vscale, vbias), at::vec::fmadd(hi - vmean, vscale, vbias));
+    L::store(y + i, apply(lo), apply(hi));
   }
   if (i < n) {
     Vec lo, hi;
     L::load_partial(x + i, n - i, lo, hi);
-    L::store_partial(y + i, n - i, at::vec::fmadd(lo - vmean, vscale, vbias), at::vec::fmadd(hi - vmean, vscale, vbias));
+    L::store_partial(y + i, n - i, apply(lo), apply(hi));
   }
 }
 
@@ -323,14 +326,28 @@ inline void span_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, i
   }
 }
 
-// y[c] = (x[c] - mean[c]) * scale[c] + bias[c]
+// Per-channel forward coefficients as arrays (structure of arrays, for vector loads).
+template <typename acc_t>
+struct ForwardArrays {
+  std::vector<acc_t> mean_hi, mean_lo, scale, bias;
+  explicit ForwardArrays(int64_t C) : mean_hi(C), mean_lo(C), scale(C), bias(C) {}
+  void set(int64_t c, const ForwardCoefficients<acc_t>& k) {
+    mean_hi[c] = k.mean_hi;
+    mean_lo[c] = k.mean_lo;
+    scale[c] = k.scale;
+    bias[c] = k.bias;
+  }
+  ForwardCoefficients<acc_t> get(int64_t c) const { return {mean_hi[c], mean_lo[c], scale[c], bias[c]}; }
+};
+
+// y[c] = forward_apply(k[c], x[c])
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void row_forward(const scalar_t* x, scalar_t* y, const acc_t* mean, const acc_t* scale, const acc_t* bias,
-                        int64_t C) {
+inline void row_forward(const scalar_t* x, scalar_t* y, const ForwardArrays<acc_t>& k, int64_t C) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
   auto apply = [&](const Vec& v, int64_t c) {
-    return at::vec::fmadd(v - Vec::loadu(mean + c), Vec::loadu(scale + c), Vec::loadu(bias + c));
+    const Vec centered = (v - Vec::loadu(k.mean_hi.data() + c)) - Vec::loadu(k.mean_lo.data() + c);
+    return at::vec::fmadd(centered, Vec::loadu(k.scale.data() + c), Vec::loadu(k.bias.data() + c));
   };
   int64_t c = 0;
   for (; c + L::kBlock <= C; c += L::kBlock) {
@@ -338,7 +355,7 @@ inline void row_forward(const scalar_t* x, scalar_t* y, const acc_t* mean, const
     L::load(x + c, lo, hi);
     L::store(y + c, apply(lo, c), apply(hi, c + L::kVec));
   }
-  for (; c < C; ++c) y[c] = scalar_t((acc_t(x[c]) - mean[c]) * scale[c] + bias[c]);
+  for (; c < C; ++c) y[c] = scalar_t(forward_apply(k.get(c), acc_t(x[c])));
 }
 
 // dx[c] = dy[c] * k_dy[c] + (x[c] - mean[c]) * k_xmu[c] + k_const[c]

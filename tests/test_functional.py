@@ -1,0 +1,125 @@
+"""fastbn.functional.batch_norm against torch.nn.functional.batch_norm and a float64 reference."""
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastbn
+from conftest import DEVICES, assert_within_budget, random_input, reference_batch_norm
+
+
+def test_signature_matches_torch():
+    ours = inspect.signature(fastbn.functional.batch_norm).parameters
+    theirs = inspect.signature(F.batch_norm).parameters
+    assert list(ours) == list(theirs)
+    assert [p.default for p in ours.values()] == [p.default for p in theirs.values()]
+
+
+def run_both(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5):
+    """(fastbn output, torch output, reference output, fastbn stats, torch stats, reference stats)."""
+    stats_fast = [t.clone() if t is not None else None for t in (running_mean, running_var)]
+    stats_torch = [t.clone() if t is not None else None for t in (running_mean, running_var)]
+    y_fast = fastbn.functional.batch_norm(x, *stats_fast, weight, bias, training, momentum, eps)
+    y_torch = F.batch_norm(x, *stats_torch, weight, bias, training, momentum, eps)
+    y_ref, *stats_ref = reference_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    return y_fast, y_torch, y_ref, stats_fast, stats_torch, stats_ref
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,channels_last", [((8, 5, 30, 30), False), ((8, 5, 30, 30), True), ((4096, 7), False),
+                                                  ((3, 1, 200, 100), False)])
+def test_far_from_zero_keeps_variance(shape, channels_last, dtype, device):
+    """x = 1e4 + randn: E[x^2] - E[x]^2 would lose the variance entirely in float32."""
+    x = random_input(shape, dtype, device, channels_last, mean=1e4, std=1.0)
+    channels = shape[1]
+    running_mean = torch.zeros(channels, dtype=dtype, device=device)
+    running_var = torch.ones(channels, dtype=dtype, device=device)
+    y_fast, y_torch, y_ref, stats_fast, stats_torch, stats_ref = run_both(
+        x, None, None, running_mean, running_var, True, momentum=1.0)
+    assert_within_budget(y_fast, y_torch, y_ref, "output")
+    # momentum 1 makes running_var the unbiased batch variance: about 1, to float precision.
+    assert_within_budget(stats_fast[1], stats_torch[1], stats_ref[1], "running_var")
+    torch.testing.assert_close(stats_fast[1].double(), stats_ref[1], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_outlier_first_value(device):
+    """The shift the kernels sum around is the channel's first value: make it an outlier."""
+    x = random_input((16, 3, 9, 9), torch.float32, device)
+    x[0, :, 0, 0] = 1e5
+    y_fast, y_torch, y_ref, *_ = run_both(x, None, None, None, None, True)
+    assert_within_budget(y_fast, y_torch, y_ref, "output")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (0, 3), (4, 0, 5, 5)])
+def test_empty_batch(shape, device):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    channels = shape[1]
+    weight = torch.randn(channels, device=device, requires_grad=True)
+    running_mean, running_var = torch.randn(channels, device=device), torch.rand(channels, device=device)
+    saved = running_mean.clone(), running_var.clone()
+    y = fastbn.functional.batch_norm(x, running_mean, running_var, weight, None, True)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert torch.equal(running_mean, saved[0]) and torch.equal(running_var, saved[1])
+    assert x.grad.shape == x.shape and torch.count_nonzero(weight.grad) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input_with_float_params(dtype, device):
+    x = random_input((6, 4, 7, 7), dtype, device)
+    weight, bias = torch.randn(4, device=device), torch.randn(4, device=device)
+    running_mean, running_var = torch.zeros(4, device=device), torch.ones(4, device=device)
+    for training in (True, False):
+        y_fast, y_torch, y_ref, stats_fast, stats_torch, stats_ref = run_both(
+            x, weight, bias, running_mean, running_var, training)
+        assert y_fast.dtype == dtype
+        assert_within_budget(y_fast, y_torch, y_ref, f"output training={training}")
+        for ours, theirs, ref in zip(stats_fast, stats_torch, stats_ref):
+            assert ours.dtype == torch.float32
+            assert_within_budget(ours, theirs, ref, "running stats")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_without_running_stats(device):
+    x = random_input((5, 3, 4, 4), torch.float32, device)
+    y_fast, y_torch, y_ref, *_ = run_both(x, None, None, None, None, True)
+    assert_within_budget(y_fast, y_torch, y_ref, "no running stats")
+    # one running statistic without the other is rejected, as by torch
+    for fn in (fastbn.functional.batch_norm, F.batch_norm):
+        with pytest.raises(ValueError, match="both be None or neither"):
+            fn(x, torch.zeros(3, device=device), None, None, None, True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_non_contiguous_input_and_grad(training, device):
+    base = random_input((6, 10, 9, 8), torch.float32, device)
+    x = base[:, ::2, 1:, :].transpose(2, 3)  # strided, neither contiguous nor channels_last
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(5, device=device), torch.randn(5, device=device)
+    running_mean, running_var = torch.randn(5, device=device), torch.rand(5, device=device) + 0.5
+    results = []
+    for fn in (fastbn.functional.batch_norm, F.batch_norm):
+        xi = x.detach().clone().requires_grad_()
+        y = fn(xi, running_mean.clone(), running_var.clone(), weight, bias, training, 0.1, 1e-5)
+        y.sum().backward()  # an expanded (stride 0) grad_output
+        results.append((y, xi.grad))
+    xr = x.detach().double().requires_grad_()
+    y_ref, *_ = reference_batch_norm(xr, running_mean, running_var, weight, bias, training, 0.1, 1e-5)
+    y_ref.sum().backward()
+    assert_within_budget(results[0][0], results[1][0], y_ref, "output")
+    assert_within_budget(results[0][1], results[1][1], xr.grad, "grad_input")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_output_and_grad_stay_channels_last(device):
+    x = random_input((4, 16, 6, 6), torch.float32, device, channels_last=True).requires_grad_()
+    y = fastbn.BatchNorm2d(16).to(device)(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y.backward(torch.randn_like(y))
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
