@@ -1,0 +1,121 @@
+"""gradcheck / gradgradcheck in float64, torch.library.opcheck on every op, torch.compile."""
+import pytest
+import torch
+from torch import nn
+from torch.autograd import gradcheck, gradgradcheck
+
+import fastbn
+from conftest import DEVICES, random_input
+
+GRAD_SHAPES = [((3, 4, 5, 6), False), ((3, 4, 5, 6), True), ((7, 5), False), ((2, 3, 4), False),
+               ((2, 3, 2, 3, 4), True)]
+
+
+def double_inputs(shape, channels_last, device, requires_grad=True):
+    x = random_input(shape, torch.float64, device, channels_last).requires_grad_(requires_grad)
+    weight = (1 + 0.5 * torch.randn(shape[1], dtype=torch.float64, device=device)).requires_grad_(requires_grad)
+    bias = torch.randn(shape[1], dtype=torch.float64, device=device).requires_grad_(requires_grad)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape,channels_last", GRAD_SHAPES, ids=str)
+def test_gradcheck_and_gradgradcheck(shape, channels_last, training, affine, device):
+    x, weight, bias = double_inputs(shape, channels_last, device)
+    running_mean = torch.randn(shape[1], dtype=torch.float64, device=device)
+    running_var = torch.rand(shape[1], dtype=torch.float64, device=device) + 0.5
+
+    def fn(x, weight, bias):
+        # clones: training mode updates the running statistics in place
+        return fastbn.functional.batch_norm(x, running_mean.clone(), running_var.clone(),
+                                            weight if affine else None, bias if affine else None, training, 0.1, 1e-5)
+
+    inputs = (x, weight, bias) if affine else (x, weight.detach(), bias.detach())
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_of_batch_statistics_outputs(device):
+    """The train op also returns the batch mean and variance; their grads are right too."""
+    x, weight, bias = double_inputs((4, 3, 5, 5), False, device)
+    assert gradcheck(lambda *a: torch.ops.fastbn.batch_norm_train(*a, 1e-5), (x, weight, bias))
+
+
+def opcheck_samples(device):
+    """Several argument sets per op: layouts, dtypes, optional tensors absent."""
+    samples = []
+    for shape, channels_last, dtype in [((4, 3, 5, 5), False, torch.float32), ((4, 8, 3, 3), True, torch.float32),
+                                        ((6, 5), False, torch.float64), ((3, 4, 7), False, torch.bfloat16),
+                                        ((2, 3, 2, 3, 4), True, torch.float16)]:
+        channels = shape[1]
+        param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        x = random_input(shape, dtype, device, channels_last)
+        weight = torch.randn(channels, dtype=param_dtype, device=device)
+        bias = torch.randn(channels, dtype=param_dtype, device=device)
+        running_mean = torch.randn(channels, dtype=param_dtype, device=device)
+        running_var = torch.rand(channels, dtype=param_dtype, device=device) + 0.5
+        grad = torch.randn_like(x)
+        samples.append(dict(x=x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+                            grad=grad, trainable=dtype in (torch.float32, torch.float64)))
+    return samples
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_every_op(device):
+    for s in opcheck_samples(device):
+        grad_x = s["x"].detach().requires_grad_(s["trainable"])
+        grad_w = s["weight"].detach().requires_grad_(s["trainable"])
+        for weight, bias in ((s["weight"], s["bias"]), (None, None), (grad_w, s["bias"])):
+            torch.library.opcheck(torch.ops.fastbn.batch_norm_train.default, (grad_x, weight, bias, 1e-5))
+            torch.library.opcheck(torch.ops.fastbn.batch_norm_eval.default,
+                                  (grad_x, weight, bias, s["running_mean"], s["running_var"], 1e-5))
+        mean, var = s["running_mean"], s["running_var"]
+        if s["x"].dtype in (torch.float16, torch.bfloat16):
+            mean, var = mean.float(), var.float()
+        for train in (True, False):
+            # The backward op has no autograd formula of its own (double backward is
+            # composed from torch ops), so its samples require no grad.
+            torch.library.opcheck(torch.ops.fastbn.batch_norm_backward.default,
+                                  (s["grad"], s["x"], s["weight"], mean, var, 1e-5, train))
+        torch.library.opcheck(torch.ops.fastbn.update_running_stats.default,
+                              (s["running_mean"].clone(), s["running_var"].clone(), mean.to(torch.float64 if
+                               s["x"].dtype == torch.float64 else torch.float32), var.to(mean.dtype if
+                               s["x"].dtype != torch.float64 else torch.float64), 0.1, s["x"].numel() // s["x"].shape[1]))
+
+
+class SmallConvNet(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = norm(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+    eager = SmallConvNet(fastbn.BatchNorm2d).to(device)
+    compiled_model = SmallConvNet(fastbn.BatchNorm2d).to(device)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for step, training in enumerate((True, True, False)):
+        eager.train(training)
+        compiled_model.train(training)
+        x = random_input((6, 3, 10, 10), torch.float32, device)
+        y_eager, y_compiled = eager(x), compiled(x)
+        torch.testing.assert_close(y_compiled, y_eager, rtol=1e-5, atol=1e-5)
+        if training:
+            y_eager.square().sum().backward()
+            y_compiled.square().sum().backward()
+            for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled_model.parameters()):
+                torch.testing.assert_close(p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(compiled_model.bn.running_mean, eager.bn.running_mean)
+        torch.testing.assert_close(compiled_model.bn.running_var, eager.bn.running_var)
+        assert compiled_model.bn.num_batches_tracked.item() == eager.bn.num_batches_tracked.item()
