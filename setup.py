@@ -100,7 +100,7 @@ def make_extension():
         # No GPU visible means torch cannot guess the architectures (it crashes with IndexError).
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         macros.append(("FASTBN_WITH_CUDA", None))
-        nvcc_flags = ["-O3", "-g0", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc_flags = ["-O3", "-Xcompiler", "-g0", "-lineinfo", "--expt-relaxed-constexpr"]
         return CUDAExtension(
             "fastbn._C",
             sources + cuda_sources,

@@ -8,6 +8,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "impl_switch.h"
+
 TORCH_LIBRARY(fastbn, m) {
   // Training forward: batch statistics and normalization in one pass over the
   // channel's data. Returns (output, batch mean, batch biased variance).
@@ -29,16 +31,42 @@ TORCH_LIBRARY(fastbn, m) {
 }
 
 
+namespace {
+
+// _set_cuda_impl(int): 0 auto, 1 general, 2 on-chip (see impl_switch.h).
+PyObject* set_cuda_impl(PyObject* /*self*/, PyObject* args) {
+  int value = 0;
+  if (!PyArg_ParseTuple(args, "i", &value)) return nullptr;
+  if (value < 0 || value > 2) {
+    PyErr_SetString(PyExc_ValueError, "cuda implementation must be 0 (auto), 1 (general) or 2 (on-chip)");
+    return nullptr;
+  }
+  fastbn::set_cuda_impl_override(static_cast<fastbn::CudaImpl>(value));
+  Py_RETURN_NONE;
+}
+
+PyObject* get_cuda_impl(PyObject* /*self*/, PyObject* /*args*/) {
+  return PyLong_FromLong(static_cast<long>(fastbn::cuda_impl_override()));
+}
+
+PyMethodDef module_methods[] = {
+    {"_set_cuda_impl", set_cuda_impl, METH_VARARGS, "Force the CUDA implementation (tests)."},
+    {"_get_cuda_impl", get_cuda_impl, METH_NOARGS, "The forced CUDA implementation."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" {
 // `import fastbn._C` runs the TORCH_LIBRARY registrations above; the module
-// itself only reports how it was built.
+// itself reports how it was built and holds the implementation switch.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
       "_C",  // name
       "fastbn's compiled operators (registered under torch.ops.fastbn)",
       -1,    // no per-module state
-      nullptr,
+      module_methods,
   };
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;

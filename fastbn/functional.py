@@ -6,6 +6,7 @@ call leaves the running statistics as they were.
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
@@ -63,6 +64,8 @@ def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_
                          weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
                          eps: float) -> Tensor:
     """batch_norm after check_batch_norm_args has passed."""
+    if input.is_cuda and not ops.use_cuda_kernels():
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if input.numel() == 0:
         # An empty batch (N = 0 or C = 0): an empty output, running statistics kept,
         # zero grads for weight and bias (what torch gives), via the affine part alone.

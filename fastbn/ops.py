@@ -4,6 +4,8 @@ The schemas and kernels live in C++ (csrc/). Here each op gets a fake kernel
 (shapes only, for torch.compile and meta tensors) and the trainable ones an
 autograd formula, all through ``torch.library``.
 """
+import contextlib
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -38,6 +40,34 @@ _check_cpu_capability()
 
 WITH_CUDA = bool(_C.with_cuda)
 CPU_CAPABILITY = _C.cpu_capability
+
+# The CUDA kernels compile on every machine with a CUDA toolkit, but until the
+# test suite has passed on a GPU, fastbn's modules and functional API send CUDA
+# tensors to torch's own batch norm (correct, not faster) unless
+# FASTBN_CUDA_KERNELS=1. The torch.ops.fastbn.* ops always run the kernels.
+CUDA_KERNELS_VALIDATED = False
+
+
+def use_cuda_kernels() -> bool:
+    return WITH_CUDA and (CUDA_KERNELS_VALIDATED or os.environ.get("FASTBN_CUDA_KERNELS") == "1")
+
+
+_CUDA_IMPLEMENTATIONS = {"auto": 0, "general": 1, "onchip": 2}
+
+
+@contextlib.contextmanager
+def cuda_implementation(name: str):
+    """Force the CUDA kernels' implementation inside the block: "general" (any size,
+    reduce then elementwise), "onchip" (a channel's values kept in one block's
+    registers; an error where they do not fit) or "auto" (the chooser). For tests."""
+    if name not in _CUDA_IMPLEMENTATIONS:
+        raise ValueError(f"cuda implementation must be one of {sorted(_CUDA_IMPLEMENTATIONS)}, got {name!r}")
+    previous = _C._get_cuda_impl()
+    _C._set_cuda_impl(_CUDA_IMPLEMENTATIONS[name])
+    try:
+        yield
+    finally:
+        _C._set_cuda_impl(previous)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -213,6 +243,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
 
 
 __all__: Sequence[str] = [
-    "WITH_CUDA", "CPU_CAPABILITY", "accumulate_dtype", "output_memory_format", "composite_backward",
+    "WITH_CUDA", "CPU_CAPABILITY", "CUDA_KERNELS_VALIDATED", "use_cuda_kernels", "cuda_implementation",
+    "accumulate_dtype", "output_memory_format", "composite_backward",
     "batch_norm_train", "batch_norm_eval", "update_running_stats",
 ]

@@ -1,8 +1,14 @@
 """Shared test helpers: devices, float64 references, error budgets."""
-import pytest
-import torch
+import os
 
-import fastbn
+# On a GPU the tests exercise fastbn's CUDA kernels, not the torch fallback that
+# unvalidated builds use (see fastbn.ops.CUDA_KERNELS_VALIDATED).
+os.environ["FASTBN_CUDA_KERNELS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fastbn  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available() and fastbn.ops.WITH_CUDA
 

@@ -1,0 +1,389 @@
+// CUDA entry points of fastbn's operators: argument checks, the choice between
+// the on-chip and the general implementation, launches on the current stream.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "bn_checks.h"
+#include "bn_math.h"
+#include "cuda/batch_norm_kernels.cuh"
+#include "impl_switch.h"
+
+namespace fastbn::cuda {
+namespace {
+
+using at::Tensor;
+
+constexpr int kThreads = 256;
+
+int multiprocessor_count(int device) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+// Blocks the general kernels aim for: enough to fill every SM several times.
+int64_t target_blocks(const Tensor& t) { return 4 * int64_t(multiprocessor_count(t.get_device())); }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Defines index_t as int32_t when every offset of tensor `t` fits, int64_t otherwise.
+#define FASTBN_INDEX_SWITCH(t, ...)                                  \
+  [&] {                                                              \
+    if ((t).numel() < std::numeric_limits<int32_t>::max()) {         \
+      using index_t = int32_t;                                       \
+      return __VA_ARGS__();                                          \
+    } else {                                                         \
+      using index_t = int64_t;                                       \
+      return __VA_ARGS__();                                          \
+    }                                                                \
+  }()
+
+// The per-channel values each thread of an on-chip block holds (1, 2, 4, 8 or
+// 16), or 0 when the channel is too large for one block.
+int onchip_items(const Geometry& g) {
+  const int64_t per_thread = g.layout == Layout::Planar ? ceil_div(g.count(), kOnChipThreads)
+                                                        : ceil_div(g.count(), kOnChipThreads / kWarpSize);
+  for (int items : {1, 2, 4, 8, 16}) {
+    if (per_thread <= items) return items;
+  }
+  return 0;
+}
+
+// The one place that picks the implementation; tests force either through
+// fastbn.ops.cuda_implementation(...).
+bool use_onchip(const Geometry& g) {
+  const int items = onchip_items(g);
+  switch (cuda_impl_override()) {
+    case CudaImpl::General:
+      return false;
+    case CudaImpl::OnChip:
+      TORCH_CHECK(items > 0, "fastbn: the on-chip implementation was forced but a channel holds ", g.count(),
+                  " values, more than one block can keep");
+      return true;
+    default:
+      return items > 0;
+  }
+}
+
+// Switch turning the runtime item count into the template parameter.
+#define FASTBN_ITEMS_SWITCH(items, ITEMS, ...)  \
+  [&] {                                         \
+    switch (items) {                            \
+      case 1: { constexpr int ITEMS = 1; return __VA_ARGS__(); }   \
+      case 2: { constexpr int ITEMS = 2; return __VA_ARGS__(); }   \
+      case 4: { constexpr int ITEMS = 4; return __VA_ARGS__(); }   \
+      case 8: { constexpr int ITEMS = 8; return __VA_ARGS__(); }   \
+      default: { constexpr int ITEMS = 16; return __VA_ARGS__(); } \
+    }                                           \
+  }()
+
+#define FASTBN_BOOL_SWITCH(cond, CONST, ...)   \
+  [&] {                                        \
+    if (cond) {                                \
+      constexpr bool CONST = true;             \
+      return __VA_ARGS__();                    \
+    } else {                                   \
+      constexpr bool CONST = false;            \
+      return __VA_ARGS__();                    \
+    }                                          \
+  }()
+
+template <typename acc_t>
+ChannelParams<acc_t> channel_params(const Tensor& weight, const Tensor& bias) {
+  return {weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr,
+          bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr};
+}
+
+// Grid of the general reductions: (channel groups, splits of each channel's values).
+struct ReduceLaunch {
+  dim3 grid, block;
+  int splits;
+};
+
+ReduceLaunch reduce_launch(const Geometry& g, const Tensor& t) {
+  ReduceLaunch l;
+  if (g.layout == Layout::Planar) {
+    // x threads along S (coalesced), y threads along N.
+    int tx = 32;
+    while (tx < g.S && tx < kThreads) tx *= 2;
+    const int ty = kThreads / tx;
+    const int64_t max_splits = std::max<int64_t>(1, ceil_div(g.N, ty));
+    l.splits = int(std::clamp<int64_t>(ceil_div(target_blocks(t), g.C), 1, std::min<int64_t>(max_splits, 65535)));
+    l.grid = dim3(unsigned(g.C), unsigned(l.splits));
+    l.block = dim3(tx, ty);
+  } else {
+    const int64_t groups = ceil_div(g.C, kWarpSize);
+    const int64_t max_splits = std::max<int64_t>(1, ceil_div(g.count(), kInterleavedRows));
+    l.splits = int(std::clamp<int64_t>(ceil_div(target_blocks(t), groups), 1, std::min<int64_t>(max_splits, 65535)));
+    l.grid = dim3(unsigned(groups), unsigned(l.splits));
+    l.block = dim3(kWarpSize, kInterleavedRows);
+  }
+  return l;
+}
+
+// Grid of the general elementwise kernels.
+dim3 elementwise_grid(const Geometry& g, const Tensor& t) {
+  const int64_t max_blocks = 8 * int64_t(multiprocessor_count(t.get_device()));
+  if (g.layout == Layout::Planar) {
+    const int64_t planes = g.N * g.C;
+    const int64_t x_blocks = std::min<int64_t>(ceil_div(g.S, kThreads), std::max<int64_t>(1, max_blocks / planes));
+    return dim3(unsigned(std::max<int64_t>(1, x_blocks)), unsigned(std::min<int64_t>(planes, 65535)));
+  }
+  return dim3(unsigned(std::clamp<int64_t>(ceil_div(g.N * g.C * g.S, kThreads), 1, max_blocks)));
+}
+
+dim3 onchip_grid(const Geometry& g) {
+  return g.layout == Layout::Planar ? dim3(unsigned(g.C)) : dim3(unsigned(ceil_div(g.C, kWarpSize)));
+}
+
+dim3 onchip_block(const Geometry& g) {
+  return g.layout == Layout::Planar ? dim3(kOnChipThreads) : dim3(kWarpSize, kOnChipThreads / kWarpSize);
+}
+
+Tensor workspace(int64_t bytes, const Tensor& like) { return at::empty({bytes}, like.options().dtype(at::kByte)); }
+
+// ------------------------------------------------------------------ operators
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(const Tensor& input, const std::optional<Tensor>& weight,
+                                                         const std::optional<Tensor>& bias, double eps) {
+  constexpr const char* op = "fastbn.batch_norm_train";
+  check_input(input, op);
+  check_channel_vector(input, weight, "weight", op);
+  check_channel_vector(input, bias, "bias", op);
+  c10::cuda::CUDAGuard guard(input.device());
+  const Geometry g = describe(input);
+  const auto acc = accumulate_dtype(input.scalar_type());
+  const Tensor x = input.contiguous(g.format);
+  Tensor y = at::empty(input.sizes(), input.options().memory_format(g.format));
+  Tensor mean = at::empty({g.C}, input.options().dtype(acc));
+  Tensor var = at::empty({g.C}, input.options().dtype(acc));
+  if (g.count() == 0 || g.C == 0) {
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {y, mean, var};
+  }
+  const Tensor w = to_accumulate(weight, acc), b = to_accumulate(bias, acc);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_train_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto params = channel_params<acc_t>(w, b);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    FASTBN_INDEX_SWITCH(x, [&] {
+      if (use_onchip(g)) {
+        FASTBN_BOOL_SWITCH(g.layout == Layout::Interleaved, kInterleaved, [&] {
+          FASTBN_ITEMS_SWITCH(onchip_items(g), ITEMS, [&] {
+            onchip_forward_kernel<scalar_t, acc_t, index_t, kInterleaved, ITEMS>
+                <<<onchip_grid(g), onchip_block(g), 0, stream>>>(xp, yp, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
+                                                                 params, acc_t(eps), index_t(g.C), index_t(g.S),
+                                                                 index_t(g.count()));
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        });
+        return;
+      }
+      const ReduceLaunch l = reduce_launch(g, x);
+      Tensor partial = workspace(int64_t(sizeof(Moments<acc_t>)) * g.C * l.splits, x);
+      Tensor coef = workspace(int64_t(sizeof(ForwardCoefficients<acc_t>)) * g.C, x);
+      auto* partial_p = reinterpret_cast<Moments<acc_t>*>(partial.data_ptr());
+      auto* coef_p = reinterpret_cast<ForwardCoefficients<acc_t>*>(coef.data_ptr());
+      if (g.layout == Layout::Planar) {
+        planar_moments_kernel<scalar_t, acc_t, index_t>
+            <<<l.grid, l.block, 0, stream>>>(xp, partial_p, index_t(g.N), index_t(g.C), index_t(g.S));
+      } else {
+        interleaved_moments_kernel<scalar_t, acc_t, index_t>
+            <<<l.grid, l.block, 0, stream>>>(xp, partial_p, index_t(g.count()), index_t(g.C));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      finalize_moments_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
+          partial_p, l.splits, g.C, params, acc_t(eps), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), coef_p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (g.layout == Layout::Planar) {
+        planar_forward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
+            xp, yp, coef_p, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
+      } else {
+        interleaved_forward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
+            xp, yp, coef_p, index_t(x.numel()), index_t(g.C));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {y, mean, var};
+}
+
+Tensor batch_norm_eval_cuda(const Tensor& input, const std::optional<Tensor>& weight,
+                            const std::optional<Tensor>& bias, const Tensor& running_mean, const Tensor& running_var,
+                            double eps) {
+  constexpr const char* op = "fastbn.batch_norm_eval";
+  check_input(input, op);
+  check_channel_vector(input, weight, "weight", op);
+  check_channel_vector(input, bias, "bias", op);
+  check_channel_vector(input, running_mean, "running_mean", op);
+  check_channel_vector(input, running_var, "running_var", op);
+  c10::cuda::CUDAGuard guard(input.device());
+  const Geometry g = describe(input);
+  const auto acc = accumulate_dtype(input.scalar_type());
+  const Tensor x = input.contiguous(g.format);
+  Tensor y = at::empty(input.sizes(), input.options().memory_format(g.format));
+  if (x.numel() == 0) return y;
+  const Tensor w = to_accumulate(weight, acc), b = to_accumulate(bias, acc);
+  const Tensor mean = to_accumulate(running_mean, acc), var = to_accumulate(running_var, acc);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_eval_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Tensor coef = workspace(int64_t(sizeof(ForwardCoefficients<acc_t>)) * g.C, x);
+    auto* coef_p = reinterpret_cast<ForwardCoefficients<acc_t>*>(coef.data_ptr());
+    eval_coefficients_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
+        mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(), g.C, channel_params<acc_t>(w, b), acc_t(eps),
+        coef_p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTBN_INDEX_SWITCH(x, [&] {
+      if (g.layout == Layout::Planar) {
+        planar_forward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), coef_p, index_t(g.N * g.C), index_t(g.C),
+            index_t(g.S));
+      } else {
+        interleaved_forward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), coef_p, index_t(x.numel()), index_t(g.C));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_output, const Tensor& input,
+                                                            const std::optional<Tensor>& weight, const Tensor& mean,
+                                                            const Tensor& var, double eps, bool train) {
+  constexpr const char* op = "fastbn.batch_norm_backward";
+  check_input(input, op);
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), op, ": grad_output has size ", grad_output.sizes(),
+              " but input has size ", input.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(), op,
+              ": grad_output must match input's dtype and device, got ", grad_output.scalar_type(), " on ",
+              grad_output.device(), " for input ", input.scalar_type(), " on ", input.device());
+  check_channel_vector(input, weight, "weight", op);
+  check_channel_vector(input, mean, "mean", op);
+  check_channel_vector(input, var, "var", op);
+  c10::cuda::CUDAGuard guard(input.device());
+  const Geometry g = describe(input);
+  const auto acc = accumulate_dtype(input.scalar_type());
+  const Tensor x = input.contiguous(g.format);
+  const Tensor dy = grad_output.contiguous(g.format);
+  Tensor dx = at::empty(input.sizes(), input.options().memory_format(g.format));
+  Tensor grad_weight = at::zeros({g.C}, input.options().dtype(acc));
+  Tensor grad_bias = at::zeros({g.C}, input.options().dtype(acc));
+  if (g.count() == 0 || g.C == 0) return {dx, grad_weight, grad_bias};
+  const Tensor w = to_accumulate(weight, acc);
+  const Tensor mean_acc = to_accumulate(mean, acc), var_acc = to_accumulate(var, acc);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto params = channel_params<acc_t>(w, Tensor());
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    const acc_t* mp = mean_acc.const_data_ptr<acc_t>();
+    const acc_t* vp = var_acc.const_data_ptr<acc_t>();
+    FASTBN_INDEX_SWITCH(x, [&] {
+      if (use_onchip(g)) {
+        FASTBN_BOOL_SWITCH(g.layout == Layout::Interleaved, kInterleaved, [&] {
+          FASTBN_ITEMS_SWITCH(onchip_items(g), ITEMS, [&] {
+            onchip_backward_kernel<scalar_t, acc_t, index_t, kInterleaved, ITEMS>
+                <<<onchip_grid(g), onchip_block(g), 0, stream>>>(
+                    dyp, xp, dxp, mp, vp, params, acc_t(eps), train, grad_weight.data_ptr<acc_t>(),
+                    grad_bias.data_ptr<acc_t>(), index_t(g.C), index_t(g.S), index_t(g.count()));
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        });
+        return;
+      }
+      const ReduceLaunch l = reduce_launch(g, x);
+      Tensor partial = workspace(int64_t(sizeof(SumPair<acc_t>)) * g.C * l.splits, x);
+      Tensor coef = workspace(int64_t(sizeof(BackwardCoefficients<acc_t>)) * g.C, x);
+      auto* partial_p = reinterpret_cast<SumPair<acc_t>*>(partial.data_ptr());
+      auto* coef_p = reinterpret_cast<BackwardCoefficients<acc_t>*>(coef.data_ptr());
+      if (g.layout == Layout::Planar) {
+        planar_backward_sums_kernel<scalar_t, acc_t, index_t>
+            <<<l.grid, l.block, 0, stream>>>(dyp, xp, mp, partial_p, index_t(g.N), index_t(g.C), index_t(g.S));
+      } else {
+        interleaved_backward_sums_kernel<scalar_t, acc_t, index_t>
+            <<<l.grid, l.block, 0, stream>>>(dyp, xp, mp, partial_p, index_t(g.count()), index_t(g.C));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      finalize_backward_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
+          partial_p, l.splits, g.C, mp, vp, params, acc_t(eps), g.count(), train, grad_weight.data_ptr<acc_t>(),
+          grad_bias.data_ptr<acc_t>(), coef_p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (g.layout == Layout::Planar) {
+        planar_backward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
+            dyp, xp, dxp, coef_p, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
+      } else {
+        interleaved_backward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
+            dyp, xp, dxp, coef_p, index_t(x.numel()), index_t(g.C));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {dx, grad_weight, grad_bias};
+}
+
+void update_running_stats_cuda(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
+                               const Tensor& var, double factor, int64_t count) {
+  constexpr const char* op = "fastbn.update_running_stats";
+  TORCH_CHECK(count >= 0, op, ": count must be non-negative, got ", count);
+  TORCH_CHECK(mean.dim() == 1 && var.sizes() == mean.sizes() && running_mean.sizes() == mean.sizes() &&
+                  running_var.sizes() == mean.sizes(),
+              op, ": running_mean ", running_mean.sizes(), ", running_var ", running_var.sizes(), ", mean ",
+              mean.sizes(), " and var ", var.sizes(), " must be 1-D of one size");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
+              ": mean must be float32 or float64, got ", mean.scalar_type());
+  TORCH_CHECK(var.scalar_type() == mean.scalar_type(), op, ": var has dtype ", var.scalar_type(),
+              " but mean has ", mean.scalar_type());
+  TORCH_CHECK(running_var.scalar_type() == running_mean.scalar_type(), op, ": running_var has dtype ",
+              running_var.scalar_type(), " but running_mean has ", running_mean.scalar_type());
+  for (const Tensor* t : {&running_mean, &running_var, &var}) {
+    TORCH_CHECK(t->device() == mean.device(), op, ": all tensors must be on one device, got ", t->device(), " and ",
+                mean.device());
+  }
+  if (count == 0 || mean.numel() == 0) return;
+  c10::cuda::CUDAGuard guard(mean.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  // Work on contiguous buffers; copy back only if the caller's were not.
+  Tensor rm = running_mean.contiguous(), rv = running_var.contiguous();
+  const Tensor m = mean.contiguous(), v = var.contiguous();
+  const int64_t C = mean.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rm.scalar_type(), "fastbn_update_running_stats_cuda", [&] {
+    using stat_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "fastbn_update_running_stats_cuda_acc", [&] {
+      update_running_stats_kernel<stat_t, scalar_t><<<unsigned(ceil_div(C, kThreads)), kThreads, 0, stream>>>(
+          rm.data_ptr<stat_t>(), rv.data_ptr<stat_t>(), m.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+          factor, count, C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  if (!rm.is_same(running_mean)) running_mean.copy_(rm);
+  if (!rv.is_same(running_var)) running_var.copy_(rv);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastbn, CUDA, m) {
+  m.impl("batch_norm_train", &batch_norm_train_cuda);
+  m.impl("batch_norm_eval", &batch_norm_eval_cuda);
+  m.impl("batch_norm_backward", &batch_norm_backward_cuda);
+  m.impl("update_running_stats", &update_running_stats_cuda);
+}
+
+}  // namespace fastbn::cuda

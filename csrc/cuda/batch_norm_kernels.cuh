@@ -1,0 +1,325 @@
+// CUDA kernels of fastbn's batch norm. Two implementations:
+//
+// General (any size): a reduction kernel writes per-(channel, split) partial
+// statistics, a per-channel kernel merges them into the outputs and the
+// per-channel coefficients of bn_math.h, and an elementwise kernel applies them.
+//
+// On-chip (a channel's values fit in the registers of one block): one kernel
+// reads each value from global memory once, keeps it in registers for the
+// reduction and the transform, and writes each output once (forward: 1 read +
+// 1 write; backward: 2 reads + 1 write).
+//
+// Planar layout: (N, C, S) with S contiguous. Interleaved: (R, C) with C contiguous.
+// index_t is int32_t when every offset fits, int64_t otherwise.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "bn_math.h"
+#include "cuda/block_reduce.cuh"
+
+namespace fastbn::cuda {
+
+constexpr int kInterleavedRows = 8;  // rows per block of the interleaved general kernels (x 32 channels)
+
+template <typename acc_t>
+struct ChannelParams {
+  const acc_t* weight;  // null: 1
+  const acc_t* bias;    // null: 0
+  __device__ __forceinline__ acc_t w(int64_t c) const { return weight ? weight[c] : acc_t(1); }
+  __device__ __forceinline__ acc_t b(int64_t c) const { return bias ? bias[c] : acc_t(0); }
+};
+
+// ------------------------------------------------------------------ general: reductions
+
+// grid (C, splits), block (tx, ty): thread (tx, ty) of split j reads rows n = j * ty + y (+ k * splits * ty).
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void planar_moments_kernel(const scalar_t* __restrict__ x, Moments<acc_t>* __restrict__ partial,
+                                      index_t N, index_t C, index_t S) {
+  __shared__ Moments<acc_t> shared[kWarpSize];
+  const index_t c = blockIdx.x;
+  Moments<acc_t> m{acc_t(0), acc_t(0), 0};
+  for (index_t n = blockIdx.y * blockDim.y + threadIdx.y; n < N; n += gridDim.y * blockDim.y) {
+    const scalar_t* row = x + (n * C + c) * S;
+    for (index_t s = threadIdx.x; s < S; s += blockDim.x) moments_push(m, acc_t(row[s]));
+  }
+  m = block_reduce_broadcast(m, shared, Moments<acc_t>{acc_t(0), acc_t(0), 0});
+  if (threadIdx.x == 0 && threadIdx.y == 0) partial[int64_t(c) * gridDim.y + blockIdx.y] = m;
+}
+
+// grid (ceil(C / 32), splits), block (32, kInterleavedRows).
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void interleaved_moments_kernel(const scalar_t* __restrict__ x, Moments<acc_t>* __restrict__ partial,
+                                           index_t R, index_t C) {
+  __shared__ Moments<acc_t> shared[kInterleavedRows * kWarpSize];
+  const index_t c = blockIdx.x * kWarpSize + threadIdx.x;
+  Moments<acc_t> m{acc_t(0), acc_t(0), 0};
+  if (c < C) {
+    for (index_t r = blockIdx.y * blockDim.y + threadIdx.y; r < R; r += gridDim.y * blockDim.y) {
+      moments_push(m, acc_t(x[r * C + c]));
+    }
+  }
+  m = column_reduce_broadcast(m, shared);
+  if (threadIdx.y == 0 && c < C) partial[int64_t(c) * gridDim.y + blockIdx.y] = m;
+}
+
+// One thread per channel: merge the splits' moments; write mean, biased var and
+// the forward coefficients.
+template <typename acc_t>
+__global__ void finalize_moments_kernel(const Moments<acc_t>* __restrict__ partial, int splits, int64_t C,
+                                        ChannelParams<acc_t> params, acc_t eps, acc_t* __restrict__ mean_out,
+                                        acc_t* __restrict__ var_out, ForwardCoefficients<acc_t>* __restrict__ coef) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  Moments<acc_t> m{acc_t(0), acc_t(0), 0};
+  for (int j = 0; j < splits; ++j) m = moments_merge(m, partial[c * splits + j]);
+  const acc_t var = moments_biased_var(m);
+  mean_out[c] = m.mean;
+  var_out[c] = var;
+  coef[c] = forward_coefficients(m.mean, var, eps, params.w(c), params.b(c));
+}
+
+// Evaluation: coefficients from given statistics.
+template <typename acc_t>
+__global__ void eval_coefficients_kernel(const acc_t* __restrict__ mean, const acc_t* __restrict__ var, int64_t C,
+                                         ChannelParams<acc_t> params, acc_t eps,
+                                         ForwardCoefficients<acc_t>* __restrict__ coef) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c < C) coef[c] = forward_coefficients(mean[c], var[c], eps, params.w(c), params.b(c));
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void planar_backward_sums_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                            const acc_t* __restrict__ mean, SumPair<acc_t>* __restrict__ partial,
+                                            index_t N, index_t C, index_t S) {
+  __shared__ SumPair<acc_t> shared[kWarpSize];
+  const index_t c = blockIdx.x;
+  const acc_t mu = mean[c];
+  SumPair<acc_t> sums{acc_t(0), acc_t(0)};
+  for (index_t n = blockIdx.y * blockDim.y + threadIdx.y; n < N; n += gridDim.y * blockDim.y) {
+    const index_t base = (n * C + c) * S;
+    for (index_t s = threadIdx.x; s < S; s += blockDim.x) {
+      const acc_t g = acc_t(dy[base + s]);
+      sums.a += g;
+      sums.b += g * (acc_t(x[base + s]) - mu);
+    }
+  }
+  sums = block_reduce_broadcast(sums, shared, SumPair<acc_t>{acc_t(0), acc_t(0)});
+  if (threadIdx.x == 0 && threadIdx.y == 0) partial[int64_t(c) * gridDim.y + blockIdx.y] = sums;
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void interleaved_backward_sums_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                                 const acc_t* __restrict__ mean, SumPair<acc_t>* __restrict__ partial,
+                                                 index_t R, index_t C) {
+  __shared__ SumPair<acc_t> shared[kInterleavedRows * kWarpSize];
+  const index_t c = blockIdx.x * kWarpSize + threadIdx.x;
+  SumPair<acc_t> sums{acc_t(0), acc_t(0)};
+  if (c < C) {
+    const acc_t mu = mean[c];
+    for (index_t r = blockIdx.y * blockDim.y + threadIdx.y; r < R; r += gridDim.y * blockDim.y) {
+      const acc_t g = acc_t(dy[r * C + c]);
+      sums.a += g;
+      sums.b += g * (acc_t(x[r * C + c]) - mu);
+    }
+  }
+  sums = column_reduce_broadcast(sums, shared);
+  if (threadIdx.y == 0 && c < C) partial[int64_t(c) * gridDim.y + blockIdx.y] = sums;
+}
+
+// One thread per channel: grad_weight, grad_bias and the dx coefficients.
+template <typename acc_t>
+__global__ void finalize_backward_kernel(const SumPair<acc_t>* __restrict__ partial, int splits, int64_t C,
+                                         const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
+                                         ChannelParams<acc_t> params, acc_t eps, int64_t count, bool train,
+                                         acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias,
+                                         BackwardCoefficients<acc_t>* __restrict__ coef) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  acc_t sum_dy = 0, sum_dy_xmu = 0;
+  for (int j = 0; j < splits; ++j) {
+    sum_dy += partial[c * splits + j].a;
+    sum_dy_xmu += partial[c * splits + j].b;
+  }
+  grad_bias[c] = sum_dy;
+  grad_weight[c] = grad_weight_from_sums(sum_dy_xmu, var[c], eps);
+  coef[c] = backward_coefficients(mean[c], var[c], eps, params.w(c), sum_dy, sum_dy_xmu, count, train);
+}
+
+// ------------------------------------------------------------------ general: elementwise
+
+// grid (S blocks, planes), planes = N * C looped over gridDim.y.
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void planar_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                      const ForwardCoefficients<acc_t>* __restrict__ coef, index_t planes,
+                                      index_t C, index_t S) {
+  for (index_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+    const ForwardCoefficients<acc_t> k = coef[plane % C];
+    const index_t base = plane * S;
+    for (index_t s = blockIdx.x * blockDim.x + threadIdx.x; s < S; s += gridDim.x * blockDim.x) {
+      y[base + s] = scalar_t(forward_apply(k, acc_t(x[base + s])));
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void interleaved_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                           const ForwardCoefficients<acc_t>* __restrict__ coef, index_t total,
+                                           index_t C) {
+  for (index_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    y[i] = scalar_t(forward_apply(coef[i % C], acc_t(x[i])));
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void planar_backward_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                       scalar_t* __restrict__ dx, const BackwardCoefficients<acc_t>* __restrict__ coef,
+                                       index_t planes, index_t C, index_t S) {
+  for (index_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+    const BackwardCoefficients<acc_t> k = coef[plane % C];
+    const index_t base = plane * S;
+    for (index_t s = blockIdx.x * blockDim.x + threadIdx.x; s < S; s += gridDim.x * blockDim.x) {
+      dx[base + s] = scalar_t(backward_apply(k, acc_t(dy[base + s]), acc_t(x[base + s])));
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename index_t>
+__global__ void interleaved_backward_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                            scalar_t* __restrict__ dx,
+                                            const BackwardCoefficients<acc_t>* __restrict__ coef, index_t total,
+                                            index_t C) {
+  for (index_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    dx[i] = scalar_t(backward_apply(coef[i % C], acc_t(dy[i]), acc_t(x[i])));
+  }
+}
+
+// ------------------------------------------------------------------ on-chip
+// Planar: one block of kOnChipThreads threads per channel; thread t holds the
+// channel's values t, t + T, t + 2T, ... (flat index over N * S), ITEMS of them.
+// Interleaved: one block per 32 channels, shaped (32, kOnChipThreads / 32);
+// thread (tx, ty) holds rows ty, ty + T/32, ... of channel tx.
+
+constexpr int kOnChipThreads = 512;
+
+// Offset of the flat value i of channel c.
+template <typename index_t>
+__device__ __forceinline__ index_t planar_offset(index_t i, index_t c, index_t C, index_t S) {
+  const index_t n = i / S;
+  return (n * C + c) * S + (i - n * S);
+}
+
+template <bool kInterleaved, typename index_t>
+struct OnChipTile {
+  index_t C, S, count;  // count: values per channel (N * S, or R rows)
+  index_t c;            // this thread's channel
+  index_t first;        // this thread's first value index within the channel
+  index_t stride;       // between its values
+  bool active;          // the thread's channel exists (interleaved tail)
+
+  __device__ OnChipTile(index_t C_, index_t S_, index_t count_) : C(C_), S(S_), count(count_) {
+    if (kInterleaved) {
+      c = blockIdx.x * kWarpSize + threadIdx.x;
+      first = threadIdx.y;
+      stride = blockDim.y;
+      active = c < C;
+    } else {
+      c = blockIdx.x;
+      first = threadIdx.x;
+      stride = blockDim.x;
+      active = true;
+    }
+  }
+  __device__ __forceinline__ bool has(int k) const { return active && first + k * stride < count; }
+  __device__ __forceinline__ index_t offset(int k) const {
+    const index_t i = first + k * stride;
+    return kInterleaved ? i * C + c : planar_offset(i, c, C, S);
+  }
+  // Sum over the channel, broadcast to its threads. shared: kOnChipThreads values.
+  template <typename T>
+  __device__ T reduce(T value, T* shared, const T& identity) const {
+    return kInterleaved ? column_reduce_broadcast(value, shared) : block_reduce_broadcast(value, shared, identity);
+  }
+};
+
+template <typename scalar_t, typename acc_t, typename index_t, bool kInterleaved, int ITEMS>
+__global__ void __launch_bounds__(kOnChipThreads) onchip_forward_kernel(
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ y, acc_t* __restrict__ mean_out,
+    acc_t* __restrict__ var_out, ChannelParams<acc_t> params, acc_t eps, index_t C, index_t S, index_t count) {
+  __shared__ SumPair<acc_t> shared[kOnChipThreads];
+  const OnChipTile<kInterleaved, index_t> tile(C, S, count);
+  acc_t v[ITEMS];
+  acc_t sum = 0;
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    v[k] = tile.has(k) ? acc_t(x[tile.offset(k)]) : acc_t(0);
+    sum += v[k];
+  }
+  const SumPair<acc_t> zero{acc_t(0), acc_t(0)};
+  // Two passes over registers: the mean, then squared deviations from it (exact two-pass variance).
+  const acc_t mean = tile.reduce(SumPair<acc_t>{sum, acc_t(0)}, shared, zero).a / acc_t(count);
+  acc_t m2 = 0;
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    const acc_t d = v[k] - mean;
+    m2 += tile.has(k) ? d * d : acc_t(0);
+  }
+  const acc_t var = tile.reduce(SumPair<acc_t>{m2, acc_t(0)}, shared, zero).a / acc_t(count);
+  if (!tile.active) return;
+  if (tile.first == 0) {
+    mean_out[tile.c] = mean;
+    var_out[tile.c] = var;
+  }
+  const auto coef = forward_coefficients(mean, var, eps, params.w(tile.c), params.b(tile.c));
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    if (tile.has(k)) y[tile.offset(k)] = scalar_t(forward_apply(coef, v[k]));
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename index_t, bool kInterleaved, int ITEMS>
+__global__ void __launch_bounds__(kOnChipThreads) onchip_backward_kernel(
+    const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
+    const acc_t* __restrict__ mean, const acc_t* __restrict__ var, ChannelParams<acc_t> params, acc_t eps,
+    bool train, acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias, index_t C, index_t S,
+    index_t count) {
+  __shared__ SumPair<acc_t> shared[kOnChipThreads];
+  const OnChipTile<kInterleaved, index_t> tile(C, S, count);
+  const acc_t mu = tile.active ? mean[tile.c] : acc_t(0);
+  acc_t g[ITEMS], v[ITEMS];
+  SumPair<acc_t> sums{acc_t(0), acc_t(0)};
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    const bool has = tile.has(k);
+    g[k] = has ? acc_t(dy[tile.offset(k)]) : acc_t(0);
+    v[k] = has ? acc_t(x[tile.offset(k)]) : acc_t(0);
+    sums.a += g[k];
+    sums.b += g[k] * (v[k] - mu);  // g = 0 where absent
+  }
+  sums = tile.reduce(sums, shared, SumPair<acc_t>{acc_t(0), acc_t(0)});
+  if (!tile.active) return;
+  const acc_t channel_var = var[tile.c];
+  if (tile.first == 0) {
+    grad_bias[tile.c] = sums.a;
+    grad_weight[tile.c] = grad_weight_from_sums(sums.b, channel_var, eps);
+  }
+  const auto coef =
+      backward_coefficients(mu, channel_var, eps, params.w(tile.c), sums.a, sums.b, int64_t(count), train);
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    if (tile.has(k)) dx[tile.offset(k)] = scalar_t(backward_apply(coef, g[k], v[k]));
+  }
+}
+
+// Running statistics, one thread per channel, in double like the CPU kernel.
+template <typename stat_t, typename acc_t>
+__global__ void update_running_stats_kernel(stat_t* __restrict__ running_mean, stat_t* __restrict__ running_var,
+                                            const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
+                                            double factor, int64_t count, int64_t C) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  running_mean[c] = stat_t(running_mean_update(double(running_mean[c]), double(mean[c]), factor));
+  running_var[c] = stat_t(running_var_update(double(running_var[c]), double(var[c]), factor, count));
+}
+
+}  // namespace fastbn::cuda

@@ -1,0 +1,89 @@
+// Warp and block reductions of fastbn's CUDA kernels: Chan merges of Moments
+// (statistics) and plain sums of pairs (backward).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "bn_math.h"
+
+namespace fastbn::cuda {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Sum of two per-channel quantities, reduced together (backward: sum(dy), sum(dy * (x - mean))).
+template <typename acc_t>
+struct SumPair {
+  acc_t a;
+  acc_t b;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Moments<acc_t> shuffle_down(const Moments<acc_t>& m, int offset) {
+  Moments<acc_t> other;
+  other.mean = __shfl_down_sync(kFullMask, m.mean, offset);
+  other.m2 = __shfl_down_sync(kFullMask, m.m2, offset);
+  other.count = __shfl_down_sync(kFullMask, static_cast<long long>(m.count), offset);
+  return other;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ SumPair<acc_t> shuffle_down(const SumPair<acc_t>& p, int offset) {
+  return {__shfl_down_sync(kFullMask, p.a, offset), __shfl_down_sync(kFullMask, p.b, offset)};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ Moments<acc_t> combine(const Moments<acc_t>& a, const Moments<acc_t>& b) {
+  return moments_merge(a, b);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ SumPair<acc_t> combine(const SumPair<acc_t>& a, const SumPair<acc_t>& b) {
+  return {a.a + b.a, a.b + b.b};
+}
+
+// Lane 0 of each warp gets the warp's total.
+template <typename T>
+__device__ __forceinline__ T warp_reduce(T value) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) value = combine(value, shuffle_down(value, offset));
+  return value;
+}
+
+// Every thread of the block gets the block's total. `shared` holds kWarpSize
+// values; the block size is a multiple of 32 and at most 1024. Ends with a
+// barrier, so `shared` can be reused right after.
+template <typename T>
+__device__ T block_reduce_broadcast(T value, T* shared, const T& identity) {
+  const int tid = threadIdx.x + threadIdx.y * blockDim.x;
+  const int warps = (blockDim.x * blockDim.y) / kWarpSize;
+  value = warp_reduce(value);
+  if (tid % kWarpSize == 0) shared[tid / kWarpSize] = value;
+  __syncthreads();
+  if (tid < kWarpSize) {
+    value = warp_reduce(tid < warps ? shared[tid] : identity);
+    if (tid == 0) shared[0] = value;
+  }
+  __syncthreads();
+  value = shared[0];
+  __syncthreads();
+  return value;
+}
+
+// Blocks shaped (32 channels, rows): every thread of column threadIdx.x gets
+// the total of its column. `shared` holds blockDim.y * 32 values. Ends with a barrier.
+template <typename T>
+__device__ T column_reduce_broadcast(T value, T* shared) {
+  shared[threadIdx.y * kWarpSize + threadIdx.x] = value;
+  __syncthreads();
+  if (threadIdx.y == 0) {
+    for (int row = 1; row < blockDim.y; ++row) value = combine(value, shared[row * kWarpSize + threadIdx.x]);
+    shared[threadIdx.x] = value;
+  }
+  __syncthreads();
+  value = shared[threadIdx.x];
+  __syncthreads();
+  return value;
+}
+
+}  // namespace fastbn::cuda

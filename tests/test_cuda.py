@@ -1,0 +1,107 @@
+"""CUDA-only cases: both implementations on the same inputs, sizes around the
+chooser's threshold, layouts the vector paths must handle, very large tensors.
+Skipped, with the reason, on machines without a GPU."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastbn
+from conftest import HAS_CUDA, assert_within_budget, random_input, reference_batch_norm
+
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of fastbn (none here)")
+
+ON_CHIP_THREADS = 512  # kOnChipThreads in csrc/cuda/batch_norm_kernels.cuh
+ON_CHIP_MAX_ITEMS = 16
+
+
+def run_train_step(impl, x, weight, bias, grad):
+    with fastbn.ops.cuda_implementation(impl):
+        xi = x.detach().clone().requires_grad_()
+        wi, bi = weight.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+        running = torch.zeros_like(weight), torch.ones_like(weight)
+        y = fastbn.functional.batch_norm(xi, *running, wi, bi, True, 0.1, 1e-5)
+        y.backward(grad)
+        torch.cuda.synchronize()
+    return y, xi.grad, wi.grad, bi.grad, running
+
+
+def compare_all(x, weight, bias, impls):
+    grad = torch.randn_like(x)
+    xr = x.detach().double().requires_grad_()
+    wr, br = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    y_ref, rm_ref, rv_ref = reference_batch_norm(xr, torch.zeros_like(wr), torch.ones_like(wr), wr, br, True, 0.1,
+                                                 1e-5)
+    y_ref.backward(grad.double())
+    xt = x.detach().clone().requires_grad_()
+    wt, bt = weight.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    running_torch = torch.zeros_like(weight), torch.ones_like(weight)
+    y_t = F.batch_norm(xt, *running_torch, wt, bt, True, 0.1, 1e-5)
+    y_t.backward(grad)
+    for impl in impls:
+        y, gx, gw, gb, running = run_train_step(impl, x, weight, bias, grad)
+        assert_within_budget(y, y_t, y_ref, f"{impl} output")
+        assert_within_budget(gx, xt.grad, xr.grad, f"{impl} grad_input")
+        assert_within_budget(gw, wt.grad, wr.grad, f"{impl} grad_weight")
+        assert_within_budget(gb, bt.grad, br.grad, f"{impl} grad_bias")
+        assert_within_budget(running[0], running_torch[0], rm_ref, f"{impl} running_mean")
+        assert_within_budget(running[1], running_torch[1], rv_ref, f"{impl} running_var")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (2, 37, 9, 9), (64, 8, 8, 8), (3, 64, 3, 7)])
+def test_general_and_onchip_agree(shape, channels_last, dtype):
+    x = random_input(shape, dtype, "cuda", channels_last)
+    weight, bias = torch.randn(shape[1], device="cuda"), torch.randn(shape[1], device="cuda")
+    compare_all(x, weight, bias, ["general", "onchip", "auto"])
+
+
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_sizes_around_the_onchip_threshold(delta):
+    """Planar: a channel of exactly 512 * 16 values fits one block; one more does not."""
+    count = ON_CHIP_THREADS * ON_CHIP_MAX_ITEMS + delta
+    x = random_input((1, 3, count), torch.float32, "cuda")
+    weight, bias = torch.randn(3, device="cuda"), torch.randn(3, device="cuda")
+    compare_all(x, weight, bias, ["general", "auto"] + (["onchip"] if delta <= 0 else []))
+    if delta > 0:
+        with fastbn.ops.cuda_implementation("onchip"), pytest.raises(RuntimeError, match="on-chip"):
+            torch.ops.fastbn.batch_norm_train(x, weight, bias, 1e-5)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 33, 130])
+def test_channels_last_any_channel_count(channels):
+    x = random_input((6, channels, 7, 5), torch.float16, "cuda", channels_last=True)
+    weight, bias = torch.randn(channels, device="cuda"), torch.randn(channels, device="cuda")
+    compare_all(x, weight, bias, ["general", "auto"])
+
+
+def test_non_contiguous_input():
+    x = random_input((8, 12, 10, 9), torch.float32, "cuda")[:, 1::2, :, 1:]
+    weight, bias = torch.randn(6, device="cuda"), torch.randn(6, device="cuda")
+    compare_all(x, weight, bias, ["general", "auto"])
+
+
+def test_large_spatial_general_path_far_from_zero():
+    x = random_input((32, 4, 64, 64), torch.float32, "cuda", mean=1e4, std=1.0)
+    weight, bias = torch.randn(4, device="cuda"), torch.randn(4, device="cuda")
+    compare_all(x, weight, bias, ["general", "auto"])
+
+
+def test_more_than_2_31_elements_fp16():
+    """64-bit indexing: 2^31 + a bit elements in float16 (about 4 GiB per tensor)."""
+    channels, spatial = 2, 2 ** 15
+    batch = (2 ** 31) // (channels * spatial) + 1
+    needed = batch * channels * spatial * 2 * 4  # x, y, grad, dx in fp16
+    free, _ = torch.cuda.mem_get_info()
+    if free < 2 * needed:
+        pytest.skip(f"needs about {2 * needed / 2**30:.0f} GiB of free GPU memory, has {free / 2**30:.0f}")
+    x = torch.randn(batch, channels, spatial, device="cuda", dtype=torch.float16).add_(3)
+    assert x.numel() > 2 ** 31
+    y, mean, var = torch.ops.fastbn.batch_norm_train(x, None, None, 1e-5)
+    # check the statistics against a float64 reduction done in chunks, and the last values' output
+    xd_sum = sum(x[i:i + 256].double().sum((0, 2)) for i in range(0, batch, 256))
+    mean_ref = xd_sum / (batch * spatial)
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-4, atol=1e-3)
+    tail = x[-1].float()
+    expected_tail = (tail - mean.view(-1, 1)) * torch.rsqrt(var.view(-1, 1) + 1e-5)
+    torch.testing.assert_close(y[-1].float(), expected_tail, rtol=1e-2, atol=1e-2)
