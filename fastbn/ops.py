@@ -169,6 +169,8 @@ def _grads_for_params(ctx, grad_input, grad_weight, grad_bias):
 def _train_setup_context(ctx, inputs, output):
     input, weight, bias, eps = inputs
     _, mean, var = output
+    # Unused outputs (the statistics, almost always) then get None, not zero tensors.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, weight, mean, var)
     ctx.eps = eps
     ctx.weight_dtype = None if weight is None else weight.dtype
