@@ -6,7 +6,8 @@
 // channels than threads, each channel is split into parts whose partial
 // statistics are merged first.
 // Interleaved layout (channels_last, (N, C)): each thread reduces a block of
-// rows into per-channel partial statistics, the partials are merged, and a
+// rows into per-channel partial statistics, walking down columns of a few
+// channels with the accumulators in registers; the partials are merged, and a
 // second parallel pass over rows writes the output.
 //
 // Statistics are computed in pieces of kPiece values: the mean of a piece, then
@@ -155,46 +156,63 @@ int64_t interleaved_tasks(int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / 8));
 }
 
-// Rows per statistics piece: about kPiece values, at least 8 rows so the
-// per-piece merge stays cheap next to the data, at most 64 so that no float
-// partial sum runs long before it is added in double.
-int64_t rows_per_piece(int64_t C) { return std::clamp<int64_t>(kPiece / std::max<int64_t>(C, 1), 8, 64); }
+// Rows per statistics piece: about 128 KiB of float, so the second pass over
+// the piece hits L2.
+int64_t rows_per_piece(int64_t C) { return std::clamp<int64_t>(32768 / std::max<int64_t>(C, 1), 8, 1024); }
 
 // Rows per parallel chunk of the elementwise passes.
-int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
+int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
+
+// Calls f(c0, width) for each block of interleaved channels.
+template <typename scalar_t, typename F>
+inline void for_each_channel_block(int64_t C, const F& f) {
+  constexpr int64_t kBlock = Lanes<scalar_t>::kBlock;
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) f(c0, std::min(kBlock, C - c0));
+}
+
+// y = forward_apply(coef[c], x) over all rows, a chunk of rows per task.
+template <typename scalar_t, typename acc_t>
+void interleaved_forward(const scalar_t* x, scalar_t* y, const ForwardArrays<acc_t>& coef, const Geometry& g) {
+  at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
+    for_each_channel_block<scalar_t>(g.C, [&](int64_t c0, int64_t width) {
+      column_forward(x + r_begin * g.C + c0, y + r_begin * g.C + c0, r_end - r_begin, g.C, width, coef, c0);
+    });
+  });
+}
 
 template <typename scalar_t, typename acc_t>
 void train_forward_interleaved(const scalar_t* x, scalar_t* y, acc_t* mean_out, acc_t* var_out,
                                ChannelParams<acc_t> params, const Geometry& g, acc_t eps) {
-  const int64_t C = g.C, rows = g.count();
+  using red_t = typename ReduceLanes<scalar_t>::red_t;
+  const int64_t C = g.C, rows = g.count(), padded = round_up(C, 64);
   const int64_t tasks = interleaved_tasks(rows);
-  // Per-task moments in double; pieces of rows are summed in acc_t first.
+  // Per-task moments in double, merged piece by piece (Chan).
   std::vector<double> task_mean(tasks * C, 0.0), task_m2(tasks * C, 0.0);
   std::vector<int64_t> task_count(tasks, 0);
-  using red_t = typename ReduceLanes<scalar_t>::red_t;
-  std::vector<red_t> shift(x, x + C);  // the first row: keeps the sums small (see span_sum)
+  std::vector<red_t> shift(padded, red_t(0));  // the first row: keeps the sums small (see span_sum)
+  for (int64_t c = 0; c < C; ++c) shift[c] = red_t(x[c]);
   at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
-    std::vector<red_t> piece_mean(C), piece_m2(C);
+    std::vector<red_t> piece_mean(padded, red_t(0)), piece_m2(padded, red_t(0));
     for (int64_t t = t_begin; t < t_end; ++t) {
       double* mean = task_mean.data() + t * C;
       double* m2 = task_m2.data() + t * C;
       int64_t seen = 0;
       const auto [r_begin, r_end] = part_range(rows, tasks, t);
       for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
-        const int64_t r_stop = std::min(r_end, r + rows_per_piece(C));
-        const red_t n = red_t(r_stop - r);
-        std::fill(piece_mean.begin(), piece_mean.end(), red_t(0));
-        for (int64_t i = r; i < r_stop; ++i) row_add(x + i * C, shift.data(), piece_mean.data(), C);
-        for (int64_t c = 0; c < C; ++c) piece_mean[c] = shift[c] + piece_mean[c] / n;
-        std::fill(piece_m2.begin(), piece_m2.end(), red_t(0));
-        for (int64_t i = r; i < r_stop; ++i) row_add_sq_dev(x + i * C, piece_mean.data(), piece_m2.data(), C);
+        const int64_t n = std::min(r_end, r + rows_per_piece(C)) - r;
+        const scalar_t* piece = x + r * C;
+        for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
+          column_sum(piece + c0, n, C, width, shift.data() + c0, piece_mean.data() + c0);
+          for (int64_t c = c0; c < c0 + width; ++c) piece_mean[c] = shift[c] + piece_mean[c] / red_t(n);
+          column_sum_sq_dev(piece + c0, n, C, width, piece_mean.data() + c0, piece_m2.data() + c0);
+        });
         for (int64_t c = 0; c < C; ++c) {
-          const auto merged = moments_merge(Moments<double>{mean[c], m2[c], seen},
-                                            Moments<double>{piece_mean[c], piece_m2[c], r_stop - r});
+          const auto merged =
+              moments_merge(Moments<double>{mean[c], m2[c], seen}, Moments<double>{piece_mean[c], piece_m2[c], n});
           mean[c] = merged.mean;
           m2[c] = merged.m2;
         }
-        seen += r_stop - r;
+        seen += n;
       }
       task_count[t] = seen;
     }
@@ -209,9 +227,7 @@ void train_forward_interleaved(const scalar_t* x, scalar_t* y, acc_t* mean_out, 
     var_out[c] = acc_t(moments_biased_var(m));
     coef.set(c, forward_coefficients(m.mean, var_out[c], eps, params.w(c), params.b(c)));
   }
-  at::parallel_for(0, rows, row_grain(C), [&](int64_t r_begin, int64_t r_end) {
-    for (int64_t r = r_begin; r < r_end; ++r) row_forward(x + r * C, y + r * C, coef, C);
-  });
+  interleaved_forward(x, y, coef, g);
 }
 
 // ------------------------------------------------------------------ eval forward
@@ -222,9 +238,7 @@ void eval_forward(const scalar_t* x, scalar_t* y, const acc_t* mean, const acc_t
   ForwardArrays<acc_t> coef(g.C);
   for (int64_t c = 0; c < g.C; ++c) coef.set(c, forward_coefficients(mean[c], var[c], eps, params.w(c), params.b(c)));
   if (g.layout == Layout::Interleaved) {
-    at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
-      for (int64_t r = r_begin; r < r_end; ++r) row_forward(x + r * g.C, y + r * g.C, coef, g.C);
-    });
+    interleaved_forward(x, y, coef, g);
     return;
   }
   // Planar: N * C rows of S values, each with its channel's coefficients.
@@ -308,49 +322,42 @@ template <typename scalar_t, typename acc_t>
 void backward_interleaved(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const acc_t* mean, const acc_t* var,
                           ChannelParams<acc_t> params, acc_t* grad_weight, acc_t* grad_bias, const Geometry& g,
                           acc_t eps, bool train) {
-  const int64_t C = g.C, rows = g.count();
-  const int64_t tasks = interleaved_tasks(rows);
-  // Each task sums pieces of rows in red_t and adds the pieces up in double.
   using red_t = typename ReduceLanes<scalar_t>::red_t;
-  const std::vector<red_t> mean_red(mean, mean + C);
-  std::vector<double> task_dy(tasks * C, 0.0), task_dy_xmu(tasks * C, 0.0);
+  const int64_t C = g.C, rows = g.count(), padded = round_up(C, 64);
+  const int64_t tasks = interleaved_tasks(rows);
+  std::vector<red_t> mean_red(padded, red_t(0));
+  for (int64_t c = 0; c < C; ++c) mean_red[c] = red_t(mean[c]);
+  // Per-task sums in double (red_t), accumulated down columns of rows.
+  std::vector<red_t> task_dy(tasks * padded, red_t(0)), task_dy_xmu(tasks * padded, red_t(0));
   at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
-    std::vector<red_t> piece_dy(C), piece_dy_xmu(C);
     for (int64_t t = t_begin; t < t_end; ++t) {
       const auto [r_begin, r_end] = part_range(rows, tasks, t);
       for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
-        const int64_t r_stop = std::min(r_end, r + rows_per_piece(C));
-        std::fill(piece_dy.begin(), piece_dy.end(), red_t(0));
-        std::fill(piece_dy_xmu.begin(), piece_dy_xmu.end(), red_t(0));
-        for (int64_t i = r; i < r_stop; ++i) {
-          row_add_backward_sums(dy + i * C, x + i * C, mean_red.data(), piece_dy.data(), piece_dy_xmu.data(), C);
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          task_dy[t * C + c] += piece_dy[c];
-          task_dy_xmu[t * C + c] += piece_dy_xmu[c];
-        }
+        const int64_t n = std::min(r_end, r + rows_per_piece(C)) - r;
+        for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
+          column_backward_sums(dy + r * C + c0, x + r * C + c0, n, C, width, mean_red.data() + c0,
+                               task_dy.data() + t * padded + c0, task_dy_xmu.data() + t * padded + c0);
+        });
       }
     }
   });
-  std::vector<acc_t> k_mean(C), k_dy(C), k_xmu(C), k_const(C);
+  BackwardArrays<acc_t> coef(C);
   for (int64_t c = 0; c < C; ++c) {
     double sum_dy = 0, sum_dy_xmu = 0;
     for (int64_t t = 0; t < tasks; ++t) {
-      sum_dy += task_dy[t * C + c];
-      sum_dy_xmu += task_dy_xmu[t * C + c];
+      sum_dy += task_dy[t * padded + c];
+      sum_dy_xmu += task_dy_xmu[t * padded + c];
     }
     grad_bias[c] = acc_t(sum_dy);
     grad_weight[c] = acc_t(grad_weight_from_sums(sum_dy_xmu, double(var[c]), double(eps)));
-    const auto k = backward_coefficients(mean[c], var[c], eps, params.w(c), acc_t(sum_dy), acc_t(sum_dy_xmu), rows, train);
-    k_mean[c] = k.mean;
-    k_dy[c] = k.k_dy;
-    k_xmu[c] = k.k_xmu;
-    k_const[c] = k.k_const;
+    coef.set(c, backward_coefficients(mean[c], var[c], eps, params.w(c), acc_t(sum_dy), acc_t(sum_dy_xmu), rows,
+                                      train));
   }
   at::parallel_for(0, rows, row_grain(C), [&](int64_t r_begin, int64_t r_end) {
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      row_backward(dy + r * C, x + r * C, dx + r * C, k_mean.data(), k_dy.data(), k_xmu.data(), k_const.data(), C);
-    }
+    for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
+      column_backward(dy + r_begin * C + c0, x + r_begin * C + c0, dx + r_begin * C + c0, r_end - r_begin, C, width,
+                      coef, c0);
+    });
   });
 }
 

@@ -1,9 +1,9 @@
 // Vectorized inner loops of the CPU batch norm, built on at::vec::Vectorized.
 //
 // Two shapes of loop:
-//  - span_*: one channel's contiguous run of values (planar layout, NCHW);
-//  - row_*:  one row of C interleaved channels (channels_last, (N, C)),
-//            updating per-channel arrays.
+//  - span_*:   one channel's contiguous run of values (planar layout, NCHW);
+//  - column_*: a block of interleaved channels down many rows (channels_last,
+//              (N, C)), with the per-channel state in registers.
 // Elementwise passes compute in the accumulation type acc_t (float for
 // half/bfloat16/float, double for double), loading blocks of two vectors
 // (exactly one Vectorized<half/bfloat16>). Reductions accumulate in red_t =
@@ -216,68 +216,91 @@ inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
   }
 }
 
-// Rows of C interleaved channels into per-channel red_t arrays; the tail of a
-// row (C not a multiple of the block) runs scalar.
+// Columns: a block of `width` <= kBlock interleaved channels over `rows` rows
+// that lie `stride` values apart (channels_last, (N, C)). Accumulators stay in
+// registers down the column; per-channel arrays are padded to whole blocks.
 
-// sums[c] += x[c] - shift[c]
-template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
-inline void row_add(const scalar_t* x, const red_t* shift, red_t* sums, int64_t C) {
-  using R = ReduceLanes<scalar_t>;
-  using Vec = typename R::Vec;
-  typename R::Vec v[R::kParts];
-  int64_t c = 0;
-  for (; c + R::kBlock <= C; c += R::kBlock) {
-    R::load(x + c, v);
-    for (int j = 0; j < R::kParts; ++j) {
-      const int64_t k = c + j * Vec::size();
-      (Vec::loadu(sums + k) + (v[j] - Vec::loadu(shift + k))).store(sums + k);
-    }
-  }
-  for (; c < C; ++c) sums[c] += red_t(x[c]) - shift[c];
-}
-
-// m2[c] += (x[c] - mean[c])^2
-template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
-inline void row_add_sq_dev(const scalar_t* x, const red_t* mean, red_t* m2, int64_t C) {
-  using R = ReduceLanes<scalar_t>;
-  using Vec = typename R::Vec;
-  typename R::Vec v[R::kParts];
-  int64_t c = 0;
-  for (; c + R::kBlock <= C; c += R::kBlock) {
-    R::load(x + c, v);
-    for (int j = 0; j < R::kParts; ++j) {
-      const int64_t k = c + j * Vec::size();
-      const Vec d = v[j] - Vec::loadu(mean + k);
-      at::vec::fmadd(d, d, Vec::loadu(m2 + k)).store(m2 + k);
-    }
-  }
-  for (; c < C; ++c) {
-    const red_t d = red_t(x[c]) - mean[c];
-    m2[c] += d * d;
+template <typename scalar_t, typename R = ReduceLanes<scalar_t>>
+inline void load_row_block(const scalar_t* p, int64_t width, typename R::Vec (&v)[R::kParts]) {
+  if (width == R::kBlock) {
+    R::load(p, v);
+  } else {  // lanes past width hold 0; their results are never stored
+    int64_t valid[R::kParts];
+    R::load_partial(p, width, v, valid);
   }
 }
 
-// sum_dy[c] += dy[c]; sum_dy_xmu[c] += dy[c] * (x[c] - mean[c])
+template <typename red_t, int kParts, typename Vec>
+inline void store_block(const Vec (&acc)[kParts], red_t* out, int64_t width) {
+  __at_align__ red_t lanes[kParts * Vec::size()];
+  for (int j = 0; j < kParts; ++j) acc[j].store(lanes + j * Vec::size());
+  for (int64_t i = 0; i < width; ++i) out[i] = lanes[i];
+}
+
+// out[c] = sum over rows of (x[c] - shift[c]), for the block's channels
 template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
-inline void row_add_backward_sums(const scalar_t* dy, const scalar_t* x, const red_t* mean, red_t* sum_dy,
-                                  red_t* sum_dy_xmu, int64_t C) {
+inline void column_sum(const scalar_t* x, int64_t rows, int64_t stride, int64_t width, const red_t* shift,
+                       red_t* out) {
   using R = ReduceLanes<scalar_t>;
   using Vec = typename R::Vec;
-  typename R::Vec d[R::kParts], v[R::kParts];
-  int64_t c = 0;
-  for (; c + R::kBlock <= C; c += R::kBlock) {
-    R::load(dy + c, d);
-    R::load(x + c, v);
+  Vec acc[R::kParts], vshift[R::kParts], v[R::kParts];
+  for (int j = 0; j < R::kParts; ++j) {
+    acc[j] = Vec(red_t(0));
+    vshift[j] = Vec::loadu(shift + j * Vec::size());
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    load_row_block(x + r * stride, width, v);
+    for (int j = 0; j < R::kParts; ++j) acc[j] += v[j] - vshift[j];
+  }
+  store_block<red_t, R::kParts>(acc, out, width);
+}
+
+// out[c] = sum over rows of (x[c] - mean[c])^2
+template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void column_sum_sq_dev(const scalar_t* x, int64_t rows, int64_t stride, int64_t width, const red_t* mean,
+                              red_t* out) {
+  using R = ReduceLanes<scalar_t>;
+  using Vec = typename R::Vec;
+  Vec acc[R::kParts], vmean[R::kParts], v[R::kParts];
+  for (int j = 0; j < R::kParts; ++j) {
+    acc[j] = Vec(red_t(0));
+    vmean[j] = Vec::loadu(mean + j * Vec::size());
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    load_row_block(x + r * stride, width, v);
     for (int j = 0; j < R::kParts; ++j) {
-      const int64_t k = c + j * Vec::size();
-      (Vec::loadu(sum_dy + k) + d[j]).store(sum_dy + k);
-      at::vec::fmadd(d[j], v[j] - Vec::loadu(mean + k), Vec::loadu(sum_dy_xmu + k)).store(sum_dy_xmu + k);
+      const Vec d = v[j] - vmean[j];
+      acc[j] = at::vec::fmadd(d, d, acc[j]);
     }
   }
-  for (; c < C; ++c) {
-    const red_t g = red_t(dy[c]);
-    sum_dy[c] += g;
-    sum_dy_xmu[c] += g * (red_t(x[c]) - mean[c]);
+  store_block<red_t, R::kParts>(acc, out, width);
+}
+
+// out_dy[c] += sum of dy[c]; out_dy_xmu[c] += sum of dy[c] * (x[c] - mean[c])
+template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t stride, int64_t width,
+                                 const red_t* mean, red_t* out_dy, red_t* out_dy_xmu) {
+  using R = ReduceLanes<scalar_t>;
+  using Vec = typename R::Vec;
+  Vec acc_dy[R::kParts], acc_dx[R::kParts], vmean[R::kParts], d[R::kParts], v[R::kParts];
+  for (int j = 0; j < R::kParts; ++j) {
+    acc_dy[j] = acc_dx[j] = Vec(red_t(0));
+    vmean[j] = Vec::loadu(mean + j * Vec::size());
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    load_row_block(dy + r * stride, width, d);
+    load_row_block(x + r * stride, width, v);
+    for (int j = 0; j < R::kParts; ++j) {
+      acc_dy[j] += d[j];
+      acc_dx[j] = at::vec::fmadd(d[j], v[j] - vmean[j], acc_dx[j]);
+    }
+  }
+  __at_align__ red_t sums_dy[R::kBlock], sums_dx[R::kBlock];
+  store_block<red_t, R::kParts>(acc_dy, sums_dy, width);
+  store_block<red_t, R::kParts>(acc_dx, sums_dx, width);
+  for (int64_t i = 0; i < width; ++i) {
+    out_dy[i] += sums_dy[i];
+    out_dy_xmu[i] += sums_dx[i];
   }
 }
 
@@ -326,11 +349,15 @@ inline void span_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, i
   }
 }
 
-// Per-channel forward coefficients as arrays (structure of arrays, for vector loads).
+inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// Per-channel coefficients as arrays (structure of arrays, for vector loads),
+// padded to whole blocks so a column's loads never run past the end.
 template <typename acc_t>
 struct ForwardArrays {
   std::vector<acc_t> mean_hi, mean_lo, scale, bias;
-  explicit ForwardArrays(int64_t C) : mean_hi(C), mean_lo(C), scale(C), bias(C) {}
+  explicit ForwardArrays(int64_t C)
+      : mean_hi(round_up(C, 64)), mean_lo(round_up(C, 64)), scale(round_up(C, 64)), bias(round_up(C, 64)) {}
   void set(int64_t c, const ForwardCoefficients<acc_t>& k) {
     mean_hi[c] = k.mean_hi;
     mean_lo[c] = k.mean_lo;
@@ -340,43 +367,74 @@ struct ForwardArrays {
   ForwardCoefficients<acc_t> get(int64_t c) const { return {mean_hi[c], mean_lo[c], scale[c], bias[c]}; }
 };
 
-// y[c] = forward_apply(k[c], x[c])
+template <typename acc_t>
+struct BackwardArrays {
+  std::vector<acc_t> mean, k_dy, k_xmu, k_const;
+  explicit BackwardArrays(int64_t C)
+      : mean(round_up(C, 64)), k_dy(round_up(C, 64)), k_xmu(round_up(C, 64)), k_const(round_up(C, 64)) {}
+  void set(int64_t c, const BackwardCoefficients<acc_t>& k) {
+    mean[c] = k.mean;
+    k_dy[c] = k.k_dy;
+    k_xmu[c] = k.k_xmu;
+    k_const[c] = k.k_const;
+  }
+};
+
+// y = forward_apply(k[c], x) down a column of channels [c0, c0 + width).
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void row_forward(const scalar_t* x, scalar_t* y, const ForwardArrays<acc_t>& k, int64_t C) {
+inline void column_forward(const scalar_t* x, scalar_t* y, int64_t rows, int64_t stride, int64_t width,
+                           const ForwardArrays<acc_t>& k, int64_t c0) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
-  auto apply = [&](const Vec& v, int64_t c) {
-    const Vec centered = (v - Vec::loadu(k.mean_hi.data() + c)) - Vec::loadu(k.mean_lo.data() + c);
-    return at::vec::fmadd(centered, Vec::loadu(k.scale.data() + c), Vec::loadu(k.bias.data() + c));
-  };
-  int64_t c = 0;
-  for (; c + L::kBlock <= C; c += L::kBlock) {
-    Vec lo, hi;
-    L::load(x + c, lo, hi);
-    L::store(y + c, apply(lo, c), apply(hi, c + L::kVec));
+  Vec hi[2], lo[2], scale[2], bias[2];
+  for (int j = 0; j < 2; ++j) {
+    const int64_t c = c0 + j * L::kVec;
+    hi[j] = Vec::loadu(k.mean_hi.data() + c);
+    lo[j] = Vec::loadu(k.mean_lo.data() + c);
+    scale[j] = Vec::loadu(k.scale.data() + c);
+    bias[j] = Vec::loadu(k.bias.data() + c);
   }
-  for (; c < C; ++c) y[c] = scalar_t(forward_apply(k.get(c), acc_t(x[c])));
+  auto apply = [&](const Vec& v, int j) { return at::vec::fmadd((v - hi[j]) - lo[j], scale[j], bias[j]); };
+  for (int64_t r = 0; r < rows; ++r) {
+    Vec v0, v1;
+    if (width == L::kBlock) {
+      L::load(x + r * stride, v0, v1);
+      L::store(y + r * stride, apply(v0, 0), apply(v1, 1));
+    } else {
+      L::load_partial(x + r * stride, width, v0, v1);
+      L::store_partial(y + r * stride, width, apply(v0, 0), apply(v1, 1));
+    }
+  }
 }
 
-// dx[c] = dy[c] * k_dy[c] + (x[c] - mean[c]) * k_xmu[c] + k_const[c]
+// dx = backward_apply(k[c], dy, x) down a column of channels [c0, c0 + width).
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void row_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const acc_t* mean, const acc_t* k_dy,
-                         const acc_t* k_xmu, const acc_t* k_const, int64_t C) {
+inline void column_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t stride,
+                            int64_t width, const BackwardArrays<acc_t>& k, int64_t c0) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
-  auto apply = [&](const Vec& d, const Vec& v, int64_t c) {
-    return at::vec::fmadd(d, Vec::loadu(k_dy + c),
-                          at::vec::fmadd(v - Vec::loadu(mean + c), Vec::loadu(k_xmu + c), Vec::loadu(k_const + c)));
-  };
-  int64_t c = 0;
-  for (; c + L::kBlock <= C; c += L::kBlock) {
-    Vec dlo, dhi, xlo, xhi;
-    L::load(dy + c, dlo, dhi);
-    L::load(x + c, xlo, xhi);
-    L::store(dx + c, apply(dlo, xlo, c), apply(dhi, xhi, c + L::kVec));
+  Vec mean[2], kdy[2], kxmu[2], kconst[2];
+  for (int j = 0; j < 2; ++j) {
+    const int64_t c = c0 + j * L::kVec;
+    mean[j] = Vec::loadu(k.mean.data() + c);
+    kdy[j] = Vec::loadu(k.k_dy.data() + c);
+    kxmu[j] = Vec::loadu(k.k_xmu.data() + c);
+    kconst[j] = Vec::loadu(k.k_const.data() + c);
   }
-  for (; c < C; ++c) {
-    dx[c] = scalar_t(acc_t(dy[c]) * k_dy[c] + (acc_t(x[c]) - mean[c]) * k_xmu[c] + k_const[c]);
+  auto apply = [&](const Vec& g, const Vec& v, int j) {
+    return at::vec::fmadd(g, kdy[j], at::vec::fmadd(v - mean[j], kxmu[j], kconst[j]));
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    Vec g0, g1, v0, v1;
+    if (width == L::kBlock) {
+      L::load(dy + r * stride, g0, g1);
+      L::load(x + r * stride, v0, v1);
+      L::store(dx + r * stride, apply(g0, v0, 0), apply(g1, v1, 1));
+    } else {
+      L::load_partial(dy + r * stride, width, g0, g1);
+      L::load_partial(x + r * stride, width, v0, v1);
+      L::store_partial(dx + r * stride, width, apply(g0, v0, 0), apply(g1, v1, 1));
+    }
   }
 }
 
