@@ -56,6 +56,12 @@ void check_channel_vector(const at::Tensor& input, const std::optional<at::Tenso
   if (vec.has_value()) check_channel_vector(input, *vec, name, op);
 }
 
+Activation check_activation(int64_t activation, const char* op) {
+  TORCH_CHECK(activation >= 0 && activation <= static_cast<int64_t>(Activation::SiLU), op,
+              ": activation must be 0 (none), 1 (relu), 2 (leaky_relu), 3 (elu) or 4 (silu), got ", activation);
+  return static_cast<Activation>(activation);
+}
+
 at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }

@@ -7,6 +7,8 @@
 
 #include <optional>
 
+#include "bn_math.h"
+
 namespace fastbn {
 
 // How a channel's values lie in memory.
@@ -38,6 +40,21 @@ void check_input(const at::Tensor& input, const char* op);
 void check_channel_vector(const at::Tensor& input, const at::Tensor& vec, const char* name, const char* op);
 void check_channel_vector(const at::Tensor& input, const std::optional<at::Tensor>& vec, const char* name,
                           const char* op);
+
+// The activation code of an op's `activation` argument (see Activation in bn_math.h).
+Activation check_activation(int64_t activation, const char* op);
+
+// Runs __VA_ARGS__ (a lambda) with `constexpr Activation NAME` set to `act`.
+#define FASTBN_ACTIVATION_SWITCH(act, NAME, ...)                                                        \
+  [&] {                                                                                              \
+    switch (act) {                                                                                   \
+      case ::fastbn::Activation::ReLU: { constexpr auto NAME = ::fastbn::Activation::ReLU; return __VA_ARGS__(); }           \
+      case ::fastbn::Activation::LeakyReLU: { constexpr auto NAME = ::fastbn::Activation::LeakyReLU; return __VA_ARGS__(); } \
+      case ::fastbn::Activation::ELU: { constexpr auto NAME = ::fastbn::Activation::ELU; return __VA_ARGS__(); }             \
+      case ::fastbn::Activation::SiLU: { constexpr auto NAME = ::fastbn::Activation::SiLU; return __VA_ARGS__(); }           \
+      default: { constexpr auto NAME = ::fastbn::Activation::Identity; return __VA_ARGS__(); }                               \
+    }                                                                                                \
+  }()
 
 // float for half/bfloat16/float, double for double.
 at::ScalarType accumulate_dtype(at::ScalarType input_dtype);

@@ -137,6 +137,53 @@ FASTBN_HOST_DEVICE acc_t grad_weight_from_sums(acc_t sum_dy_xmu, acc_t var, acc_
   return sum_dy_xmu * invstd_from_var(var, eps);
 }
 
+// Activations fused after the normalization: y = act(z), z = the BN output.
+// Backward recomputes z from the saved input, so a fused BN + activation saves
+// only x for backward (torch's BN followed by ReLU also keeps the ReLU output).
+// Derivatives at z = 0 follow torch: ReLU 0, LeakyReLU the slope, ELU alpha.
+enum class Activation : int { Identity = 0, ReLU = 1, LeakyReLU = 2, ELU = 3, SiLU = 4 };
+
+FASTBN_HOST_DEVICE float exp_acc(float x) { return expf(x); }
+FASTBN_HOST_DEVICE double exp_acc(double x) { return exp(x); }
+FASTBN_HOST_DEVICE float expm1_acc(float x) { return expm1f(x); }
+FASTBN_HOST_DEVICE double expm1_acc(double x) { return expm1(x); }
+
+// param: LeakyReLU's negative slope, ELU's alpha; unused otherwise.
+template <typename acc_t>
+FASTBN_HOST_DEVICE acc_t activation_forward(Activation act, acc_t z, acc_t param) {
+  switch (act) {
+    case Activation::ReLU:
+      return z > acc_t(0) ? z : acc_t(0);
+    case Activation::LeakyReLU:
+      return z > acc_t(0) ? z : z * param;
+    case Activation::ELU:
+      return z > acc_t(0) ? z : param * expm1_acc(z);
+    case Activation::SiLU:
+      return z / (acc_t(1) + exp_acc(-z));
+    default:
+      return z;
+  }
+}
+
+// d act / dz at z.
+template <typename acc_t>
+FASTBN_HOST_DEVICE acc_t activation_grad(Activation act, acc_t z, acc_t param) {
+  switch (act) {
+    case Activation::ReLU:
+      return z > acc_t(0) ? acc_t(1) : acc_t(0);
+    case Activation::LeakyReLU:
+      return z > acc_t(0) ? acc_t(1) : param;
+    case Activation::ELU:
+      return z > acc_t(0) ? acc_t(1) : param * exp_acc(z);
+    case Activation::SiLU: {
+      const acc_t sigmoid = acc_t(1) / (acc_t(1) + exp_acc(-z));
+      return sigmoid * (acc_t(1) + z * (acc_t(1) - sigmoid));
+    }
+    default:
+      return acc_t(1);
+  }
+}
+
 // Running statistics: exponential moving average with `factor` (torch's momentum,
 // or 1/num_batches_tracked for the cumulative average), the variance unbiased by
 // count / (count - 1) as torch does.

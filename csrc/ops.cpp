@@ -11,25 +11,30 @@
 #include "impl_switch.h"
 
 TORCH_LIBRARY(fastbn, m) {
+  // `activation` fuses an activation after the normalization: 0 none, 1 relu,
+  // 2 leaky_relu (activation_param: negative slope), 3 elu (activation_param:
+  // alpha), 4 silu. Backward recomputes the pre-activation output from input.
+  //
   // Training forward: batch statistics and normalization in one pass over the
   // channel's data. Returns (output, batch mean, batch biased variance).
-  m.def("batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps, int activation=0, "
+      "float activation_param=0.) -> (Tensor, Tensor, Tensor)");
   // Evaluation forward with given (running) statistics.
   m.def(
       "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
-      "float eps) -> Tensor");
+      "float eps, int activation=0, float activation_param=0.) -> Tensor");
   // Backward of both: (grad_input, grad_weight, grad_bias). `train` says whether
   // mean/var were batch statistics (they then depend on the input) or constants.
   // grad_weight and grad_bias come in the accumulation dtype.
   m.def(
-      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor var, float eps, "
-      "bool train) -> (Tensor, Tensor, Tensor)");
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, "
+      "float eps, bool train, int activation=0, float activation_param=0.) -> (Tensor, Tensor, Tensor)");
   // running = (1 - factor) * running + factor * batch, variance unbiased by count / (count - 1).
   m.def(
       "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
       "float factor, int count) -> ()");
 }
-
 
 namespace {
 

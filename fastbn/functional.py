@@ -62,23 +62,25 @@ def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], running
 
 def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                          weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
-                         eps: float) -> Tensor:
-    """batch_norm after check_batch_norm_args has passed."""
-    if input.is_cuda and not ops.use_cuda_kernels():
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+                         eps: float, activation: int = 0, activation_param: float = 0.0) -> Tensor:
+    """batch_norm (then the activation of code `activation`) after check_batch_norm_args has passed."""
     if input.numel() == 0:
         # An empty batch (N = 0 or C = 0): an empty output, running statistics kept,
-        # zero grads for weight and bias (what torch gives), via the affine part alone.
+        # zero grads for weight and bias (what torch gives for N = 0), via the affine part alone.
         shape = ops.channel_shape(input)
         output = input.clone()
         if weight is not None:
             output = output * weight.view(shape)
         if bias is not None:
             output = output + bias.view(shape)
-        return output.to(input.dtype)
+        return ops.activation_forward(output.to(input.dtype), activation, activation_param)
+    if input.is_cuda and not ops.use_cuda_kernels():
+        # torch's own kernels while fastbn's CUDA kernels are not validated on a GPU.
+        output = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return ops.activation_forward(output, activation, activation_param)
     if not training:
-        return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps)
-    output, mean, var = ops.batch_norm_train(input, weight, bias, eps)
+        return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, activation, activation_param)
+    output, mean, var = ops.batch_norm_train(input, weight, bias, eps, activation, activation_param)
     if running_mean is not None:
         ops.update_running_stats(running_mean, running_var, mean, var, momentum, input.numel() // input.shape[1])
     return output
@@ -95,3 +97,29 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     """
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     return batch_norm_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def activation_arguments(activation: Optional[str], activation_param: Optional[float]):
+    """(op code, parameter) for an activation name, with torch's default parameter."""
+    code = ops.activation_code(activation)
+    if activation_param is None:
+        activation_param = ops.DEFAULT_ACTIVATION_PARAM[code]
+    elif code not in (2, 3):
+        raise ValueError(f"activation_param applies to 'leaky_relu' and 'elu' only, not {activation!r}")
+    return code, float(activation_param)
+
+
+def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                   momentum: float = 0.1, eps: float = 1e-5, activation: Optional[str] = "relu",
+                   activation_param: Optional[float] = None) -> Tensor:
+    """``act(batch_norm(...))`` in one fused kernel per direction.
+
+    activation: None, "relu", "leaky_relu" (activation_param: negative slope, default
+    0.01), "elu" (activation_param: alpha, default 1.0) or "silu". Backward
+    recomputes the normalized values from the input, so only the input is kept
+    for backward (torch's batch_norm followed by relu keeps the relu output too).
+    """
+    code, param = activation_arguments(activation, activation_param)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    return batch_norm_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps, code, param)

@@ -2,17 +2,36 @@
 
 Each class subclasses torch's own (same constructor, parameters, buffers,
 state_dict keys, repr, train/eval and running-statistics semantics) and only
-replaces ``forward``. Unlike torch, the input is checked before
-``num_batches_tracked`` is incremented, so a rejected batch changes nothing.
+replaces ``forward`` (and takes an optional fused ``activation``). Unlike torch,
+the input is checked before ``num_batches_tracked`` is incremented, so a
+rejected batch changes nothing.
 """
-import torch
+from typing import Optional
+
 from torch import Tensor, nn
 
 from . import functional
 
 
 class _FastBatchNorm:
-    """forward() of torch's _BatchNorm, on fastbn.functional."""
+    """forward() of torch's _BatchNorm, on fastbn.functional, with an optional
+    fused activation (``activation=None`` keeps the exact drop-in)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, activation: Optional[str] = None,
+                 activation_param: Optional[float] = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._activation_code, self._activation_param = functional.activation_arguments(activation, activation_param)
+        self.activation = activation
+        self.activation_param = self._activation_param if self._activation_code in (2, 3) else None
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self._activation_code:
+            text += f", activation={self.activation!r}"
+            if self.activation_param is not None:
+                text += f", activation_param={self.activation_param}"
+        return text
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -30,8 +49,9 @@ class _FastBatchNorm:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
-        return functional.batch_norm_unchecked(
-            input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps)
+        return functional.batch_norm_unchecked(input, running_mean, running_var, self.weight, self.bias,
+                                               use_batch_stats, factor, self.eps, self._activation_code,
+                                               self._activation_param)
 
 
 class BatchNorm1d(_FastBatchNorm, nn.BatchNorm1d):

@@ -70,6 +70,20 @@ def cuda_implementation(name: str):
         _C._set_cuda_impl(previous)
 
 
+# Codes of the fused activations (csrc/bn_math.h, enum Activation) and their
+# default parameter (torch's defaults: LeakyReLU slope 0.01, ELU alpha 1).
+ACTIVATIONS = {None: 0, "identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4}
+DEFAULT_ACTIVATION_PARAM = {0: 0.0, 1: 0.0, 2: 0.01, 3: 1.0, 4: 0.0}
+ACTIVATION_NAMES = {0: None, 1: "relu", 2: "leaky_relu", 3: "elu", 4: "silu"}
+
+
+def activation_code(activation) -> int:
+    """The op argument for an activation name (None for none)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of None, 'relu', 'leaky_relu', 'elu', 'silu', got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are computed and returned in (as the kernels do)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -98,7 +112,7 @@ def channel_shape(input: Tensor) -> list:
 
 
 @torch.library.register_fake("fastbn::batch_norm_train")
-def _batch_norm_train_fake(input, weight, bias, eps):
+def _batch_norm_train_fake(input, weight, bias, eps, activation=0, activation_param=0.0):
     channels = input.shape[1]
     acc = accumulate_dtype(input.dtype)
     output = torch.empty_like(input, memory_format=output_memory_format(input))
@@ -106,12 +120,13 @@ def _batch_norm_train_fake(input, weight, bias, eps):
 
 
 @torch.library.register_fake("fastbn::batch_norm_eval")
-def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, eps):
+def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, eps, activation=0, activation_param=0.0):
     return torch.empty_like(input, memory_format=output_memory_format(input))
 
 
 @torch.library.register_fake("fastbn::batch_norm_backward")
-def _batch_norm_backward_fake(grad_output, input, weight, mean, var, eps, train):
+def _batch_norm_backward_fake(grad_output, input, weight, bias, mean, var, eps, train, activation=0,
+                              activation_param=0.0):
     channels = input.shape[1]
     acc = accumulate_dtype(input.dtype)
     grad_input = torch.empty_like(input, memory_format=output_memory_format(input))
@@ -126,8 +141,36 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, factor, cou
 # ---------------------------------------------------------------- autograd
 
 
-def composite_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], mean: Optional[Tensor],
-                       var: Optional[Tensor], eps: float, train: bool):
+def activation_forward(z: Tensor, activation: int, param: float) -> Tensor:
+    """The fused activations in torch ops (references and the empty-batch path)."""
+    if activation == 1:
+        return torch.relu(z)
+    if activation == 2:
+        return torch.nn.functional.leaky_relu(z, param)
+    if activation == 3:
+        return torch.nn.functional.elu(z, param)
+    if activation == 4:
+        return torch.nn.functional.silu(z)
+    return z
+
+
+def activation_grad(z: Tensor, activation: int, param: float) -> Tensor:
+    """d act / dz in differentiable torch ops; matches activation_grad in bn_math.h."""
+    if activation == 1:
+        return (z > 0).to(z.dtype)
+    if activation == 2:
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, param))
+    if activation == 3:
+        return torch.where(z > 0, torch.ones_like(z), param * torch.exp(z))
+    if activation == 4:
+        sigmoid = torch.sigmoid(z)
+        return sigmoid * (1 + z * (1 - sigmoid))
+    return torch.ones_like(z)
+
+
+def composite_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                       mean: Optional[Tensor], var: Optional[Tensor], eps: float, train: bool, activation: int = 0,
+                       activation_param: float = 0.0):
     """The backward written with differentiable torch ops, used when a graph of the
     backward itself is wanted (double backward, gradgradcheck).
 
@@ -142,6 +185,11 @@ def composite_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tens
         var = x.var(dims, unbiased=False)
     invstd = torch.rsqrt(var.to(acc) + eps)
     xhat = (x - mean.to(acc).view(shape)) * invstd.view(shape)
+    if activation:
+        z = xhat if weight is None else xhat * weight.to(acc).view(shape)
+        if bias is not None:
+            z = z + bias.to(acc).view(shape)
+        dy = dy * activation_grad(z, activation, activation_param)
     grad_bias = dy.sum(dims)
     grad_weight = (dy * xhat).sum(dims)
     scale = invstd if weight is None else weight.to(acc) * invstd
@@ -167,25 +215,27 @@ def _grads_for_params(ctx, grad_input, grad_weight, grad_bias):
 
 
 def _train_setup_context(ctx, inputs, output):
-    input, weight, bias, eps = inputs
+    input, weight, bias, eps, activation, activation_param = inputs
     _, mean, var = output
     # Unused outputs (the statistics, almost always) then get None, not zero tensors.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, weight, mean, var)
-    ctx.eps = eps
+    ctx.save_for_backward(input, weight, bias, mean, var)
+    ctx.eps, ctx.activation, ctx.activation_param = eps, activation, activation_param
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _train_backward(ctx, grad_output, grad_mean, grad_var):
-    input, weight, mean, var = ctx.saved_tensors
+    input, weight, bias, mean, var = ctx.saved_tensors
+    act = (ctx.activation, ctx.activation_param)
     if grad_output is None:
         grad_output = torch.zeros_like(input)
-    if _wants_graph(grad_output, input, weight):
-        grad_input, grad_weight, grad_bias = composite_backward(grad_output, input, weight, None, None, ctx.eps, True)
+    if _wants_graph(grad_output, input, weight, bias):
+        grad_input, grad_weight, grad_bias = composite_backward(grad_output, input, weight, bias, None, None, ctx.eps,
+                                                                True, *act)
     else:
         grad_input, grad_weight, grad_bias = torch.ops.fastbn.batch_norm_backward(
-            grad_output, input, weight, mean, var, ctx.eps, True)
+            grad_output, input, weight, bias, mean, var, ctx.eps, True, *act)
     # The batch statistics are outputs too; if anything used them, add their
     # gradients: d mean / dx = 1/n, d var / dx = 2 (x - mean) / n.
     if grad_mean is not None or grad_var is not None:
@@ -196,28 +246,29 @@ def _train_backward(ctx, grad_output, grad_mean, grad_var):
         if grad_var is not None:
             extra = extra + grad_var.view(shape) * 2 * (input.to(mean.dtype) - mean.view(shape)) / count
         grad_input = (grad_input.to(mean.dtype) + extra).to(input.dtype)
-    return (*_grads_for_params(ctx, grad_input, grad_weight, grad_bias), None)
+    return (*_grads_for_params(ctx, grad_input, grad_weight, grad_bias), None, None, None)
 
 
 torch.library.register_autograd("fastbn::batch_norm_train", _train_backward, setup_context=_train_setup_context)
 
 
 def _eval_setup_context(ctx, inputs, output):
-    input, weight, bias, running_mean, running_var, eps = inputs
-    ctx.save_for_backward(input, weight, running_mean, running_var)
-    ctx.eps = eps
+    input, weight, bias, running_mean, running_var, eps, activation, activation_param = inputs
+    ctx.save_for_backward(input, weight, bias, running_mean, running_var)
+    ctx.eps, ctx.activation, ctx.activation_param = eps, activation, activation_param
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _eval_backward(ctx, grad_output):
-    input, weight, running_mean, running_var = ctx.saved_tensors
-    if _wants_graph(grad_output, input, weight):
-        grads = composite_backward(grad_output, input, weight, running_mean, running_var, ctx.eps, False)
+    input, weight, bias, running_mean, running_var = ctx.saved_tensors
+    act = (ctx.activation, ctx.activation_param)
+    if _wants_graph(grad_output, input, weight, bias):
+        grads = composite_backward(grad_output, input, weight, bias, running_mean, running_var, ctx.eps, False, *act)
     else:
         grads = torch.ops.fastbn.batch_norm_backward(
-            grad_output, input, weight, running_mean, running_var, ctx.eps, False)
-    return (*_grads_for_params(ctx, *grads), None, None, None)
+            grad_output, input, weight, bias, running_mean, running_var, ctx.eps, False, *act)
+    return (*_grads_for_params(ctx, *grads), None, None, None, None, None)
 
 
 torch.library.register_autograd("fastbn::batch_norm_eval", _eval_backward, setup_context=_eval_setup_context)
@@ -226,14 +277,16 @@ torch.library.register_autograd("fastbn::batch_norm_eval", _eval_backward, setup
 # ---------------------------------------------------------------- thin Python entry points
 
 
-def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
+def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                     activation: int = 0, activation_param: float = 0.0):
     """(output, batch mean, batch biased variance); differentiable in input, weight, bias."""
-    return torch.ops.fastbn.batch_norm_train.default(input, weight, bias, eps)
+    return torch.ops.fastbn.batch_norm_train.default(input, weight, bias, eps, activation, activation_param)
 
 
 def batch_norm_eval(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
-                    running_var: Tensor, eps: float) -> Tensor:
-    return torch.ops.fastbn.batch_norm_eval.default(input, weight, bias, running_mean, running_var, eps)
+                    running_var: Tensor, eps: float, activation: int = 0, activation_param: float = 0.0) -> Tensor:
+    return torch.ops.fastbn.batch_norm_eval.default(input, weight, bias, running_mean, running_var, eps, activation,
+                                                    activation_param)
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float,
@@ -246,6 +299,6 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
 
 __all__: Sequence[str] = [
     "WITH_CUDA", "CPU_CAPABILITY", "CUDA_KERNELS_VALIDATED", "use_cuda_kernels", "cuda_implementation",
-    "accumulate_dtype", "output_memory_format", "composite_backward",
+    "ACTIVATIONS", "activation_code", "activation_forward", "activation_grad", "accumulate_dtype", "output_memory_format", "composite_backward",
     "batch_norm_train", "batch_norm_eval", "update_running_stats",
 ]

@@ -79,7 +79,7 @@ def test_opcheck_every_op(device):
             # The backward op has no autograd formula of its own (double backward is
             # composed from torch ops), so its samples require no grad.
             torch.library.opcheck(torch.ops.fastbn.batch_norm_backward.default,
-                                  (s["grad"], s["x"], s["weight"], mean, var, 1e-5, train))
+                                  (s["grad"], s["x"], s["weight"], s["bias"], mean, var, 1e-5, train))
         torch.library.opcheck(torch.ops.fastbn.update_running_stats.default,
                               (s["running_mean"].clone(), s["running_var"].clone(), mean.to(torch.float64 if
                                s["x"].dtype == torch.float64 else torch.float32), var.to(mean.dtype if

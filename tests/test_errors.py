@@ -118,7 +118,7 @@ def test_ops_check_their_arguments_without_python():
     with pytest.raises(RuntimeError, match="must be float32, float64, float16 or bfloat16"):
         torch.ops.fastbn.batch_norm_eval(x.int(), None, None, torch.zeros(3), torch.ones(3), 1e-5)
     with pytest.raises(RuntimeError, match="grad_output has size"):
-        torch.ops.fastbn.batch_norm_backward(torch.randn(4, 3, 5, 4), x, None, torch.zeros(3), torch.ones(3), 1e-5,
+        torch.ops.fastbn.batch_norm_backward(torch.randn(4, 3, 5, 4), x, None, None, torch.zeros(3), torch.ones(3), 1e-5,
                                              True)
     running_mean = torch.zeros(3)
     with pytest.raises(RuntimeError, match="must be 1-D of one size"):

@@ -105,16 +105,18 @@ ChannelParams<acc_t> channel_params(const Tensor& weight, const Tensor& bias) {
 
 // ------------------------------------------------------------------ training forward
 
-template <typename scalar_t, typename acc_t>
+template <Activation A, typename scalar_t, typename acc_t>
 void train_forward_planar(const scalar_t* x, scalar_t* y, acc_t* mean_out, acc_t* var_out,
-                          ChannelParams<acc_t> params, const Geometry& g, acc_t eps) {
+                          ChannelParams<acc_t> params, const Geometry& g, acc_t eps, acc_t act_param) {
   const int64_t count = g.count();
   const int64_t parts = planar_parts(g);
   std::vector<double> mean_double(g.C);  // the exact mean for the output (see forward_coefficients)
   auto normalize = [&](int64_t c, int64_t begin, int64_t end) {
     const auto k = forward_coefficients(mean_double[c], var_out[c], eps, params.w(c), params.b(c));
     for_each_segment(begin, end, g.S, g.C * g.S,
-                     [&](int64_t off, int64_t len) { span_forward(x + c * g.S + off, y + c * g.S + off, len, k); });
+                     [&](int64_t off, int64_t len) {
+                       span_forward<A>(x + c * g.S + off, y + c * g.S + off, len, k, act_param);
+                     });
   };
   if (parts == 1) {
     // Statistics then output of one channel back to back: the second read hits cache.
@@ -170,19 +172,21 @@ inline void for_each_channel_block(int64_t C, const F& f) {
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) f(c0, std::min(kBlock, C - c0));
 }
 
-// y = forward_apply(coef[c], x) over all rows, a chunk of rows per task.
-template <typename scalar_t, typename acc_t>
-void interleaved_forward(const scalar_t* x, scalar_t* y, const ForwardArrays<acc_t>& coef, const Geometry& g) {
+// y = act(forward_apply(coef[c], x)) over all rows, a chunk of rows per task.
+template <Activation A, typename scalar_t, typename acc_t>
+void interleaved_forward(const scalar_t* x, scalar_t* y, const ForwardArrays<acc_t>& coef, const Geometry& g,
+                         acc_t act_param) {
   at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
     for_each_channel_block<scalar_t>(g.C, [&](int64_t c0, int64_t width) {
-      column_forward(x + r_begin * g.C + c0, y + r_begin * g.C + c0, r_end - r_begin, g.C, width, coef, c0);
+      column_forward<A>(x + r_begin * g.C + c0, y + r_begin * g.C + c0, r_end - r_begin, g.C, width, coef, c0,
+                        act_param);
     });
   });
 }
 
-template <typename scalar_t, typename acc_t>
+template <Activation A, typename scalar_t, typename acc_t>
 void train_forward_interleaved(const scalar_t* x, scalar_t* y, acc_t* mean_out, acc_t* var_out,
-                               ChannelParams<acc_t> params, const Geometry& g, acc_t eps) {
+                               ChannelParams<acc_t> params, const Geometry& g, acc_t eps, acc_t act_param) {
   using red_t = typename ReduceLanes<scalar_t>::red_t;
   const int64_t C = g.C, rows = g.count(), padded = round_up(C, 64);
   const int64_t tasks = interleaved_tasks(rows);
@@ -227,24 +231,24 @@ void train_forward_interleaved(const scalar_t* x, scalar_t* y, acc_t* mean_out, 
     var_out[c] = acc_t(moments_biased_var(m));
     coef.set(c, forward_coefficients(m.mean, var_out[c], eps, params.w(c), params.b(c)));
   }
-  interleaved_forward(x, y, coef, g);
+  interleaved_forward<A>(x, y, coef, g, act_param);
 }
 
 // ------------------------------------------------------------------ eval forward
 
-template <typename scalar_t, typename acc_t>
+template <Activation A, typename scalar_t, typename acc_t>
 void eval_forward(const scalar_t* x, scalar_t* y, const acc_t* mean, const acc_t* var,
-                  ChannelParams<acc_t> params, const Geometry& g, acc_t eps) {
+                  ChannelParams<acc_t> params, const Geometry& g, acc_t eps, acc_t act_param) {
   ForwardArrays<acc_t> coef(g.C);
   for (int64_t c = 0; c < g.C; ++c) coef.set(c, forward_coefficients(mean[c], var[c], eps, params.w(c), params.b(c)));
   if (g.layout == Layout::Interleaved) {
-    interleaved_forward(x, y, coef, g);
+    interleaved_forward<A>(x, y, coef, g, act_param);
     return;
   }
   // Planar: N * C rows of S values, each with its channel's coefficients.
   at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1)), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      span_forward(x + i * g.S, y + i * g.S, g.S, coef.get(i % g.C));
+      span_forward<A>(x + i * g.S, y + i * g.S, g.S, coef.get(i % g.C), act_param);
     }
   });
 }
@@ -253,21 +257,25 @@ void eval_forward(const scalar_t* x, scalar_t* y, const acc_t* mean, const acc_t
 // Outputs: dx, and per channel sum(dy) (grad_bias) and sum(dy * (x - mean)),
 // turned into grad_weight by the caller-independent formula in bn_math.h.
 
-template <typename scalar_t, typename acc_t>
+template <Activation A, typename scalar_t, typename acc_t>
 void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const acc_t* mean, const acc_t* var,
                      ChannelParams<acc_t> params, acc_t* grad_weight, acc_t* grad_bias, const Geometry& g, acc_t eps,
-                     bool train) {
+                     bool train, acc_t act_param) {
   using red_t = typename ReduceLanes<scalar_t>::red_t;
   const int64_t count = g.count();
   const int64_t row_stride = g.C * g.S;
   const int64_t parts = planar_parts(g);
+  // z = the BN output before the activation, recomputed from x in backward.
+  auto forward_k = [&](int64_t c) { return forward_coefficients(mean[c], var[c], eps, params.w(c), params.b(c)); };
   auto sums = [&](int64_t c, int64_t begin, int64_t end) {
     double sum_dy = 0, sum_dy_xmu = 0;
     LaneSums<scalar_t> lanes_dy, lanes_dy_xmu;
+    const auto fk = forward_k(c);
     const int64_t base = c * g.S;
     for (int64_t p = begin; p < end; p += kPiece) {
       for_each_segment(p, std::min(end, p + kPiece), g.S, row_stride, [&](int64_t off, int64_t len) {
-        span_backward_sums(dy + base + off, x + base + off, len, red_t(mean[c]), lanes_dy, lanes_dy_xmu);
+        span_backward_sums<A>(dy + base + off, x + base + off, len, red_t(mean[c]), fk, act_param, lanes_dy,
+                              lanes_dy_xmu);
       });
       sum_dy += lanes_dy.flush();
       sum_dy_xmu += lanes_dy_xmu.flush();
@@ -281,8 +289,9 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   };
   auto apply = [&](int64_t c, const BackwardCoefficients<acc_t>& k, int64_t begin, int64_t end) {
     const int64_t base = c * g.S;
+    const auto fk = forward_k(c);
     for_each_segment(begin, end, g.S, row_stride, [&](int64_t off, int64_t len) {
-      span_backward(dy + base + off, x + base + off, dx + base + off, len, k);
+      span_backward<A>(dy + base + off, x + base + off, dx + base + off, len, fk, k, act_param);
     });
   };
   if (parts == 1) {
@@ -318,15 +327,19 @@ void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   });
 }
 
-template <typename scalar_t, typename acc_t>
+template <Activation A, typename scalar_t, typename acc_t>
 void backward_interleaved(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const acc_t* mean, const acc_t* var,
                           ChannelParams<acc_t> params, acc_t* grad_weight, acc_t* grad_bias, const Geometry& g,
-                          acc_t eps, bool train) {
+                          acc_t eps, bool train, acc_t act_param) {
   using red_t = typename ReduceLanes<scalar_t>::red_t;
   const int64_t C = g.C, rows = g.count(), padded = round_up(C, 64);
   const int64_t tasks = interleaved_tasks(rows);
   std::vector<red_t> mean_red(padded, red_t(0));
-  for (int64_t c = 0; c < C; ++c) mean_red[c] = red_t(mean[c]);
+  ForwardArrays<acc_t> forward_k(C);  // recomputes z, the BN output before the activation
+  for (int64_t c = 0; c < C; ++c) {
+    mean_red[c] = red_t(mean[c]);
+    forward_k.set(c, forward_coefficients(mean[c], var[c], eps, params.w(c), params.b(c)));
+  }
   // Per-task sums in double (red_t), accumulated down columns of rows.
   std::vector<red_t> task_dy(tasks * padded, red_t(0)), task_dy_xmu(tasks * padded, red_t(0));
   at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
@@ -335,8 +348,8 @@ void backward_interleaved(const scalar_t* dy, const scalar_t* x, scalar_t* dx, c
       for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
         const int64_t n = std::min(r_end, r + rows_per_piece(C)) - r;
         for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
-          column_backward_sums(dy + r * C + c0, x + r * C + c0, n, C, width, mean_red.data() + c0,
-                               task_dy.data() + t * padded + c0, task_dy_xmu.data() + t * padded + c0);
+          column_backward_sums<A>(dy + r * C + c0, x + r * C + c0, n, C, width, mean_red.data() + c0, forward_k, c0,
+                                  act_param, task_dy.data() + t * padded + c0, task_dy_xmu.data() + t * padded + c0);
         });
       }
     }
@@ -355,8 +368,8 @@ void backward_interleaved(const scalar_t* dy, const scalar_t* x, scalar_t* dx, c
   }
   at::parallel_for(0, rows, row_grain(C), [&](int64_t r_begin, int64_t r_end) {
     for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
-      column_backward(dy + r_begin * C + c0, x + r_begin * C + c0, dx + r_begin * C + c0, r_end - r_begin, C, width,
-                      coef, c0);
+      column_backward<A>(dy + r_begin * C + c0, x + r_begin * C + c0, dx + r_begin * C + c0, r_end - r_begin, C,
+                         width, forward_k, coef, c0, act_param);
     });
   });
 }
@@ -364,9 +377,11 @@ void backward_interleaved(const scalar_t* dy, const scalar_t* x, scalar_t* dx, c
 // ------------------------------------------------------------------ operator entry points
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(const Tensor& input, const std::optional<Tensor>& weight,
-                                                        const std::optional<Tensor>& bias, double eps) {
+                                                        const std::optional<Tensor>& bias, double eps,
+                                                        int64_t activation, double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_train";
   check_input(input, op);
+  const Activation act = check_activation(activation, op);
   check_channel_vector(input, weight, "weight", op);
   check_channel_vector(input, bias, "bias", op);
   const Geometry g = describe(input);
@@ -384,22 +399,22 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(const Tensor& input, con
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_train_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = channel_params<acc_t>(w, b);
-    if (g.layout == Layout::Planar) {
-      train_forward_planar<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                            mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), params, g, acc_t(eps));
-    } else {
-      train_forward_interleaved<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                                 mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), params, g,
-                                                 acc_t(eps));
-    }
+    FASTBN_ACTIVATION_SWITCH(act, A, [&] {
+      auto kernel = g.layout == Layout::Planar ? train_forward_planar<A, scalar_t, acc_t>
+                                               : train_forward_interleaved<A, scalar_t, acc_t>;
+      kernel(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
+             params, g, acc_t(eps), acc_t(activation_param));
+    });
   });
   return {y, mean, var};
 }
 
 Tensor batch_norm_eval_cpu(const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-                           const Tensor& running_mean, const Tensor& running_var, double eps) {
+                           const Tensor& running_mean, const Tensor& running_var, double eps, int64_t activation,
+                           double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_eval";
   check_input(input, op);
+  const Activation act = check_activation(activation, op);
   check_channel_vector(input, weight, "weight", op);
   check_channel_vector(input, bias, "bias", op);
   TORCH_CHECK(running_mean.defined() && running_var.defined(), op, ": running_mean and running_var are required");
@@ -414,23 +429,30 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const std::optional<Tensor>& wei
   const Tensor mean = to_accumulate(running_mean, acc), var = to_accumulate(running_var, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_eval_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    eval_forward<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
-                                  var.const_data_ptr<acc_t>(), channel_params<acc_t>(w, b), g, acc_t(eps));
+    FASTBN_ACTIVATION_SWITCH(act, A, [&] {
+      eval_forward<A, scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                       mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(),
+                                       channel_params<acc_t>(w, b), g, acc_t(eps), acc_t(activation_param));
+    });
   });
   return y;
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input,
-                                                           const std::optional<Tensor>& weight, const Tensor& mean,
-                                                           const Tensor& var, double eps, bool train) {
+                                                           const std::optional<Tensor>& weight,
+                                                           const std::optional<Tensor>& bias, const Tensor& mean,
+                                                           const Tensor& var, double eps, bool train,
+                                                           int64_t activation, double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_backward";
   check_input(input, op);
+  const Activation act = check_activation(activation, op);
   TORCH_CHECK(grad_output.sizes() == input.sizes(), op, ": grad_output has size ", grad_output.sizes(),
               " but input has size ", input.sizes());
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(), op,
               ": grad_output must match input's dtype and device, got ", grad_output.scalar_type(), " on ",
               grad_output.device(), " for input ", input.scalar_type(), " on ", input.device());
   check_channel_vector(input, weight, "weight", op);
+  check_channel_vector(input, bias, "bias", op);
   check_channel_vector(input, mean, "mean", op);
   check_channel_vector(input, var, "var", op);
   const Geometry g = describe(input);
@@ -442,15 +464,18 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   Tensor grad_weight = at::zeros({g.C}, input.options().dtype(acc));
   Tensor grad_bias = at::zeros({g.C}, input.options().dtype(acc));
   if (g.count() == 0) return {dx, grad_weight, grad_bias};
-  const Tensor w = to_accumulate(weight, acc);
+  const Tensor w = to_accumulate(weight, acc), b = to_accumulate(bias, acc);
   const Tensor mean_acc = to_accumulate(mean, acc), var_acc = to_accumulate(var, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto params = channel_params<acc_t>(w, Tensor());
-    auto kernel = g.layout == Layout::Planar ? backward_planar<scalar_t, acc_t> : backward_interleaved<scalar_t, acc_t>;
-    kernel(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-           mean_acc.const_data_ptr<acc_t>(), var_acc.const_data_ptr<acc_t>(), params, grad_weight.data_ptr<acc_t>(),
-           grad_bias.data_ptr<acc_t>(), g, acc_t(eps), train);
+    const auto params = channel_params<acc_t>(w, b);
+    FASTBN_ACTIVATION_SWITCH(act, A, [&] {
+      auto kernel =
+          g.layout == Layout::Planar ? backward_planar<A, scalar_t, acc_t> : backward_interleaved<A, scalar_t, acc_t>;
+      kernel(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
+             mean_acc.const_data_ptr<acc_t>(), var_acc.const_data_ptr<acc_t>(), params, grad_weight.data_ptr<acc_t>(),
+             grad_bias.data_ptr<acc_t>(), g, acc_t(eps), train, acc_t(activation_param));
+    });
   });
   return {dx, grad_weight, grad_bias};
 }

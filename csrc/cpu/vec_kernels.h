@@ -189,30 +189,101 @@ inline void span_sum_sq_dev(const scalar_t* x, int64_t n, red_t mean, LaneSums<s
   }
 }
 
-// sum_dy += dy; sum_dy_xmu += dy * (x - mean)
-template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
+// ---------------------------------------------------------------- activations
+// Vector forms of activation_forward / activation_grad (bn_math.h), the
+// activation fixed at compile time.
+
+template <Activation A, typename Vec>
+inline Vec vec_activation(const Vec& z, const Vec& param) {
+  using T = typename Vec::value_type;
+  const Vec zero(T(0));
+  if constexpr (A == Activation::ReLU) {
+    return at::vec::maximum(z, zero);  // NaN stays NaN, as in torch.relu
+  } else if constexpr (A == Activation::LeakyReLU) {
+    return Vec::blendv(z * param, z, z > zero);
+  } else if constexpr (A == Activation::ELU) {
+    return Vec::blendv(param * z.expm1(), z, z > zero);
+  } else if constexpr (A == Activation::SiLU) {
+    return z / (Vec(T(1)) + z.neg().exp());
+  } else {
+    return z;
+  }
+}
+
+template <Activation A, typename Vec>
+inline Vec vec_activation_grad(const Vec& z, const Vec& param) {
+  using T = typename Vec::value_type;
+  const Vec zero(T(0)), one(T(1));
+  if constexpr (A == Activation::ReLU) {
+    return Vec::blendv(zero, one, z > zero);
+  } else if constexpr (A == Activation::LeakyReLU) {
+    return Vec::blendv(param, one, z > zero);
+  } else if constexpr (A == Activation::ELU) {
+    return Vec::blendv(param * z.exp(), one, z > zero);
+  } else if constexpr (A == Activation::SiLU) {
+    const Vec sigmoid = one / (one + z.neg().exp());
+    return sigmoid * (one + z * (one - sigmoid));
+  } else {
+    return one;
+  }
+}
+
+// Forward coefficients of one channel as vectors.
+template <typename Vec>
+struct ForwardVecs {
+  Vec hi, lo, scale, bias;
+  inline Vec z(const Vec& x) const { return at::vec::fmadd((x - hi) - lo, scale, bias); }
+};
+
+// The gradient reaching the normalized output: dy * act'(z), z recomputed from x.
+template <Activation A, typename Vec>
+inline Vec grad_before_activation(const Vec& dy, const Vec& x, const ForwardVecs<Vec>& f, const Vec& param) {
+  if constexpr (A == Activation::Identity) {
+    return dy;
+  } else {
+    return dy * vec_activation_grad<A>(f.z(x), param);
+  }
+}
+
+template <typename acc_t>
+inline ForwardVecs<Vectorized<acc_t>> forward_vecs(const ForwardCoefficients<acc_t>& k) {
+  using Vec = Vectorized<acc_t>;
+  return {Vec(k.mean_hi), Vec(k.mean_lo), Vec(k.scale), Vec(k.bias)};
+}
+
+// sum_dy += g; sum_dy_xmu += g * (x - mean), g = dy * act'(z)
+template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
+          typename red_t = typename ReduceLanes<scalar_t>::red_t>
 inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, int64_t n, red_t mean,
-                               LaneSums<scalar_t>& sum_dy, LaneSums<scalar_t>& sum_dy_xmu) {
+                               const ForwardCoefficients<acc_t>& fk, acc_t param, LaneSums<scalar_t>& sum_dy,
+                               LaneSums<scalar_t>& sum_dy_xmu) {
+  using L = Lanes<scalar_t>;
   using R = ReduceLanes<scalar_t>;
   const typename R::Vec vmean(mean);
-  typename R::Vec d[R::kParts], v[R::kParts];
+  const auto f = forward_vecs(fk);
+  const typename L::Vec vparam(param);
+  auto add = [&](const typename L::Vec& dlo, const typename L::Vec& dhi, const typename L::Vec& xlo,
+                 const typename L::Vec& xhi) {
+    typename R::Vec d[R::kParts], v[R::kParts];
+    R::widen_block(grad_before_activation<A>(dlo, xlo, f, vparam), grad_before_activation<A>(dhi, xhi, f, vparam), d);
+    R::widen_block(xlo, xhi, v);
+    for (int j = 0; j < R::kParts; ++j) {
+      sum_dy.acc[j] += d[j];
+      sum_dy_xmu.acc[j] = at::vec::fmadd(d[j], v[j] - vmean, sum_dy_xmu.acc[j]);
+    }
+  };
   int64_t i = 0;
-  for (; i + R::kBlock <= n; i += R::kBlock) {
-    R::load(dy + i, d);
-    R::load(x + i, v);
-    for (int j = 0; j < R::kParts; ++j) {
-      sum_dy.acc[j] += d[j];
-      sum_dy_xmu.acc[j] = at::vec::fmadd(d[j], v[j] - vmean, sum_dy_xmu.acc[j]);
-    }
+  for (; i + L::kBlock <= n; i += L::kBlock) {
+    typename L::Vec dlo, dhi, xlo, xhi;
+    L::load(dy + i, dlo, dhi);
+    L::load(x + i, xlo, xhi);
+    add(dlo, dhi, xlo, xhi);
   }
-  if (i < n) {  // padding lanes load dy = 0 and so add nothing
-    int64_t valid[R::kParts];
-    R::load_partial(dy + i, n - i, d, valid);
-    R::load_partial(x + i, n - i, v, valid);
-    for (int j = 0; j < R::kParts; ++j) {
-      sum_dy.acc[j] += d[j];
-      sum_dy_xmu.acc[j] = at::vec::fmadd(d[j], v[j] - vmean, sum_dy_xmu.acc[j]);
-    }
+  if (i < n) {  // padding lanes load dy = 0, so g = 0 there and adds nothing
+    typename L::Vec dlo, dhi, xlo, xhi;
+    L::load_partial(dy + i, n - i, dlo, dhi);
+    L::load_partial(x + i, n - i, xlo, xhi);
+    add(dlo, dhi, xlo, xhi);
   }
 }
 
@@ -276,43 +347,17 @@ inline void column_sum_sq_dev(const scalar_t* x, int64_t rows, int64_t stride, i
   store_block<red_t, R::kParts>(acc, out, width);
 }
 
-// out_dy[c] += sum of dy[c]; out_dy_xmu[c] += sum of dy[c] * (x[c] - mean[c])
-template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
-inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t stride, int64_t width,
-                                 const red_t* mean, red_t* out_dy, red_t* out_dy_xmu) {
-  using R = ReduceLanes<scalar_t>;
-  using Vec = typename R::Vec;
-  Vec acc_dy[R::kParts], acc_dx[R::kParts], vmean[R::kParts], d[R::kParts], v[R::kParts];
-  for (int j = 0; j < R::kParts; ++j) {
-    acc_dy[j] = acc_dx[j] = Vec(red_t(0));
-    vmean[j] = Vec::loadu(mean + j * Vec::size());
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    load_row_block(dy + r * stride, width, d);
-    load_row_block(x + r * stride, width, v);
-    for (int j = 0; j < R::kParts; ++j) {
-      acc_dy[j] += d[j];
-      acc_dx[j] = at::vec::fmadd(d[j], v[j] - vmean[j], acc_dx[j]);
-    }
-  }
-  __at_align__ red_t sums_dy[R::kBlock], sums_dx[R::kBlock];
-  store_block<red_t, R::kParts>(acc_dy, sums_dy, width);
-  store_block<red_t, R::kParts>(acc_dx, sums_dx, width);
-  for (int64_t i = 0; i < width; ++i) {
-    out_dy[i] += sums_dy[i];
-    out_dy_xmu[i] += sums_dx[i];
-  }
-}
-
 // ---------------------------------------------------------------- elementwise
 
-// y = ((x - mean_hi) - mean_lo) * scale + bias (forward_apply in bn_math.h)
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void span_forward(const scalar_t* x, scalar_t* y, int64_t n, const ForwardCoefficients<acc_t>& k) {
+// y = act(((x - mean_hi) - mean_lo) * scale + bias) (forward_apply in bn_math.h)
+template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+inline void span_forward(const scalar_t* x, scalar_t* y, int64_t n, const ForwardCoefficients<acc_t>& k,
+                         acc_t param) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
-  const Vec vhi(k.mean_hi), vlo(k.mean_lo), vscale(k.scale), vbias(k.bias);
-  auto apply = [&](const Vec& v) { return at::vec::fmadd((v - vhi) - vlo, vscale, vbias); };
+  const auto f = forward_vecs(k);
+  const Vec vparam(param);
+  auto apply = [&](const Vec& v) { return vec_activation<A>(f.z(v), vparam); };
   int64_t i = 0;
   for (; i + L::kBlock <= n; i += L::kBlock) {
     Vec lo, hi;
@@ -326,14 +371,17 @@ inline void span_forward(const scalar_t* x, scalar_t* y, int64_t n, const Forwar
   }
 }
 
-// dx = dy * k_dy + (x - mean) * k_xmu + k_const
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// dx = g * k_dy + (x - mean) * k_xmu + k_const, g = dy * act'(z)
+template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 inline void span_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n,
-                          const BackwardCoefficients<acc_t>& k) {
+                          const ForwardCoefficients<acc_t>& fk, const BackwardCoefficients<acc_t>& k, acc_t param) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
-  const Vec vmean(k.mean), vkdy(k.k_dy), vkxmu(k.k_xmu), vkconst(k.k_const);
-  auto apply = [&](const Vec& d, const Vec& v) { return at::vec::fmadd(d, vkdy, at::vec::fmadd(v - vmean, vkxmu, vkconst)); };
+  const auto f = forward_vecs(fk);
+  const Vec vparam(param), vmean(k.mean), vkdy(k.k_dy), vkxmu(k.k_xmu), vkconst(k.k_const);
+  auto apply = [&](const Vec& d, const Vec& v) {
+    return at::vec::fmadd(grad_before_activation<A>(d, v, f, vparam), vkdy, at::vec::fmadd(v - vmean, vkxmu, vkconst));
+  };
   int64_t i = 0;
   for (; i + L::kBlock <= n; i += L::kBlock) {
     Vec dlo, dhi, xlo, xhi;
@@ -380,21 +428,22 @@ struct BackwardArrays {
   }
 };
 
-// y = forward_apply(k[c], x) down a column of channels [c0, c0 + width).
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <typename acc_t>
+inline ForwardVecs<Vectorized<acc_t>> forward_vecs(const ForwardArrays<acc_t>& k, int64_t c) {
+  using Vec = Vectorized<acc_t>;
+  return {Vec::loadu(k.mean_hi.data() + c), Vec::loadu(k.mean_lo.data() + c), Vec::loadu(k.scale.data() + c),
+          Vec::loadu(k.bias.data() + c)};
+}
+
+// y = act(forward_apply(k[c], x)) down a column of channels [c0, c0 + width).
+template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 inline void column_forward(const scalar_t* x, scalar_t* y, int64_t rows, int64_t stride, int64_t width,
-                           const ForwardArrays<acc_t>& k, int64_t c0) {
+                           const ForwardArrays<acc_t>& k, int64_t c0, acc_t param) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
-  Vec hi[2], lo[2], scale[2], bias[2];
-  for (int j = 0; j < 2; ++j) {
-    const int64_t c = c0 + j * L::kVec;
-    hi[j] = Vec::loadu(k.mean_hi.data() + c);
-    lo[j] = Vec::loadu(k.mean_lo.data() + c);
-    scale[j] = Vec::loadu(k.scale.data() + c);
-    bias[j] = Vec::loadu(k.bias.data() + c);
-  }
-  auto apply = [&](const Vec& v, int j) { return at::vec::fmadd((v - hi[j]) - lo[j], scale[j], bias[j]); };
+  const ForwardVecs<Vec> f[2] = {forward_vecs(k, c0), forward_vecs(k, c0 + L::kVec)};
+  const Vec vparam(param);
+  auto apply = [&](const Vec& v, int j) { return vec_activation<A>(f[j].z(v), vparam); };
   for (int64_t r = 0; r < rows; ++r) {
     Vec v0, v1;
     if (width == L::kBlock) {
@@ -407,12 +456,15 @@ inline void column_forward(const scalar_t* x, scalar_t* y, int64_t rows, int64_t
   }
 }
 
-// dx = backward_apply(k[c], dy, x) down a column of channels [c0, c0 + width).
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// dx = backward_apply(k[c], dy * act'(z), x) down a column of channels [c0, c0 + width).
+template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 inline void column_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t stride,
-                            int64_t width, const BackwardArrays<acc_t>& k, int64_t c0) {
+                            int64_t width, const ForwardArrays<acc_t>& fk, const BackwardArrays<acc_t>& k, int64_t c0,
+                            acc_t param) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
+  const ForwardVecs<Vec> f[2] = {forward_vecs(fk, c0), forward_vecs(fk, c0 + L::kVec)};
+  const Vec vparam(param);
   Vec mean[2], kdy[2], kxmu[2], kconst[2];
   for (int j = 0; j < 2; ++j) {
     const int64_t c = c0 + j * L::kVec;
@@ -422,7 +474,8 @@ inline void column_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
     kconst[j] = Vec::loadu(k.k_const.data() + c);
   }
   auto apply = [&](const Vec& g, const Vec& v, int j) {
-    return at::vec::fmadd(g, kdy[j], at::vec::fmadd(v - mean[j], kxmu[j], kconst[j]));
+    return at::vec::fmadd(grad_before_activation<A>(g, v, f[j], vparam), kdy[j],
+                          at::vec::fmadd(v - mean[j], kxmu[j], kconst[j]));
   };
   for (int64_t r = 0; r < rows; ++r) {
     Vec g0, g1, v0, v1;
@@ -435,6 +488,47 @@ inline void column_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
       L::load_partial(x + r * stride, width, v0, v1);
       L::store_partial(dx + r * stride, width, apply(g0, v0, 0), apply(g1, v1, 1));
     }
+  }
+}
+
+// out_dy[c] += sum of g[c]; out_dy_xmu[c] += sum of g[c] * (x[c] - mean[c]), g = dy * act'(z)
+template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
+          typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t stride, int64_t width,
+                                 const red_t* mean, const ForwardArrays<acc_t>& fk, int64_t c0, acc_t param,
+                                 red_t* out_dy, red_t* out_dy_xmu) {
+  using L = Lanes<scalar_t>;
+  using R = ReduceLanes<scalar_t>;
+  using RVec = typename R::Vec;
+  const ForwardVecs<typename L::Vec> f[2] = {forward_vecs(fk, c0), forward_vecs(fk, c0 + L::kVec)};
+  const typename L::Vec vparam(param);
+  RVec acc_dy[R::kParts], acc_dx[R::kParts], vmean[R::kParts], d[R::kParts], v[R::kParts];
+  for (int j = 0; j < R::kParts; ++j) {
+    acc_dy[j] = acc_dx[j] = RVec(red_t(0));
+    vmean[j] = RVec::loadu(mean + j * RVec::size());
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    typename L::Vec g0, g1, x0, x1;
+    if (width == L::kBlock) {
+      L::load(dy + r * stride, g0, g1);
+      L::load(x + r * stride, x0, x1);
+    } else {  // lanes past width: dy = 0, never stored
+      L::load_partial(dy + r * stride, width, g0, g1);
+      L::load_partial(x + r * stride, width, x0, x1);
+    }
+    R::widen_block(grad_before_activation<A>(g0, x0, f[0], vparam), grad_before_activation<A>(g1, x1, f[1], vparam), d);
+    R::widen_block(x0, x1, v);
+    for (int j = 0; j < R::kParts; ++j) {
+      acc_dy[j] += d[j];
+      acc_dx[j] = at::vec::fmadd(d[j], v[j] - vmean[j], acc_dx[j]);
+    }
+  }
+  __at_align__ red_t sums_dy[R::kBlock], sums_dx[R::kBlock];
+  store_block<red_t, R::kParts>(acc_dy, sums_dy, width);
+  store_block<red_t, R::kParts>(acc_dx, sums_dx, width);
+  for (int64_t i = 0; i < width; ++i) {
+    out_dy[i] += sums_dy[i];
+    out_dy_xmu[i] += sums_dx[i];
   }
 }
 

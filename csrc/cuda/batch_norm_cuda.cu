@@ -156,9 +156,11 @@ Tensor workspace(int64_t bytes, const Tensor& like) { return at::empty({bytes}, 
 // ------------------------------------------------------------------ operators
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(const Tensor& input, const std::optional<Tensor>& weight,
-                                                         const std::optional<Tensor>& bias, double eps) {
+                                                         const std::optional<Tensor>& bias, double eps,
+                                                         int64_t activation, double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_train";
   check_input(input, op);
+  const Activation act_code = check_activation(activation, op);
   check_channel_vector(input, weight, "weight", op);
   check_channel_vector(input, bias, "bias", op);
   c10::cuda::CUDAGuard guard(input.device());
@@ -178,6 +180,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(const Tensor& input, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_train_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = channel_params<acc_t>(w, b);
+    const ActivationArgs<acc_t> act{act_code, acc_t(activation_param)};
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     FASTBN_INDEX_SWITCH(x, [&] {
@@ -186,8 +189,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(const Tensor& input, co
           FASTBN_ITEMS_SWITCH(onchip_items(g), ITEMS, [&] {
             onchip_forward_kernel<scalar_t, acc_t, index_t, kInterleaved, ITEMS>
                 <<<onchip_grid(g), onchip_block(g), 0, stream>>>(xp, yp, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
-                                                                 params, acc_t(eps), index_t(g.C), index_t(g.S),
-                                                                 index_t(g.count()));
+                                                                 params, acc_t(eps), act, index_t(g.C),
+                                                                 index_t(g.S), index_t(g.count()));
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         });
@@ -211,10 +214,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(const Tensor& input, co
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (g.layout == Layout::Planar) {
         planar_forward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
-            xp, yp, coef_p, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
+            xp, yp, coef_p, act, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
       } else {
         interleaved_forward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
-            xp, yp, coef_p, index_t(x.numel()), index_t(g.C));
+            xp, yp, coef_p, act, index_t(x.numel()), index_t(g.C));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -224,9 +227,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(const Tensor& input, co
 
 Tensor batch_norm_eval_cuda(const Tensor& input, const std::optional<Tensor>& weight,
                             const std::optional<Tensor>& bias, const Tensor& running_mean, const Tensor& running_var,
-                            double eps) {
+                            double eps, int64_t activation, double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_eval";
   check_input(input, op);
+  const Activation act_code = check_activation(activation, op);
   check_channel_vector(input, weight, "weight", op);
   check_channel_vector(input, bias, "bias", op);
   check_channel_vector(input, running_mean, "running_mean", op);
@@ -242,6 +246,7 @@ Tensor batch_norm_eval_cuda(const Tensor& input, const std::optional<Tensor>& we
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_eval_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const ActivationArgs<acc_t> act{act_code, acc_t(activation_param)};
     Tensor coef = workspace(int64_t(sizeof(ForwardCoefficients<acc_t>)) * g.C, x);
     auto* coef_p = reinterpret_cast<ForwardCoefficients<acc_t>*>(coef.data_ptr());
     eval_coefficients_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
@@ -251,11 +256,11 @@ Tensor batch_norm_eval_cuda(const Tensor& input, const std::optional<Tensor>& we
     FASTBN_INDEX_SWITCH(x, [&] {
       if (g.layout == Layout::Planar) {
         planar_forward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), coef_p, index_t(g.N * g.C), index_t(g.C),
+            x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), coef_p, act, index_t(g.N * g.C), index_t(g.C),
             index_t(g.S));
       } else {
         interleaved_forward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), coef_p, index_t(x.numel()), index_t(g.C));
+            x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), coef_p, act, index_t(x.numel()), index_t(g.C));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -264,16 +269,20 @@ Tensor batch_norm_eval_cuda(const Tensor& input, const std::optional<Tensor>& we
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_output, const Tensor& input,
-                                                            const std::optional<Tensor>& weight, const Tensor& mean,
-                                                            const Tensor& var, double eps, bool train) {
+                                                            const std::optional<Tensor>& weight,
+                                                            const std::optional<Tensor>& bias, const Tensor& mean,
+                                                            const Tensor& var, double eps, bool train,
+                                                            int64_t activation, double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_backward";
   check_input(input, op);
+  const Activation act_code = check_activation(activation, op);
   TORCH_CHECK(grad_output.sizes() == input.sizes(), op, ": grad_output has size ", grad_output.sizes(),
               " but input has size ", input.sizes());
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(), op,
               ": grad_output must match input's dtype and device, got ", grad_output.scalar_type(), " on ",
               grad_output.device(), " for input ", input.scalar_type(), " on ", input.device());
   check_channel_vector(input, weight, "weight", op);
+  check_channel_vector(input, bias, "bias", op);
   check_channel_vector(input, mean, "mean", op);
   check_channel_vector(input, var, "var", op);
   c10::cuda::CUDAGuard guard(input.device());
@@ -285,12 +294,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
   Tensor grad_weight = at::zeros({g.C}, input.options().dtype(acc));
   Tensor grad_bias = at::zeros({g.C}, input.options().dtype(acc));
   if (g.count() == 0 || g.C == 0) return {dx, grad_weight, grad_bias};
-  const Tensor w = to_accumulate(weight, acc);
+  const Tensor w = to_accumulate(weight, acc), b = to_accumulate(bias, acc);
   const Tensor mean_acc = to_accumulate(mean, acc), var_acc = to_accumulate(var, acc);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto params = channel_params<acc_t>(w, Tensor());
+    const auto params = channel_params<acc_t>(w, b);
+    const ActivationArgs<acc_t> act{act_code, acc_t(activation_param)};
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
@@ -302,7 +312,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
           FASTBN_ITEMS_SWITCH(onchip_items(g), ITEMS, [&] {
             onchip_backward_kernel<scalar_t, acc_t, index_t, kInterleaved, ITEMS>
                 <<<onchip_grid(g), onchip_block(g), 0, stream>>>(
-                    dyp, xp, dxp, mp, vp, params, acc_t(eps), train, grad_weight.data_ptr<acc_t>(),
+                    dyp, xp, dxp, mp, vp, params, acc_t(eps), train, act, grad_weight.data_ptr<acc_t>(),
                     grad_bias.data_ptr<acc_t>(), index_t(g.C), index_t(g.S), index_t(g.count()));
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
@@ -312,14 +322,20 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
       const ReduceLaunch l = reduce_launch(g, x);
       Tensor partial = workspace(int64_t(sizeof(SumPair<acc_t>)) * g.C * l.splits, x);
       Tensor coef = workspace(int64_t(sizeof(BackwardCoefficients<acc_t>)) * g.C, x);
+      Tensor fcoef = workspace(int64_t(sizeof(ForwardCoefficients<acc_t>)) * g.C, x);
       auto* partial_p = reinterpret_cast<SumPair<acc_t>*>(partial.data_ptr());
       auto* coef_p = reinterpret_cast<BackwardCoefficients<acc_t>*>(coef.data_ptr());
+      // The forward coefficients recompute the pre-activation output from x.
+      auto* fcoef_p = reinterpret_cast<ForwardCoefficients<acc_t>*>(fcoef.data_ptr());
+      eval_coefficients_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
+          mp, vp, g.C, params, acc_t(eps), fcoef_p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (g.layout == Layout::Planar) {
-        planar_backward_sums_kernel<scalar_t, acc_t, index_t>
-            <<<l.grid, l.block, 0, stream>>>(dyp, xp, mp, partial_p, index_t(g.N), index_t(g.C), index_t(g.S));
+        planar_backward_sums_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, stream>>>(
+            dyp, xp, mp, fcoef_p, act, partial_p, index_t(g.N), index_t(g.C), index_t(g.S));
       } else {
-        interleaved_backward_sums_kernel<scalar_t, acc_t, index_t>
-            <<<l.grid, l.block, 0, stream>>>(dyp, xp, mp, partial_p, index_t(g.count()), index_t(g.C));
+        interleaved_backward_sums_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, stream>>>(
+            dyp, xp, mp, fcoef_p, act, partial_p, index_t(g.count()), index_t(g.C));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       finalize_backward_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
@@ -328,10 +344,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (g.layout == Layout::Planar) {
         planar_backward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
-            dyp, xp, dxp, coef_p, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
+            dyp, xp, dxp, fcoef_p, coef_p, act, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
       } else {
         interleaved_backward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
-            dyp, xp, dxp, coef_p, index_t(x.numel()), index_t(g.C));
+            dyp, xp, dxp, fcoef_p, coef_p, act, index_t(x.numel()), index_t(g.C));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

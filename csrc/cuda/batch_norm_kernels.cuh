@@ -22,6 +22,19 @@ namespace fastbn::cuda {
 
 constexpr int kInterleavedRows = 8;  // rows per block of the interleaved general kernels (x 32 channels)
 
+// The fused activation, a runtime argument: the switch is uniform across a
+// launch, so it costs a few instructions, not a template instantiation each.
+template <typename acc_t>
+struct ActivationArgs {
+  Activation act;
+  acc_t param;
+  __device__ __forceinline__ acc_t forward(acc_t z) const { return activation_forward(act, z, param); }
+  // dy * act'(z) with z recomputed from x by the forward coefficients.
+  __device__ __forceinline__ acc_t grad(acc_t dy, const ForwardCoefficients<acc_t>& k, acc_t x) const {
+    return act == Activation::Identity ? dy : dy * activation_grad(act, forward_apply(k, x), param);
+  }
+};
+
 template <typename acc_t>
 struct ChannelParams {
   const acc_t* weight;  // null: 1
@@ -90,18 +103,22 @@ __global__ void eval_coefficients_kernel(const acc_t* __restrict__ mean, const a
 
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void planar_backward_sums_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                            const acc_t* __restrict__ mean, SumPair<acc_t>* __restrict__ partial,
+                                            const acc_t* __restrict__ mean,
+                                            const ForwardCoefficients<acc_t>* __restrict__ fcoef,
+                                            ActivationArgs<acc_t> act, SumPair<acc_t>* __restrict__ partial,
                                             index_t N, index_t C, index_t S) {
   __shared__ SumPair<acc_t> shared[kWarpSize];
   const index_t c = blockIdx.x;
   const acc_t mu = mean[c];
+  const ForwardCoefficients<acc_t> fk = fcoef[c];
   SumPair<acc_t> sums{acc_t(0), acc_t(0)};
   for (index_t n = blockIdx.y * blockDim.y + threadIdx.y; n < N; n += gridDim.y * blockDim.y) {
     const index_t base = (n * C + c) * S;
     for (index_t s = threadIdx.x; s < S; s += blockDim.x) {
-      const acc_t g = acc_t(dy[base + s]);
+      const acc_t v = acc_t(x[base + s]);
+      const acc_t g = act.grad(acc_t(dy[base + s]), fk, v);
       sums.a += g;
-      sums.b += g * (acc_t(x[base + s]) - mu);
+      sums.b += g * (v - mu);
     }
   }
   sums = block_reduce_broadcast(sums, shared, SumPair<acc_t>{acc_t(0), acc_t(0)});
@@ -110,17 +127,21 @@ __global__ void planar_backward_sums_kernel(const scalar_t* __restrict__ dy, con
 
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void interleaved_backward_sums_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                                 const acc_t* __restrict__ mean, SumPair<acc_t>* __restrict__ partial,
+                                                 const acc_t* __restrict__ mean,
+                                                 const ForwardCoefficients<acc_t>* __restrict__ fcoef,
+                                                 ActivationArgs<acc_t> act, SumPair<acc_t>* __restrict__ partial,
                                                  index_t R, index_t C) {
   __shared__ SumPair<acc_t> shared[kInterleavedRows * kWarpSize];
   const index_t c = blockIdx.x * kWarpSize + threadIdx.x;
   SumPair<acc_t> sums{acc_t(0), acc_t(0)};
   if (c < C) {
     const acc_t mu = mean[c];
+    const ForwardCoefficients<acc_t> fk = fcoef[c];
     for (index_t r = blockIdx.y * blockDim.y + threadIdx.y; r < R; r += gridDim.y * blockDim.y) {
-      const acc_t g = acc_t(dy[r * C + c]);
+      const acc_t v = acc_t(x[r * C + c]);
+      const acc_t g = act.grad(acc_t(dy[r * C + c]), fk, v);
       sums.a += g;
-      sums.b += g * (acc_t(x[r * C + c]) - mu);
+      sums.b += g * (v - mu);
     }
   }
   sums = column_reduce_broadcast(sums, shared);
@@ -151,35 +172,38 @@ __global__ void finalize_backward_kernel(const SumPair<acc_t>* __restrict__ part
 // grid (S blocks, planes), planes = N * C looped over gridDim.y.
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void planar_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                                      const ForwardCoefficients<acc_t>* __restrict__ coef, index_t planes,
-                                      index_t C, index_t S) {
+                                      const ForwardCoefficients<acc_t>* __restrict__ coef, ActivationArgs<acc_t> act,
+                                      index_t planes, index_t C, index_t S) {
   for (index_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
     const ForwardCoefficients<acc_t> k = coef[plane % C];
     const index_t base = plane * S;
     for (index_t s = blockIdx.x * blockDim.x + threadIdx.x; s < S; s += gridDim.x * blockDim.x) {
-      y[base + s] = scalar_t(forward_apply(k, acc_t(x[base + s])));
+      y[base + s] = scalar_t(act.forward(forward_apply(k, acc_t(x[base + s]))));
     }
   }
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void interleaved_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                                           const ForwardCoefficients<acc_t>* __restrict__ coef, index_t total,
-                                           index_t C) {
+                                           const ForwardCoefficients<acc_t>* __restrict__ coef,
+                                           ActivationArgs<acc_t> act, index_t total, index_t C) {
   for (index_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
-    y[i] = scalar_t(forward_apply(coef[i % C], acc_t(x[i])));
+    y[i] = scalar_t(act.forward(forward_apply(coef[i % C], acc_t(x[i]))));
   }
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void planar_backward_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                       scalar_t* __restrict__ dx, const BackwardCoefficients<acc_t>* __restrict__ coef,
+                                       scalar_t* __restrict__ dx, const ForwardCoefficients<acc_t>* __restrict__ fcoef,
+                                       const BackwardCoefficients<acc_t>* __restrict__ coef, ActivationArgs<acc_t> act,
                                        index_t planes, index_t C, index_t S) {
   for (index_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
     const BackwardCoefficients<acc_t> k = coef[plane % C];
+    const ForwardCoefficients<acc_t> fk = fcoef[plane % C];
     const index_t base = plane * S;
     for (index_t s = blockIdx.x * blockDim.x + threadIdx.x; s < S; s += gridDim.x * blockDim.x) {
-      dx[base + s] = scalar_t(backward_apply(k, acc_t(dy[base + s]), acc_t(x[base + s])));
+      const acc_t v = acc_t(x[base + s]);
+      dx[base + s] = scalar_t(backward_apply(k, act.grad(acc_t(dy[base + s]), fk, v), v));
     }
   }
 }
@@ -187,10 +211,13 @@ __global__ void planar_backward_kernel(const scalar_t* __restrict__ dy, const sc
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void interleaved_backward_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                                             scalar_t* __restrict__ dx,
-                                            const BackwardCoefficients<acc_t>* __restrict__ coef, index_t total,
-                                            index_t C) {
+                                            const ForwardCoefficients<acc_t>* __restrict__ fcoef,
+                                            const BackwardCoefficients<acc_t>* __restrict__ coef,
+                                            ActivationArgs<acc_t> act, index_t total, index_t C) {
   for (index_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
-    dx[i] = scalar_t(backward_apply(coef[i % C], acc_t(dy[i]), acc_t(x[i])));
+    const index_t c = i % C;
+    const acc_t v = acc_t(x[i]);
+    dx[i] = scalar_t(backward_apply(coef[c], act.grad(acc_t(dy[i]), fcoef[c], v), v));
   }
 }
 
@@ -245,7 +272,8 @@ struct OnChipTile {
 template <typename scalar_t, typename acc_t, typename index_t, bool kInterleaved, int ITEMS>
 __global__ void __launch_bounds__(kOnChipThreads) onchip_forward_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ y, acc_t* __restrict__ mean_out,
-    acc_t* __restrict__ var_out, ChannelParams<acc_t> params, acc_t eps, index_t C, index_t S, index_t count) {
+    acc_t* __restrict__ var_out, ChannelParams<acc_t> params, acc_t eps, ActivationArgs<acc_t> act, index_t C,
+    index_t S, index_t count) {
   __shared__ SumPair<acc_t> shared[kOnChipThreads];
   const OnChipTile<kInterleaved, index_t> tile(C, S, count);
   acc_t v[ITEMS];
@@ -273,7 +301,7 @@ __global__ void __launch_bounds__(kOnChipThreads) onchip_forward_kernel(
   const auto coef = forward_coefficients(mean, var, eps, params.w(tile.c), params.b(tile.c));
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
-    if (tile.has(k)) y[tile.offset(k)] = scalar_t(forward_apply(coef, v[k]));
+    if (tile.has(k)) y[tile.offset(k)] = scalar_t(act.forward(forward_apply(coef, v[k])));
   }
 }
 
@@ -281,24 +309,26 @@ template <typename scalar_t, typename acc_t, typename index_t, bool kInterleaved
 __global__ void __launch_bounds__(kOnChipThreads) onchip_backward_kernel(
     const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
     const acc_t* __restrict__ mean, const acc_t* __restrict__ var, ChannelParams<acc_t> params, acc_t eps,
-    bool train, acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias, index_t C, index_t S,
-    index_t count) {
+    bool train, ActivationArgs<acc_t> act, acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias, index_t C,
+    index_t S, index_t count) {
   __shared__ SumPair<acc_t> shared[kOnChipThreads];
   const OnChipTile<kInterleaved, index_t> tile(C, S, count);
   const acc_t mu = tile.active ? mean[tile.c] : acc_t(0);
+  const acc_t channel_var = tile.active ? var[tile.c] : acc_t(1);
+  const auto fk = forward_coefficients(mu, channel_var, eps, tile.active ? params.w(tile.c) : acc_t(1),
+                                       tile.active ? params.b(tile.c) : acc_t(0));
   acc_t g[ITEMS], v[ITEMS];
   SumPair<acc_t> sums{acc_t(0), acc_t(0)};
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
     const bool has = tile.has(k);
-    g[k] = has ? acc_t(dy[tile.offset(k)]) : acc_t(0);
     v[k] = has ? acc_t(x[tile.offset(k)]) : acc_t(0);
+    g[k] = has ? act.grad(acc_t(dy[tile.offset(k)]), fk, v[k]) : acc_t(0);
     sums.a += g[k];
     sums.b += g[k] * (v[k] - mu);  // g = 0 where absent
   }
   sums = tile.reduce(sums, shared, SumPair<acc_t>{acc_t(0), acc_t(0)});
   if (!tile.active) return;
-  const acc_t channel_var = var[tile.c];
   if (tile.first == 0) {
     grad_bias[tile.c] = sums.a;
     grad_weight[tile.c] = grad_weight_from_sums(sums.b, channel_var, eps);
