@@ -24,6 +24,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -312,6 +313,11 @@ def benchmark_row(case: Case, shape, layout: str, dtype_name: str, options,
     torch_module = prepare_module(make_torch_module(channels, case.activation), case,
                                   param_dtype, options.device)
     torch_step, torch_x = make_step(torch_module, case, workload)
+    try:
+        torch_step()
+    except Exception as error:  # e.g. a dtype torch has no kernel for on this device
+        row.fastbn_status, row.note = "n/a", f"torch fails: {type(error).__name__}: {error}"[:200]
+        return row
 
     fastbn_step = None
     try:
@@ -392,6 +398,27 @@ def describe_machine(device: str) -> Dict[str, str]:
     return machine
 
 
+def busy_cpu_fraction(seconds: float = 1.0) -> Optional[float]:
+    """Fraction of all CPUs busy over the next `seconds`, while this process sleeps.
+
+    On a shared machine, other work steals cores from the timed threads (and stalls
+    their barriers), so the report says how busy the machine was before and after.
+    """
+    def cpu_times():
+        with open("/proc/stat") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields[:8]), idle  # user..steal; guest time is already inside user
+    try:
+        total_before, idle_before = cpu_times()
+        time.sleep(seconds)
+        total_after, idle_after = cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total_after - total_before
+    return None if elapsed <= 0 else 1.0 - (idle_after - idle_before) / elapsed
+
+
 def git_revision() -> str:
     """The checkout's commit (with -dirty), so logged numbers can be tied to code."""
     try:
@@ -416,7 +443,9 @@ def markdown_table(rows: Sequence[Row], copy_gbps: float, fastbn_name: str) -> s
               f"{fastbn_name} µs | speedup | torch GB/s | {fastbn_name} GB/s | {fastbn_name} % copy |")
     lines = [header, "|" + "---|" * 4 + "---:|" * 6]
     for row in rows:
-        if row.fastbn_status in ("n/a", "error"):
+        if row.torch_s is None:
+            fastbn_time = "—"
+        elif row.fastbn_status in ("n/a", "error"):
             fastbn_time = row.fastbn_status
         else:
             fastbn_time = _format(row.fastbn_s and row.fastbn_s * 1e6, "{:.1f}")
@@ -427,7 +456,7 @@ def markdown_table(rows: Sequence[Row], copy_gbps: float, fastbn_name: str) -> s
         percent = None if fastbn_gbps is None else 100 * fastbn_gbps / copy_gbps
         lines.append("| " + " | ".join([
             row.case, ",".join(map(str, row.shape)), row.layout, row.dtype,
-            _format(row.torch_s * 1e6, "{:.1f}"), fastbn_time, speedup,
+            _format(row.torch_s and row.torch_s * 1e6, "{:.1f}"), fastbn_time, speedup,
             _format(row.gbps(row.torch_s), "{:.1f}"), _format(fastbn_gbps, "{:.1f}"),
             _format(percent, "{:.0f}%"),
         ]) + " |")
@@ -517,9 +546,8 @@ def _shape(text):
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(
-        prog="fastbn-bench", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+        prog="fastbn-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default: cpu")
     parser.add_argument("--case", type=_choices(CASES_BY_NAME), action="append",
                         help=f"cases to run (repeatable or comma-separated); default all of {list(CASES_BY_NAME)}")
     parser.add_argument("--dtype", type=_choices(DTYPES), action="append",
@@ -533,7 +561,7 @@ def parse_arguments(argv):
                         help="run only the --shape shapes, not the default list")
     parser.add_argument("--param-dtype", choices=["float32", "input"], default="float32",
                         help="dtype of weight/bias/running stats: float32 (as in mixed precision "
-                             "training) or the input's dtype (as after module.to(dtype))")
+                             "training) or the input's dtype (as after module.to(dtype)); default float32")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: two shapes, short timing (under a minute)")
     parser.add_argument("--min-run-time", type=float, default=None,
@@ -541,7 +569,8 @@ def parse_arguments(argv):
     parser.add_argument("--rounds", type=int, default=None,
                         help="alternations torch/fastbn per row (default 3, --quick 2)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="intra-op threads for both implementations")
+                        help="intra-op threads for both implementations (default: torch's, "
+                             f"here {torch.get_num_threads()})")
     parser.add_argument("--json", default=None,
                         help="where to write results (default bench/results/bench-<device>.json)")
     parser.add_argument("--no-json", action="store_true", help="do not write the JSON file")
@@ -578,6 +607,10 @@ def main(argv=None) -> int:
     fastbn_name = "stand-in" if options.stand_in else "fastbn"
 
     machine = describe_machine(options.device)
+    busy_before = busy_cpu_fraction()
+    if busy_before is not None and busy_before > 0.1:
+        print(f"warning: {100 * busy_before:.0f}% of the CPUs are busy with other work; "
+              "timings will be noisy", file=sys.stderr)
     copy = measure_copy_bandwidth(options.device, options.threads, 0.3 if options.quick else 1.0)
     where = machine.get("gpu", machine["cpu"])
     started = datetime.datetime.now().astimezone()
@@ -588,7 +621,8 @@ def main(argv=None) -> int:
             f"(median dst.copy_(src), {copy['buffer_MiB']} MiB, read+write counted)")
     print(f"{fastbn_description}; git {git_revision()}; {started:%Y-%m-%d %H:%M %Z}; "
           f"params {options.param_dtype}; min_run_time {options.min_run_time}s x {options.rounds} rounds "
-          "per side; times are medians")
+          "per side; times are medians; "
+          f"other CPU load before: {_format(busy_before and 100 * busy_before, '{:.0f}%')}")
     print(flush=True)
 
     rows: List[Row] = []
@@ -607,10 +641,12 @@ def main(argv=None) -> int:
     # Measured again at the end: a shared machine's bandwidth drifts, and a large change
     # means this run's numbers should be taken with care.
     copy_at_end = measure_copy_bandwidth(options.device, options.threads, 0.3 if options.quick else 1.0)
+    busy_after = busy_cpu_fraction()
     print(markdown_table(rows, copy["GBps"], fastbn_name))
     print()
     print(f"Copy bandwidth at the end: {copy_at_end['GBps']:.1f} GB/s (start: {copy['GBps']:.1f} GB/s; "
-          "% copy uses the start).")
+          "% copy uses the start). Other CPU load after: "
+          f"{_format(busy_after and 100 * busy_after, '{:.0f}%')}.")
     print()
     print("Median speedup (torch time / fastbn time) over shapes and layouts:")
     print()
@@ -633,6 +669,7 @@ def main(argv=None) -> int:
             "device": options.device, "machine": machine, "threads": options.threads,
             "fastbn": fastbn_description, "stand_in": options.stand_in, "git": git_revision(),
             "copy_bandwidth": copy, "copy_bandwidth_at_end": copy_at_end,
+            "busy_cpu_fraction_before": busy_before, "busy_cpu_fraction_after": busy_after,
             "param_dtype": options.param_dtype,
             "min_run_time_s": options.min_run_time, "rounds": options.rounds,
             "argv": sys.argv[1:] if argv is None else list(argv),

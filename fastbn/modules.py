@@ -17,10 +17,10 @@ class _FastBatchNorm:
     """forward() of torch's _BatchNorm, on fastbn.functional, with an optional
     fused activation (``activation=None`` keeps the exact drop-in)."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, activation: Optional[str] = None,
-                 activation_param: Optional[float] = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+    def __init__(self, *args, activation: Optional[str] = None, activation_param: Optional[float] = None,
+                 **kwargs) -> None:
+        # Everything else goes to torch's constructor as it is, whatever its version takes.
+        super().__init__(*args, **kwargs)
         self._activation_code, self._activation_param = functional.activation_arguments(activation, activation_param)
         self.activation = activation
         self.activation_param = self._activation_param if self._activation_code in (2, 3) else None

@@ -37,6 +37,19 @@ def test_state_dict_round_trip_both_ways(cls_name, kwargs):
         assert torch.equal(value, fast_bn.state_dict()[key]), key
 
 
+def test_constructor_keywords_of_this_torch_pass_through():
+    """Whatever torch's constructor takes (torch 2.14 added bias=), fastbn's takes too."""
+    import inspect
+    if "bias" not in inspect.signature(nn.BatchNorm2d.__init__).parameters:
+        pytest.skip(f"torch {torch.__version__} has no BatchNorm bias= argument")
+    ours, theirs = fastbn.BatchNorm2d(5, bias=False), nn.BatchNorm2d(5, bias=False)
+    assert repr(ours) == repr(theirs) and ours.bias is None and ours.weight is not None
+    theirs.weight.data.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4, 5, 3, 3) + 1
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
 def test_old_checkpoint_without_num_batches_tracked_loads():
     torch_bn = nn.BatchNorm2d(4)
     state = torch_bn.state_dict()
