@@ -6,9 +6,11 @@
 import torch  # noqa: F401  (load torch's shared libraries before the extension, which has no rpath)
 
 from . import functional, ops
+from .convert import convert_model, fold_bn
 from .functional import batch_norm, batch_norm_act
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "batch_norm_act", "functional", "ops"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "batch_norm_act", "convert_model", "fold_bn", "functional",
+           "ops"]
