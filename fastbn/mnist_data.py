@@ -253,8 +253,11 @@ def _download(dataset: str, raw_dir: Path, timeout: float) -> str:
         try:
             cls(str(scratch), train=True, download=True)
         except Exception as e:  # URLError, RuntimeError, socket.timeout, md5 mismatch ...
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataUnavailable(f"download failed: {first_line}") from e
+            # torchvision's message has a line per mirror; the first says which
+            # file, the last the final mirror's error: keep those on one line.
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            summary = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+            raise DataUnavailable(f"download failed: {summary}") from e
         for filename in RAW_FILES.values():
             os.replace(scratch / DATASETS[dataset] / "raw" / filename, raw_dir / filename)
     finally:

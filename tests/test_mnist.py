@@ -88,8 +88,18 @@ def real_mnist(tmp_path_factory):
     return root, source
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    # run_cli passes --threads 1, which sets torch's process-wide thread count.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_cli(*args):
-    mnist.main(["--no-progress", *map(str, args)])
+    # One thread: the tiny data's small ops gain nothing from two, and on a busy
+    # machine OpenMP threads waiting for each other made these tests ~10x slower.
+    mnist.main(["--no-progress", "--threads", "1", *map(str, args)])
 
 
 def read_json(path):
