@@ -103,55 +103,7 @@ ChannelParams<acc_t> channel_params(const Tensor& weight, const Tensor& bias) {
   return {weight.defined() ? weight.data_ptr<acc_t>() : nullptr, bias.defined() ? bias.data_ptr<acc_t>() : nullptr};
 }
 
-// ------------------------------------------------------------------ training forward
-
-template <Activation A, typename scalar_t, typename acc_t>
-void train_forward_planar(const scalar_t* x, scalar_t* y, acc_t* mean_out, acc_t* var_out,
-                          ChannelParams<acc_t> params, const Geometry& g, acc_t eps, acc_t act_param) {
-  const int64_t count = g.count();
-  const int64_t parts = planar_parts(g);
-  std::vector<double> mean_double(g.C);  // the exact mean for the output (see forward_coefficients)
-  auto normalize = [&](int64_t c, int64_t begin, int64_t end) {
-    const auto k = forward_coefficients(mean_double[c], var_out[c], eps, params.w(c), params.b(c));
-    for_each_segment(begin, end, g.S, g.C * g.S,
-                     [&](int64_t off, int64_t len) {
-                       span_forward<A>(x + c * g.S + off, y + c * g.S + off, len, k, act_param);
-                     });
-  };
-  if (parts == 1) {
-    // Statistics then output of one channel back to back: the second read hits cache.
-    at::parallel_for(0, g.C, 1, [&](int64_t c_begin, int64_t c_end) {
-      for (int64_t c = c_begin; c < c_end; ++c) {
-        const auto m = planar_moments<scalar_t, acc_t>(x + c * g.S, g, 0, count);
-        mean_double[c] = m.mean;
-        mean_out[c] = acc_t(m.mean);
-        var_out[c] = acc_t(moments_biased_var(m));
-        normalize(c, 0, count);
-      }
-    });
-    return;
-  }
-  std::vector<Moments<double>> partial(g.C * parts);
-  at::parallel_for(0, g.C * parts, 1, [&](int64_t t_begin, int64_t t_end) {
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const auto [begin, end] = part_range(count, parts, t % parts);
-      partial[t] = planar_moments<scalar_t, acc_t>(x + (t / parts) * g.S, g, begin, end);
-    }
-  });
-  for (int64_t c = 0; c < g.C; ++c) {
-    Moments<double> m{0.0, 0.0, 0};
-    for (int64_t j = 0; j < parts; ++j) m = moments_merge(m, partial[c * parts + j]);
-    mean_double[c] = m.mean;
-    mean_out[c] = acc_t(m.mean);
-    var_out[c] = acc_t(moments_biased_var(m));
-  }
-  at::parallel_for(0, g.C * parts, 1, [&](int64_t t_begin, int64_t t_end) {
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const auto [begin, end] = part_range(count, parts, t % parts);
-      normalize(t / parts, begin, end);
-    }
-  });
-}
+// ------------------------------------------------------------------ statistics
 
 // Number of row blocks the interleaved reductions split R rows into.
 int64_t interleaved_tasks(int64_t rows) {
@@ -172,35 +124,37 @@ inline void for_each_channel_block(int64_t C, const F& f) {
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) f(c0, std::min(kBlock, C - c0));
 }
 
-// y = act(forward_apply(coef[c], x)) over all rows, a chunk of rows per task.
-template <Activation A, typename scalar_t, typename acc_t>
-void interleaved_forward(const scalar_t* x, scalar_t* y, const ForwardArrays<acc_t>& coef, const Geometry& g,
-                         acc_t act_param) {
-  at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
-    for_each_channel_block<scalar_t>(g.C, [&](int64_t c0, int64_t width) {
-      column_forward<A>(x + r_begin * g.C + c0, y + r_begin * g.C + c0, r_end - r_begin, g.C, width, coef, c0,
-                        act_param);
-    });
+template <typename scalar_t>
+std::vector<Moments<double>> planar_channel_moments(const scalar_t* x, const Geometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t parts = planar_parts(g);
+  std::vector<Moments<double>> partial(g.C * parts);
+  at::parallel_for(0, g.C * parts, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const auto [begin, end] = part_range(g.count(), parts, t % parts);
+      partial[t] = planar_moments<scalar_t, acc_t>(x + (t / parts) * g.S, g, begin, end);
+    }
   });
+  std::vector<Moments<double>> moments(g.C, Moments<double>{0.0, 0.0, 0});
+  for (int64_t c = 0; c < g.C; ++c) {
+    for (int64_t j = 0; j < parts; ++j) moments[c] = moments_merge(moments[c], partial[c * parts + j]);
+  }
+  return moments;
 }
 
-template <Activation A, typename scalar_t, typename acc_t>
-void train_forward_interleaved(const scalar_t* x, scalar_t* y, acc_t* mean_out, acc_t* var_out,
-                               ChannelParams<acc_t> params, const Geometry& g, acc_t eps, acc_t act_param) {
+template <typename scalar_t>
+std::vector<Moments<double>> interleaved_channel_moments(const scalar_t* x, const Geometry& g) {
   using red_t = typename ReduceLanes<scalar_t>::red_t;
   const int64_t C = g.C, rows = g.count(), padded = round_up(C, 64);
   const int64_t tasks = interleaved_tasks(rows);
-  // Per-task moments in double, merged piece by piece (Chan).
-  std::vector<double> task_mean(tasks * C, 0.0), task_m2(tasks * C, 0.0);
-  std::vector<int64_t> task_count(tasks, 0);
+  // Per-task moments, merged piece by piece (Chan).
+  std::vector<Moments<double>> task_moments(tasks * C, Moments<double>{0.0, 0.0, 0});
   std::vector<red_t> shift(padded, red_t(0));  // the first row: keeps the sums small (see span_sum)
   for (int64_t c = 0; c < C; ++c) shift[c] = red_t(x[c]);
   at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
     std::vector<red_t> piece_mean(padded, red_t(0)), piece_m2(padded, red_t(0));
     for (int64_t t = t_begin; t < t_end; ++t) {
-      double* mean = task_mean.data() + t * C;
-      double* m2 = task_m2.data() + t * C;
-      int64_t seen = 0;
+      Moments<double>* moments = task_moments.data() + t * C;
       const auto [r_begin, r_end] = part_range(rows, tasks, t);
       for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
         const int64_t n = std::min(r_end, r + rows_per_piece(C)) - r;
@@ -211,134 +165,165 @@ void train_forward_interleaved(const scalar_t* x, scalar_t* y, acc_t* mean_out, 
           column_sum_sq_dev(piece + c0, n, C, width, piece_mean.data() + c0, piece_m2.data() + c0);
         });
         for (int64_t c = 0; c < C; ++c) {
-          const auto merged =
-              moments_merge(Moments<double>{mean[c], m2[c], seen}, Moments<double>{piece_mean[c], piece_m2[c], n});
-          mean[c] = merged.mean;
-          m2[c] = merged.m2;
+          moments[c] = moments_merge(moments[c], Moments<double>{piece_mean[c], piece_m2[c], n});
         }
-        seen += n;
       }
-      task_count[t] = seen;
     }
   });
-  ForwardArrays<acc_t> coef(C);
+  std::vector<Moments<double>> merged(C, Moments<double>{0.0, 0.0, 0});
   for (int64_t c = 0; c < C; ++c) {
-    Moments<double> m{0.0, 0.0, 0};
-    for (int64_t t = 0; t < tasks; ++t) {
-      m = moments_merge(m, Moments<double>{task_mean[t * C + c], task_m2[t * C + c], task_count[t]});
-    }
-    mean_out[c] = acc_t(m.mean);
-    var_out[c] = acc_t(moments_biased_var(m));
-    coef.set(c, forward_coefficients(m.mean, var_out[c], eps, params.w(c), params.b(c)));
+    for (int64_t t = 0; t < tasks; ++t) merged[c] = moments_merge(merged[c], task_moments[t * C + c]);
   }
-  interleaved_forward<A>(x, y, coef, g, act_param);
+  return merged;
 }
 
-// ------------------------------------------------------------------ eval forward
+template <typename scalar_t>
+std::vector<Moments<double>> channel_moments(const scalar_t* x, const Geometry& g) {
+  return g.layout == Layout::Planar ? planar_channel_moments(x, g) : interleaved_channel_moments(x, g);
+}
+
+// ------------------------------------------------------------------ forward
+
+// y = act(forward_apply(coef[c], x)) over every value.
+template <Activation A, typename scalar_t, typename acc_t>
+void forward_apply_all(const scalar_t* x, scalar_t* y, const ForwardArrays<acc_t>& coef, const Geometry& g,
+                       acc_t act_param) {
+  if (g.layout == Layout::Interleaved) {
+    at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
+      for_each_channel_block<scalar_t>(g.C, [&](int64_t c0, int64_t width) {
+        column_forward<A>(x + r_begin * g.C + c0, y + r_begin * g.C + c0, r_end - r_begin, g.C, width, coef, c0,
+                          act_param);
+      });
+    });
+    return;
+  }
+  // Planar: N * C rows of S values, each with its channel's coefficients.
+  at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) span_forward<A>(x + i * g.S, y + i * g.S, g.S, coef.get(i % g.C), act_param);
+  });
+}
+
+template <Activation A, typename scalar_t, typename acc_t>
+void train_forward(const scalar_t* x, scalar_t* y, acc_t* mean_out, acc_t* var_out, ChannelParams<acc_t> params,
+                   const Geometry& g, acc_t eps, acc_t act_param) {
+  if (g.layout == Layout::Planar && planar_parts(g) == 1) {
+    // A task per channel: statistics then output back to back, so the second
+    // read of the channel's values hits cache.
+    at::parallel_for(0, g.C, 1, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        const auto m = planar_moments<scalar_t, acc_t>(x + c * g.S, g, 0, g.count());
+        mean_out[c] = acc_t(m.mean);
+        var_out[c] = acc_t(moments_biased_var(m));
+        const auto k = forward_coefficients(m.mean, var_out[c], eps, params.w(c), params.b(c));
+        for_each_segment(0, g.count(), g.S, g.C * g.S, [&](int64_t off, int64_t len) {
+          span_forward<A>(x + c * g.S + off, y + c * g.S + off, len, k, act_param);
+        });
+      }
+    });
+    return;
+  }
+  const auto moments = channel_moments(x, g);
+  ForwardArrays<acc_t> coef(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    mean_out[c] = acc_t(moments[c].mean);
+    var_out[c] = acc_t(moments_biased_var(moments[c]));
+    // the double mean: see forward_coefficients
+    coef.set(c, forward_coefficients(moments[c].mean, var_out[c], eps, params.w(c), params.b(c)));
+  }
+  forward_apply_all<A>(x, y, coef, g, act_param);
+}
 
 template <Activation A, typename scalar_t, typename acc_t>
 void eval_forward(const scalar_t* x, scalar_t* y, const acc_t* mean, const acc_t* var,
                   ChannelParams<acc_t> params, const Geometry& g, acc_t eps, acc_t act_param) {
   ForwardArrays<acc_t> coef(g.C);
   for (int64_t c = 0; c < g.C; ++c) coef.set(c, forward_coefficients(mean[c], var[c], eps, params.w(c), params.b(c)));
-  if (g.layout == Layout::Interleaved) {
-    interleaved_forward<A>(x, y, coef, g, act_param);
-    return;
-  }
-  // Planar: N * C rows of S values, each with its channel's coefficients.
-  at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      span_forward<A>(x + i * g.S, y + i * g.S, g.S, coef.get(i % g.C), act_param);
-    }
-  });
+  forward_apply_all<A>(x, y, coef, g, act_param);
 }
 
 // ------------------------------------------------------------------ backward
-// Outputs: dx, and per channel sum(dy) (grad_bias) and sum(dy * (x - mean)),
-// turned into grad_weight by the caller-independent formula in bn_math.h.
+// Phase 1: per channel, sum(g) and sum(g * (x - mean)) with g = dy * act'(z)
+// (grad_bias, and grad_weight after a factor invstd). Phase 2: dx from those
+// sums. SyncBatchNorm runs the phases as separate ops with an all_reduce between.
+
+struct BackwardSums {
+  std::vector<double> dy, dy_xmu;
+  explicit BackwardSums(int64_t C) : dy(C, 0.0), dy_xmu(C, 0.0) {}
+};
+
+// The inputs every backward phase reads.
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  const scalar_t* dy;
+  const scalar_t* x;
+  const acc_t* mean;
+  const acc_t* var;
+  ChannelParams<acc_t> params;
+  const Geometry& g;
+  acc_t eps;
+  acc_t act_param;
+  // z = the BN output before the activation, recomputed from x.
+  ForwardCoefficients<acc_t> forward_k(int64_t c) const {
+    return forward_coefficients(mean[c], var[c], eps, params.w(c), params.b(c));
+  }
+};
 
 template <Activation A, typename scalar_t, typename acc_t>
-void backward_planar(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const acc_t* mean, const acc_t* var,
-                     ChannelParams<acc_t> params, acc_t* grad_weight, acc_t* grad_bias, const Geometry& g, acc_t eps,
-                     bool train, acc_t act_param) {
+std::pair<double, double> planar_backward_sums(const BackwardArgs<scalar_t, acc_t>& a, int64_t c, int64_t begin,
+                                               int64_t end) {
   using red_t = typename ReduceLanes<scalar_t>::red_t;
-  const int64_t count = g.count();
-  const int64_t row_stride = g.C * g.S;
-  const int64_t parts = planar_parts(g);
-  // z = the BN output before the activation, recomputed from x in backward.
-  auto forward_k = [&](int64_t c) { return forward_coefficients(mean[c], var[c], eps, params.w(c), params.b(c)); };
-  auto sums = [&](int64_t c, int64_t begin, int64_t end) {
-    double sum_dy = 0, sum_dy_xmu = 0;
-    LaneSums<scalar_t> lanes_dy, lanes_dy_xmu;
-    const auto fk = forward_k(c);
-    const int64_t base = c * g.S;
-    for (int64_t p = begin; p < end; p += kPiece) {
-      for_each_segment(p, std::min(end, p + kPiece), g.S, row_stride, [&](int64_t off, int64_t len) {
-        span_backward_sums<A>(dy + base + off, x + base + off, len, red_t(mean[c]), fk, act_param, lanes_dy,
-                              lanes_dy_xmu);
-      });
-      sum_dy += lanes_dy.flush();
-      sum_dy_xmu += lanes_dy_xmu.flush();
-    }
-    return std::pair<double, double>{sum_dy, sum_dy_xmu};
-  };
-  auto finish_channel = [&](int64_t c, double sum_dy, double sum_dy_xmu) {
-    grad_bias[c] = acc_t(sum_dy);
-    grad_weight[c] = acc_t(grad_weight_from_sums(sum_dy_xmu, double(var[c]), double(eps)));
-    return backward_coefficients(mean[c], var[c], eps, params.w(c), acc_t(sum_dy), acc_t(sum_dy_xmu), count, train);
-  };
-  auto apply = [&](int64_t c, const BackwardCoefficients<acc_t>& k, int64_t begin, int64_t end) {
-    const int64_t base = c * g.S;
-    const auto fk = forward_k(c);
-    for_each_segment(begin, end, g.S, row_stride, [&](int64_t off, int64_t len) {
-      span_backward<A>(dy + base + off, x + base + off, dx + base + off, len, fk, k, act_param);
+  double sum_dy = 0, sum_dy_xmu = 0;
+  LaneSums<scalar_t> lanes_dy, lanes_dy_xmu;
+  const auto fk = a.forward_k(c);
+  const int64_t base = c * a.g.S;
+  for (int64_t p = begin; p < end; p += kPiece) {
+    for_each_segment(p, std::min(end, p + kPiece), a.g.S, a.g.C * a.g.S, [&](int64_t off, int64_t len) {
+      span_backward_sums<A>(a.dy + base + off, a.x + base + off, len, red_t(a.mean[c]), fk, a.act_param, lanes_dy,
+                            lanes_dy_xmu);
     });
-  };
-  if (parts == 1) {
-    at::parallel_for(0, g.C, 1, [&](int64_t c_begin, int64_t c_end) {
-      for (int64_t c = c_begin; c < c_end; ++c) {
-        const auto [sum_dy, sum_dy_xmu] = sums(c, 0, count);
-        apply(c, finish_channel(c, sum_dy, sum_dy_xmu), 0, count);
-      }
-    });
-    return;
+    sum_dy += lanes_dy.flush();
+    sum_dy_xmu += lanes_dy_xmu.flush();
   }
-  std::vector<std::pair<double, double>> partial(g.C * parts);
-  at::parallel_for(0, g.C * parts, 1, [&](int64_t t_begin, int64_t t_end) {
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const auto [begin, end] = part_range(count, parts, t % parts);
-      partial[t] = sums(t / parts, begin, end);
-    }
-  });
-  std::vector<BackwardCoefficients<acc_t>> coef(g.C);
-  for (int64_t c = 0; c < g.C; ++c) {
-    double sum_dy = 0, sum_dy_xmu = 0;
-    for (int64_t j = 0; j < parts; ++j) {
-      sum_dy += partial[c * parts + j].first;
-      sum_dy_xmu += partial[c * parts + j].second;
-    }
-    coef[c] = finish_channel(c, sum_dy, sum_dy_xmu);
-  }
-  at::parallel_for(0, g.C * parts, 1, [&](int64_t t_begin, int64_t t_end) {
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const auto [begin, end] = part_range(count, parts, t % parts);
-      apply(t / parts, coef[t / parts], begin, end);
-    }
+  return {sum_dy, sum_dy_xmu};
+}
+
+template <Activation A, typename scalar_t, typename acc_t>
+void planar_backward_apply(const BackwardArgs<scalar_t, acc_t>& a, scalar_t* dx, int64_t c,
+                           const BackwardCoefficients<acc_t>& k, int64_t begin, int64_t end) {
+  const int64_t base = c * a.g.S;
+  const auto fk = a.forward_k(c);
+  for_each_segment(begin, end, a.g.S, a.g.C * a.g.S, [&](int64_t off, int64_t len) {
+    span_backward<A>(a.dy + base + off, a.x + base + off, dx + base + off, len, fk, k, a.act_param);
   });
 }
 
 template <Activation A, typename scalar_t, typename acc_t>
-void backward_interleaved(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const acc_t* mean, const acc_t* var,
-                          ChannelParams<acc_t> params, acc_t* grad_weight, acc_t* grad_bias, const Geometry& g,
-                          acc_t eps, bool train, acc_t act_param) {
+BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
+  const Geometry& g = a.g;
+  BackwardSums sums(g.C);
+  if (g.layout == Layout::Planar) {
+    const int64_t parts = planar_parts(g);
+    std::vector<std::pair<double, double>> partial(g.C * parts);
+    at::parallel_for(0, g.C * parts, 1, [&](int64_t t_begin, int64_t t_end) {
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        const auto [begin, end] = part_range(g.count(), parts, t % parts);
+        partial[t] = planar_backward_sums<A>(a, t / parts, begin, end);
+      }
+    });
+    for (int64_t t = 0; t < g.C * parts; ++t) {
+      sums.dy[t / parts] += partial[t].first;
+      sums.dy_xmu[t / parts] += partial[t].second;
+    }
+    return sums;
+  }
   using red_t = typename ReduceLanes<scalar_t>::red_t;
   const int64_t C = g.C, rows = g.count(), padded = round_up(C, 64);
   const int64_t tasks = interleaved_tasks(rows);
   std::vector<red_t> mean_red(padded, red_t(0));
-  ForwardArrays<acc_t> forward_k(C);  // recomputes z, the BN output before the activation
+  ForwardArrays<acc_t> forward_k(C);
   for (int64_t c = 0; c < C; ++c) {
-    mean_red[c] = red_t(mean[c]);
-    forward_k.set(c, forward_coefficients(mean[c], var[c], eps, params.w(c), params.b(c)));
+    mean_red[c] = red_t(a.mean[c]);
+    forward_k.set(c, a.forward_k(c));
   }
   // Per-task sums in double (red_t), accumulated down columns of rows.
   std::vector<red_t> task_dy(tasks * padded, red_t(0)), task_dy_xmu(tasks * padded, red_t(0));
@@ -348,30 +333,85 @@ void backward_interleaved(const scalar_t* dy, const scalar_t* x, scalar_t* dx, c
       for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
         const int64_t n = std::min(r_end, r + rows_per_piece(C)) - r;
         for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
-          column_backward_sums<A>(dy + r * C + c0, x + r * C + c0, n, C, width, mean_red.data() + c0, forward_k, c0,
-                                  act_param, task_dy.data() + t * padded + c0, task_dy_xmu.data() + t * padded + c0);
+          column_backward_sums<A>(a.dy + r * C + c0, a.x + r * C + c0, n, C, width, mean_red.data() + c0, forward_k,
+                                  c0, a.act_param, task_dy.data() + t * padded + c0,
+                                  task_dy_xmu.data() + t * padded + c0);
         });
       }
     }
   });
-  BackwardArrays<acc_t> coef(C);
-  for (int64_t c = 0; c < C; ++c) {
-    double sum_dy = 0, sum_dy_xmu = 0;
-    for (int64_t t = 0; t < tasks; ++t) {
-      sum_dy += task_dy[t * padded + c];
-      sum_dy_xmu += task_dy_xmu[t * padded + c];
+  for (int64_t t = 0; t < tasks; ++t) {
+    for (int64_t c = 0; c < C; ++c) {
+      sums.dy[c] += task_dy[t * padded + c];
+      sums.dy_xmu[c] += task_dy_xmu[t * padded + c];
     }
-    grad_bias[c] = acc_t(sum_dy);
-    grad_weight[c] = acc_t(grad_weight_from_sums(sum_dy_xmu, double(var[c]), double(eps)));
-    coef.set(c, backward_coefficients(mean[c], var[c], eps, params.w(c), acc_t(sum_dy), acc_t(sum_dy_xmu), rows,
-                                      train));
   }
-  at::parallel_for(0, rows, row_grain(C), [&](int64_t r_begin, int64_t r_end) {
-    for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
-      column_backward<A>(dy + r_begin * C + c0, x + r_begin * C + c0, dx + r_begin * C + c0, r_end - r_begin, C,
-                         width, forward_k, coef, c0, act_param);
+  return sums;
+}
+
+// dx from the channel sums; `count` is the number of values the statistics
+// came from (the global batch under SyncBatchNorm).
+template <Activation A, typename scalar_t, typename acc_t>
+void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, scalar_t* dx, const double* sum_dy,
+                        const double* sum_dy_xmu, int64_t count, bool train) {
+  const Geometry& g = a.g;
+  BackwardArrays<acc_t> coef(g.C);
+  std::vector<BackwardCoefficients<acc_t>> planar_coef(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    planar_coef[c] = backward_coefficients(a.mean[c], a.var[c], a.eps, a.params.w(c), acc_t(sum_dy[c]),
+                                           acc_t(sum_dy_xmu[c]), count, train);
+    coef.set(c, planar_coef[c]);
+  }
+  if (g.layout == Layout::Planar) {
+    const int64_t parts = planar_parts(g);
+    at::parallel_for(0, g.C * parts, 1, [&](int64_t t_begin, int64_t t_end) {
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        const auto [begin, end] = part_range(g.count(), parts, t % parts);
+        planar_backward_apply<A>(a, dx, t / parts, planar_coef[t / parts], begin, end);
+      }
+    });
+    return;
+  }
+  ForwardArrays<acc_t> forward_k(g.C);
+  for (int64_t c = 0; c < g.C; ++c) forward_k.set(c, a.forward_k(c));
+  at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
+    for_each_channel_block<scalar_t>(g.C, [&](int64_t c0, int64_t width) {
+      const int64_t off = r_begin * g.C + c0;
+      column_backward<A>(a.dy + off, a.x + off, dx + off, r_end - r_begin, g.C, width, forward_k, coef, c0,
+                         a.act_param);
     });
   });
+}
+
+template <typename acc_t>
+void write_param_grads(const BackwardSums& sums, const acc_t* var, acc_t eps, acc_t* grad_weight, acc_t* grad_bias) {
+  for (size_t c = 0; c < sums.dy.size(); ++c) {
+    grad_bias[c] = acc_t(sums.dy[c]);
+    grad_weight[c] = acc_t(grad_weight_from_sums(sums.dy_xmu[c], double(var[c]), double(eps)));
+  }
+}
+
+template <Activation A, typename scalar_t, typename acc_t>
+void backward(const BackwardArgs<scalar_t, acc_t>& a, scalar_t* dx, acc_t* grad_weight, acc_t* grad_bias,
+              bool train) {
+  const Geometry& g = a.g;
+  if (g.layout == Layout::Planar && planar_parts(g) == 1) {
+    // A task per channel: sums then dx back to back, the second read from cache.
+    at::parallel_for(0, g.C, 1, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        const auto [sum_dy, sum_dy_xmu] = planar_backward_sums<A>(a, c, 0, g.count());
+        grad_bias[c] = acc_t(sum_dy);
+        grad_weight[c] = acc_t(grad_weight_from_sums(sum_dy_xmu, double(a.var[c]), double(a.eps)));
+        const auto k = backward_coefficients(a.mean[c], a.var[c], a.eps, a.params.w(c), acc_t(sum_dy),
+                                             acc_t(sum_dy_xmu), g.count(), train);
+        planar_backward_apply<A>(a, dx, c, k, 0, g.count());
+      }
+    });
+    return;
+  }
+  const BackwardSums sums = backward_sums<A>(a);
+  write_param_grads(sums, a.var, a.eps, grad_weight, grad_bias);
+  backward_apply_all<A>(a, dx, sums.dy.data(), sums.dy_xmu.data(), g.count(), train);
 }
 
 // ------------------------------------------------------------------ operator entry points
@@ -400,10 +440,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(const Tensor& input, con
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = channel_params<acc_t>(w, b);
     FASTBN_ACTIVATION_SWITCH(act, A, [&] {
-      auto kernel = g.layout == Layout::Planar ? train_forward_planar<A, scalar_t, acc_t>
-                                               : train_forward_interleaved<A, scalar_t, acc_t>;
-      kernel(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
-             params, g, acc_t(eps), acc_t(activation_param));
+      train_forward<A, scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(),
+                                        var.data_ptr<acc_t>(), params, g, acc_t(eps), acc_t(activation_param));
     });
   });
   return {y, mean, var};
@@ -469,12 +507,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = channel_params<acc_t>(w, b);
+    const BackwardArgs<scalar_t, acc_t> args{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                             mean_acc.const_data_ptr<acc_t>(), var_acc.const_data_ptr<acc_t>(),
+                                             params, g, acc_t(eps), acc_t(activation_param)};
     FASTBN_ACTIVATION_SWITCH(act, A, [&] {
-      auto kernel =
-          g.layout == Layout::Planar ? backward_planar<A, scalar_t, acc_t> : backward_interleaved<A, scalar_t, acc_t>;
-      kernel(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-             mean_acc.const_data_ptr<acc_t>(), var_acc.const_data_ptr<acc_t>(), params, grad_weight.data_ptr<acc_t>(),
-             grad_bias.data_ptr<acc_t>(), g, acc_t(eps), train, acc_t(activation_param));
+      backward<A>(args, dx.data_ptr<scalar_t>(), grad_weight.data_ptr<acc_t>(), grad_bias.data_ptr<acc_t>(), train);
     });
   });
   return {dx, grad_weight, grad_bias};
