@@ -71,4 +71,26 @@ at::Tensor to_accumulate(const std::optional<at::Tensor>& vec, at::ScalarType ac
   return vec->to(acc_dtype).contiguous();
 }
 
+PhaseOperands backward_phase_operands(const at::Tensor& grad_output, const at::Tensor& input,
+                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                      const at::Tensor& mean, const at::Tensor& var, const char* op) {
+  check_input(input, op);
+  TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.scalar_type() == input.scalar_type() &&
+                  grad_output.device() == input.device(),
+              op, ": grad_output must match input's size, dtype and device");
+  check_channel_vector(input, weight, "weight", op);
+  check_channel_vector(input, bias, "bias", op);
+  check_channel_vector(input, mean, "mean", op);
+  check_channel_vector(input, var, "var", op);
+  const auto acc = accumulate_dtype(input.scalar_type());
+  PhaseOperands o{describe(input)};
+  o.x = input.contiguous(o.g.format);
+  o.dy = grad_output.contiguous(o.g.format);
+  o.w = to_accumulate(weight, acc);
+  o.b = to_accumulate(bias, acc);
+  o.mean = to_accumulate(mean, acc);
+  o.var = to_accumulate(var, acc);
+  return o;
+}
+
 }  // namespace fastbn

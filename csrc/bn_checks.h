@@ -62,4 +62,15 @@ at::ScalarType accumulate_dtype(at::ScalarType input_dtype);
 // `vec` as a contiguous tensor of the accumulation dtype, or an undefined tensor.
 at::Tensor to_accumulate(const std::optional<at::Tensor>& vec, at::ScalarType acc_dtype);
 
+// The operands of SyncBatchNorm's backward phases, checked and made dense:
+// x and dy in the layout of describe(input), the vectors in the accumulation dtype.
+struct PhaseOperands {
+  Geometry g;
+  at::Tensor x, dy, w, b, mean, var;
+};
+
+PhaseOperands backward_phase_operands(const at::Tensor& grad_output, const at::Tensor& input,
+                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                      const at::Tensor& mean, const at::Tensor& var, const char* op);
+
 }  // namespace fastbn

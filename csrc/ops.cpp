@@ -30,6 +30,18 @@ TORCH_LIBRARY(fastbn, m) {
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, "
       "float eps, bool train, int activation=0, float activation_param=0.) -> (Tensor, Tensor, Tensor)");
+  // SyncBatchNorm's phases. Local statistics: (mean, biased variance) of each
+  // channel's numel / C values, in the accumulation dtype.
+  m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
+  // Local backward sums (sum(g), sum(g * (x - mean))), g = grad_output * act'(z).
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor var, float eps, int activation=0, float activation_param=0.) -> (Tensor, Tensor)");
+  // grad_input from sums over the global batch of `count` values per channel.
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor var, Tensor sum_dy, Tensor sum_dy_xmu, float eps, int count, int activation=0, "
+      "float activation_param=0.) -> Tensor");
   // running = (1 - factor) * running + factor * batch, variance unbiased by count / (count - 1).
   m.def(
       "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "

@@ -9,8 +9,9 @@ from . import functional, ops
 from .convert import convert_model, fold_bn
 from .functional import batch_norm, batch_norm_act
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync_batchnorm import SyncBatchNorm
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "batch_norm_act", "convert_model", "fold_bn", "functional",
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "batch_norm_act", "convert_model", "fold_bn", "functional",
            "ops"]

@@ -133,6 +133,25 @@ def _batch_norm_backward_fake(grad_output, input, weight, bias, mean, var, eps, 
     return grad_input, input.new_empty((channels,), dtype=acc), input.new_empty((channels,), dtype=acc)
 
 
+@torch.library.register_fake("fastbn::batch_norm_stats")
+def _batch_norm_stats_fake(input):
+    channels, acc = input.shape[1], accumulate_dtype(input.dtype)
+    return input.new_empty((channels,), dtype=acc), input.new_empty((channels,), dtype=acc)
+
+
+@torch.library.register_fake("fastbn::batch_norm_backward_reduce")
+def _batch_norm_backward_reduce_fake(grad_output, input, weight, bias, mean, var, eps, activation=0,
+                                     activation_param=0.0):
+    channels, acc = input.shape[1], accumulate_dtype(input.dtype)
+    return input.new_empty((channels,), dtype=acc), input.new_empty((channels,), dtype=acc)
+
+
+@torch.library.register_fake("fastbn::batch_norm_backward_elemt")
+def _batch_norm_backward_elemt_fake(grad_output, input, weight, bias, mean, var, sum_dy, sum_dy_xmu, eps, count,
+                                    activation=0, activation_param=0.0):
+    return torch.empty_like(input, memory_format=output_memory_format(input))
+
+
 @torch.library.register_fake("fastbn::update_running_stats")
 def _update_running_stats_fake(running_mean, running_var, mean, var, factor, count):
     return None
@@ -287,6 +306,11 @@ def batch_norm_eval(input: Tensor, weight: Optional[Tensor], bias: Optional[Tens
                     running_var: Tensor, eps: float, activation: int = 0, activation_param: float = 0.0) -> Tensor:
     return torch.ops.fastbn.batch_norm_eval.default(input, weight, bias, running_mean, running_var, eps, activation,
                                                     activation_param)
+
+
+def batch_norm_stats_raw(input: Tensor):
+    """Per-channel (mean, biased variance) of input in the accumulation dtype; NaN for an empty input."""
+    return torch.ops.fastbn.batch_norm_stats.default(input)
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float,

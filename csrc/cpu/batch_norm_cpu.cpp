@@ -517,6 +517,90 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
   return {dx, grad_weight, grad_bias};
 }
 
+// ------------------------------------------------------------------ SyncBatchNorm phases
+
+std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
+  constexpr const char* op = "fastbn.batch_norm_stats";
+  check_input(input, op);
+  const Geometry g = describe(input);
+  const auto acc = accumulate_dtype(input.scalar_type());
+  const Tensor x = input.contiguous(g.format);
+  Tensor mean = at::empty({g.C}, input.options().dtype(acc));
+  Tensor var = at::empty({g.C}, input.options().dtype(acc));
+  if (g.count() == 0) {
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {mean, var};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto moments = channel_moments(x.const_data_ptr<scalar_t>(), g);
+    for (int64_t c = 0; c < g.C; ++c) {
+      mean.data_ptr<acc_t>()[c] = acc_t(moments[c].mean);
+      var.data_ptr<acc_t>()[c] = acc_t(moments_biased_var(moments[c]));
+    }
+  });
+  return {mean, var};
+}
+
+
+std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(const Tensor& grad_output, const Tensor& input,
+                                                          const std::optional<Tensor>& weight,
+                                                          const std::optional<Tensor>& bias, const Tensor& mean,
+                                                          const Tensor& var, double eps, int64_t activation,
+                                                          double activation_param) {
+  constexpr const char* op = "fastbn.batch_norm_backward_reduce";
+  const Activation act = check_activation(activation, op);
+  const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
+  const auto acc = accumulate_dtype(input.scalar_type());
+  Tensor sum_dy = at::zeros({o.g.C}, input.options().dtype(acc));
+  Tensor sum_dy_xmu = at::zeros({o.g.C}, input.options().dtype(acc));
+  if (o.g.count() == 0) return {sum_dy, sum_dy_xmu};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_backward_reduce_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BackwardArgs<scalar_t, acc_t> args{o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(),
+                                             o.mean.const_data_ptr<acc_t>(), o.var.const_data_ptr<acc_t>(),
+                                             channel_params<acc_t>(o.w, o.b), o.g, acc_t(eps),
+                                             acc_t(activation_param)};
+    FASTBN_ACTIVATION_SWITCH(act, A, [&] {
+      const BackwardSums sums = backward_sums<A>(args);
+      for (int64_t c = 0; c < o.g.C; ++c) {
+        sum_dy.data_ptr<acc_t>()[c] = acc_t(sums.dy[c]);
+        sum_dy_xmu.data_ptr<acc_t>()[c] = acc_t(sums.dy_xmu[c]);
+      }
+    });
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& input,
+                                     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                                     const Tensor& mean, const Tensor& var, const Tensor& sum_dy,
+                                     const Tensor& sum_dy_xmu, double eps, int64_t count, int64_t activation,
+                                     double activation_param) {
+  constexpr const char* op = "fastbn.batch_norm_backward_elemt";
+  const Activation act = check_activation(activation, op);
+  TORCH_CHECK(count >= 0, op, ": count must be non-negative, got ", count);
+  const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
+  check_channel_vector(input, sum_dy, "sum_dy", op);
+  check_channel_vector(input, sum_dy_xmu, "sum_dy_xmu", op);
+  Tensor dx = at::empty(input.sizes(), input.options().memory_format(o.g.format));
+  if (o.g.count() == 0) return dx;
+  const Tensor sdy = sum_dy.to(at::kDouble).contiguous(), sdx = sum_dy_xmu.to(at::kDouble).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_backward_elemt_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BackwardArgs<scalar_t, acc_t> args{o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(),
+                                             o.mean.const_data_ptr<acc_t>(), o.var.const_data_ptr<acc_t>(),
+                                             channel_params<acc_t>(o.w, o.b), o.g, acc_t(eps),
+                                             acc_t(activation_param)};
+    FASTBN_ACTIVATION_SWITCH(act, A, [&] {
+      backward_apply_all<A>(args, dx.data_ptr<scalar_t>(), sdy.const_data_ptr<double>(), sdx.const_data_ptr<double>(),
+                            count, true);
+    });
+  });
+  return dx;
+}
+
 void update_running_stats_cpu(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean, const Tensor& var,
                               double factor, int64_t count) {
   constexpr const char* op = "fastbn.update_running_stats";
@@ -557,6 +641,9 @@ TORCH_LIBRARY_IMPL(fastbn, CPU, m) {
   m.impl("batch_norm_eval", &batch_norm_eval_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
   m.impl("update_running_stats", &update_running_stats_cpu);
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cpu);
 }
 
 }  // namespace fastbn::cpu

@@ -355,6 +355,145 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
   return {dx, grad_weight, grad_bias};
 }
 
+// ------------------------------------------------------------------ SyncBatchNorm phases
+
+std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input) {
+  constexpr const char* op = "fastbn.batch_norm_stats";
+  check_input(input, op);
+  c10::cuda::CUDAGuard guard(input.device());
+  const Geometry g = describe(input);
+  const auto acc = accumulate_dtype(input.scalar_type());
+  const Tensor x = input.contiguous(g.format);
+  Tensor mean = at::empty({g.C}, input.options().dtype(acc));
+  Tensor var = at::empty({g.C}, input.options().dtype(acc));
+  if (g.count() == 0 || g.C == 0) {
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {mean, var};
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    FASTBN_INDEX_SWITCH(x, [&] {
+      const ReduceLaunch l = reduce_launch(g, x);
+      Tensor partial = workspace(int64_t(sizeof(Moments<acc_t>)) * g.C * l.splits, x);
+      Tensor coef = workspace(int64_t(sizeof(ForwardCoefficients<acc_t>)) * g.C, x);
+      auto* partial_p = reinterpret_cast<Moments<acc_t>*>(partial.data_ptr());
+      if (g.layout == Layout::Planar) {
+        planar_moments_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), partial_p, index_t(g.N), index_t(g.C), index_t(g.S));
+      } else {
+        interleaved_moments_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), partial_p, index_t(g.count()), index_t(g.C));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      finalize_moments_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
+          partial_p, l.splits, g.C, ChannelParams<acc_t>{nullptr, nullptr}, acc_t(0), mean.data_ptr<acc_t>(),
+          var.data_ptr<acc_t>(), reinterpret_cast<ForwardCoefficients<acc_t>*>(coef.data_ptr()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {mean, var};
+}
+
+
+std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(const Tensor& grad_output, const Tensor& input,
+                                                           const std::optional<Tensor>& weight,
+                                                           const std::optional<Tensor>& bias, const Tensor& mean,
+                                                           const Tensor& var, double eps, int64_t activation,
+                                                           double activation_param) {
+  constexpr const char* op = "fastbn.batch_norm_backward_reduce";
+  const Activation act_code = check_activation(activation, op);
+  c10::cuda::CUDAGuard guard(input.device());
+  const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
+  const Geometry& g = o.g;
+  const auto acc = accumulate_dtype(input.scalar_type());
+  Tensor sum_dy = at::zeros({g.C}, input.options().dtype(acc));
+  Tensor sum_dy_xmu = at::zeros({g.C}, input.options().dtype(acc));
+  if (g.count() == 0 || g.C == 0) return {sum_dy, sum_dy_xmu};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_backward_reduce_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto params = channel_params<acc_t>(o.w, o.b);
+    const ActivationArgs<acc_t> act{act_code, acc_t(activation_param)};
+    const acc_t* mp = o.mean.const_data_ptr<acc_t>();
+    FASTBN_INDEX_SWITCH(o.x, [&] {
+      const ReduceLaunch l = reduce_launch(g, o.x);
+      Tensor partial = workspace(int64_t(sizeof(SumPair<acc_t>)) * g.C * l.splits, o.x);
+      Tensor fcoef = workspace(int64_t(sizeof(ForwardCoefficients<acc_t>)) * g.C, o.x);
+      auto* partial_p = reinterpret_cast<SumPair<acc_t>*>(partial.data_ptr());
+      auto* fcoef_p = reinterpret_cast<ForwardCoefficients<acc_t>*>(fcoef.data_ptr());
+      eval_coefficients_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
+          mp, o.var.const_data_ptr<acc_t>(), g.C, params, acc_t(eps), fcoef_p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (g.layout == Layout::Planar) {
+        planar_backward_sums_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, stream>>>(
+            o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), mp, fcoef_p, act, partial_p,
+            index_t(g.N), index_t(g.C), index_t(g.S));
+      } else {
+        interleaved_backward_sums_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, stream>>>(
+            o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), mp, fcoef_p, act, partial_p,
+            index_t(g.count()), index_t(g.C));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      finalize_sums_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
+          partial_p, l.splits, g.C, sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+Tensor batch_norm_backward_elemt_cuda(const Tensor& grad_output, const Tensor& input,
+                                      const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                                      const Tensor& mean, const Tensor& var, const Tensor& sum_dy,
+                                      const Tensor& sum_dy_xmu, double eps, int64_t count, int64_t activation,
+                                      double activation_param) {
+  constexpr const char* op = "fastbn.batch_norm_backward_elemt";
+  const Activation act_code = check_activation(activation, op);
+  TORCH_CHECK(count >= 0, op, ": count must be non-negative, got ", count);
+  c10::cuda::CUDAGuard guard(input.device());
+  const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
+  check_channel_vector(input, sum_dy, "sum_dy", op);
+  check_channel_vector(input, sum_dy_xmu, "sum_dy_xmu", op);
+  const Geometry& g = o.g;
+  const auto acc = accumulate_dtype(input.scalar_type());
+  Tensor dx = at::empty(input.sizes(), input.options().memory_format(g.format));
+  if (o.x.numel() == 0) return dx;
+  const Tensor sdy = sum_dy.to(acc).contiguous(), sdx = sum_dy_xmu.to(acc).contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_backward_elemt_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto params = channel_params<acc_t>(o.w, o.b);
+    const ActivationArgs<acc_t> act{act_code, acc_t(activation_param)};
+    const acc_t* mp = o.mean.const_data_ptr<acc_t>();
+    const acc_t* vp = o.var.const_data_ptr<acc_t>();
+    Tensor coef = workspace(int64_t(sizeof(BackwardCoefficients<acc_t>)) * g.C, o.x);
+    Tensor fcoef = workspace(int64_t(sizeof(ForwardCoefficients<acc_t>)) * g.C, o.x);
+    auto* coef_p = reinterpret_cast<BackwardCoefficients<acc_t>*>(coef.data_ptr());
+    auto* fcoef_p = reinterpret_cast<ForwardCoefficients<acc_t>*>(fcoef.data_ptr());
+    const unsigned channel_blocks = unsigned(ceil_div(g.C, kThreads));
+    eval_coefficients_kernel<acc_t><<<channel_blocks, kThreads, 0, stream>>>(mp, vp, g.C, params, acc_t(eps), fcoef_p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    backward_coefficients_kernel<acc_t><<<channel_blocks, kThreads, 0, stream>>>(
+        mp, vp, sdy.const_data_ptr<acc_t>(), sdx.const_data_ptr<acc_t>(), g.C, params, acc_t(eps), count, coef_p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTBN_INDEX_SWITCH(o.x, [&] {
+      if (g.layout == Layout::Planar) {
+        planar_backward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, o.x), kThreads, 0, stream>>>(
+            o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), fcoef_p, coef_p,
+            act, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
+      } else {
+        interleaved_backward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, o.x), kThreads, 0, stream>>>(
+            o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), fcoef_p, coef_p,
+            act, index_t(o.x.numel()), index_t(g.C));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return dx;
+}
+
 void update_running_stats_cuda(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
                                const Tensor& var, double factor, int64_t count) {
   constexpr const char* op = "fastbn.update_running_stats";
@@ -400,6 +539,9 @@ TORCH_LIBRARY_IMPL(fastbn, CUDA, m) {
   m.impl("batch_norm_eval", &batch_norm_eval_cuda);
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
   m.impl("update_running_stats", &update_running_stats_cuda);
+  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cuda);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cuda);
 }
 
 }  // namespace fastbn::cuda

@@ -167,6 +167,31 @@ __global__ void finalize_backward_kernel(const SumPair<acc_t>* __restrict__ part
   coef[c] = backward_coefficients(mean[c], var[c], eps, params.w(c), sum_dy, sum_dy_xmu, count, train);
 }
 
+// SyncBatchNorm's phases: the channel sums alone, and dx coefficients from sums
+// reduced across processes (count: values of the global batch).
+template <typename acc_t>
+__global__ void finalize_sums_kernel(const SumPair<acc_t>* __restrict__ partial, int splits, int64_t C,
+                                     acc_t* __restrict__ sum_dy, acc_t* __restrict__ sum_dy_xmu) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  acc_t a = 0, b = 0;
+  for (int j = 0; j < splits; ++j) {
+    a += partial[c * splits + j].a;
+    b += partial[c * splits + j].b;
+  }
+  sum_dy[c] = a;
+  sum_dy_xmu[c] = b;
+}
+
+template <typename acc_t>
+__global__ void backward_coefficients_kernel(const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
+                                             const acc_t* __restrict__ sum_dy, const acc_t* __restrict__ sum_dy_xmu,
+                                             int64_t C, ChannelParams<acc_t> params, acc_t eps, int64_t count,
+                                             BackwardCoefficients<acc_t>* __restrict__ coef) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c < C) coef[c] = backward_coefficients(mean[c], var[c], eps, params.w(c), sum_dy[c], sum_dy_xmu[c], count, true);
+}
+
 // ------------------------------------------------------------------ general: elementwise
 
 // grid (S blocks, planes), planes = N * C looped over gridDim.y.
