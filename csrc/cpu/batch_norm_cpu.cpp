@@ -190,10 +190,7 @@ void forward_apply_all(const scalar_t* x, scalar_t* y, const ForwardArrays<acc_t
                        acc_t act_param) {
   if (g.layout == Layout::Interleaved) {
     at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
-      for_each_channel_block<scalar_t>(g.C, [&](int64_t c0, int64_t width) {
-        column_forward<A>(x + r_begin * g.C + c0, y + r_begin * g.C + c0, r_end - r_begin, g.C, width, coef, c0,
-                          act_param);
-      });
+      for (int64_t r = r_begin; r < r_end; ++r) row_forward<A>(x + r * g.C, y + r * g.C, g.C, coef, act_param);
     });
     return;
   }
@@ -375,11 +372,9 @@ void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, scalar_t* dx, co
   ForwardArrays<acc_t> forward_k(g.C);
   for (int64_t c = 0; c < g.C; ++c) forward_k.set(c, a.forward_k(c));
   at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
-    for_each_channel_block<scalar_t>(g.C, [&](int64_t c0, int64_t width) {
-      const int64_t off = r_begin * g.C + c0;
-      column_backward<A>(a.dy + off, a.x + off, dx + off, r_end - r_begin, g.C, width, forward_k, coef, c0,
-                         a.act_param);
-    });
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      row_backward<A>(a.dy + r * g.C, a.x + r * g.C, dx + r * g.C, g.C, forward_k, coef, a.act_param);
+    }
   });
 }
 

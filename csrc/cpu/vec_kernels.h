@@ -435,58 +435,54 @@ inline ForwardVecs<Vectorized<acc_t>> forward_vecs(const ForwardArrays<acc_t>& k
           Vec::loadu(k.bias.data() + c)};
 }
 
-// y = act(forward_apply(k[c], x)) down a column of channels [c0, c0 + width).
+// Rows: the elementwise passes walk memory in order, one row of C channels
+// at a time, the per-channel coefficients coming from L1.
+
+// y[c] = act(forward_apply(k[c], x[c])) for one row.
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void column_forward(const scalar_t* x, scalar_t* y, int64_t rows, int64_t stride, int64_t width,
-                           const ForwardArrays<acc_t>& k, int64_t c0, acc_t param) {
+inline void row_forward(const scalar_t* x, scalar_t* y, int64_t C, const ForwardArrays<acc_t>& k, acc_t param) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
-  const ForwardVecs<Vec> f[2] = {forward_vecs(k, c0), forward_vecs(k, c0 + L::kVec)};
   const Vec vparam(param);
-  auto apply = [&](const Vec& v, int j) { return vec_activation<A>(f[j].z(v), vparam); };
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t c0 = 0; c0 < C; c0 += L::kBlock) {
+    const ForwardVecs<Vec> f0 = forward_vecs(k, c0), f1 = forward_vecs(k, c0 + L::kVec);
     Vec v0, v1;
+    const int64_t width = std::min<int64_t>(L::kBlock, C - c0);
     if (width == L::kBlock) {
-      L::load(x + r * stride, v0, v1);
-      L::store(y + r * stride, apply(v0, 0), apply(v1, 1));
+      L::load(x + c0, v0, v1);
+      L::store(y + c0, vec_activation<A>(f0.z(v0), vparam), vec_activation<A>(f1.z(v1), vparam));
     } else {
-      L::load_partial(x + r * stride, width, v0, v1);
-      L::store_partial(y + r * stride, width, apply(v0, 0), apply(v1, 1));
+      L::load_partial(x + c0, width, v0, v1);
+      L::store_partial(y + c0, width, vec_activation<A>(f0.z(v0), vparam), vec_activation<A>(f1.z(v1), vparam));
     }
   }
 }
 
-// dx = backward_apply(k[c], dy * act'(z), x) down a column of channels [c0, c0 + width).
+// dx[c] = backward_apply(k[c], dy[c] * act'(z[c]), x[c]) for one row.
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void column_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t rows, int64_t stride,
-                            int64_t width, const ForwardArrays<acc_t>& fk, const BackwardArrays<acc_t>& k, int64_t c0,
-                            acc_t param) {
+inline void row_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C,
+                         const ForwardArrays<acc_t>& fk, const BackwardArrays<acc_t>& k, acc_t param) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
-  const ForwardVecs<Vec> f[2] = {forward_vecs(fk, c0), forward_vecs(fk, c0 + L::kVec)};
   const Vec vparam(param);
-  Vec mean[2], kdy[2], kxmu[2], kconst[2];
-  for (int j = 0; j < 2; ++j) {
-    const int64_t c = c0 + j * L::kVec;
-    mean[j] = Vec::loadu(k.mean.data() + c);
-    kdy[j] = Vec::loadu(k.k_dy.data() + c);
-    kxmu[j] = Vec::loadu(k.k_xmu.data() + c);
-    kconst[j] = Vec::loadu(k.k_const.data() + c);
-  }
-  auto apply = [&](const Vec& g, const Vec& v, int j) {
-    return at::vec::fmadd(grad_before_activation<A>(g, v, f[j], vparam), kdy[j],
-                          at::vec::fmadd(v - mean[j], kxmu[j], kconst[j]));
+  auto apply = [&](const Vec& g, const Vec& v, const ForwardVecs<Vec>& f, int64_t c) {
+    return at::vec::fmadd(grad_before_activation<A>(g, v, f, vparam), Vec::loadu(k.k_dy.data() + c),
+                          at::vec::fmadd(v - Vec::loadu(k.mean.data() + c), Vec::loadu(k.k_xmu.data() + c),
+                                         Vec::loadu(k.k_const.data() + c)));
   };
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t c0 = 0; c0 < C; c0 += L::kBlock) {
+    const int64_t c1 = c0 + L::kVec;
+    const ForwardVecs<Vec> f0 = forward_vecs(fk, c0), f1 = forward_vecs(fk, c1);
     Vec g0, g1, v0, v1;
+    const int64_t width = std::min<int64_t>(L::kBlock, C - c0);
     if (width == L::kBlock) {
-      L::load(dy + r * stride, g0, g1);
-      L::load(x + r * stride, v0, v1);
-      L::store(dx + r * stride, apply(g0, v0, 0), apply(g1, v1, 1));
+      L::load(dy + c0, g0, g1);
+      L::load(x + c0, v0, v1);
+      L::store(dx + c0, apply(g0, v0, f0, c0), apply(g1, v1, f1, c1));
     } else {
-      L::load_partial(dy + r * stride, width, g0, g1);
-      L::load_partial(x + r * stride, width, v0, v1);
-      L::store_partial(dx + r * stride, width, apply(g0, v0, 0), apply(g1, v1, 1));
+      L::load_partial(dy + c0, width, g0, g1);
+      L::load_partial(x + c0, width, v0, v1);
+      L::store_partial(dx + c0, width, apply(g0, v0, f0, c0), apply(g1, v1, f1, c1));
     }
   }
 }
