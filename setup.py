@@ -96,6 +96,13 @@ def make_extension():
         ("FASTBN_CPU_CAPABILITY_NAME", f'"{capability}"'),
     ]
     cxx_flags = ["-O3", "-g0", "-fno-math-errno", "-Wno-unknown-pragmas"] + CAPABILITY_FLAGS[capability]
+    # at::parallel_for runs its loop serially unless the extension itself is built
+    # with OpenMP (ATen's header checks _OPENMP). torch ships libgomp.so.1, which
+    # the extension then shares.
+    link_flags = []
+    if platform.system() == "Linux":
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if use_cuda:
         # No GPU visible means torch cannot guess the architectures (it crashes with IndexError).
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -107,6 +114,7 @@ def make_extension():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
             py_limited_api=True,
         )
     return CppExtension(
@@ -115,6 +123,7 @@ def make_extension():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
         py_limited_api=True,
     )
 

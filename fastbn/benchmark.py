@@ -244,7 +244,7 @@ def make_step(module: torch.nn.Module, case: Case, workload: Workload) -> Tuple[
 # Timing
 # --------------------------------------------------------------------------------------
 
-def median_seconds(step: Callable, num_threads: int, min_run_time: float, label: str) -> List[float]:
+def block_times(step: Callable, num_threads: int, min_run_time: float, label: str) -> List[float]:
     """Per-call times (seconds) of the blocks of one blocked_autorange.
 
     torch.utils.benchmark synchronizes CUDA around each block, sets the thread count,
@@ -262,7 +262,7 @@ def measure_copy_bandwidth(device: str, num_threads: int, min_run_time: float,
     source = torch.rand(numel, device=device)
     destination = torch.empty_like(source)
     destination.copy_(source)  # first touch: page faults are not bandwidth
-    times = median_seconds(lambda: destination.copy_(source), num_threads, min_run_time, "copy")
+    times = block_times(lambda: destination.copy_(source), num_threads, min_run_time, "copy")
     seconds = statistics.median(times)
     bytes_moved = 2 * numel * 4
     return {"buffer_MiB": megabytes, "median_s": seconds, "GBps": bytes_moved / seconds / 1e9}
@@ -370,9 +370,9 @@ def benchmark_row(case: Case, shape, layout: str, dtype_name: str, options,
     torch_times: List[float] = []
     fastbn_times: List[float] = []
     for _ in range(options.rounds):
-        torch_times += median_seconds(torch_step, options.threads, per_round, label)
+        torch_times += block_times(torch_step, options.threads, per_round, label)
         if fastbn_step is not None:
-            fastbn_times += median_seconds(fastbn_step, options.threads, per_round, label)
+            fastbn_times += block_times(fastbn_step, options.threads, per_round, label)
     row.torch_s, row.torch_iqr_s = statistics.median(torch_times), interquartile_range(torch_times)
     if fastbn_times:
         row.fastbn_s, row.fastbn_iqr_s = statistics.median(fastbn_times), interquartile_range(fastbn_times)
@@ -407,7 +407,10 @@ def describe_cpu() -> str:
     last_level_cache = ""
     try:
         with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as size:
-            last_level_cache = f", L3 {size.read().strip()}"
+            text = size.read().strip()  # e.g. "32768K"
+        if text.endswith("K") and text[:-1].isdigit() and int(text[:-1]) % 1024 == 0:
+            text = f"{int(text[:-1]) // 1024} MiB"
+        last_level_cache = f", L3 {text}"
     except OSError:
         pass
     details = ", ".join(part for part in (f"{os.cpu_count()} logical CPUs", isa) if part)
