@@ -678,6 +678,10 @@ def parse_arguments(argv):
         options.json = os.path.join("bench", "results", f"bench-{options.device}.json")
     if options.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
+    if options.device == "cuda":
+        # Time fastbn's own kernels, not the torch fallback that builds whose CUDA
+        # kernels are not yet validated use (fastbn.ops.CUDA_KERNELS_VALIDATED).
+        os.environ.setdefault("FASTBN_CUDA_KERNELS", "1")
     if options.device == "cpu" and "float16" in options.dtypes:
         print("note: float16 batch norm on CPU is not a tuned path in torch", file=sys.stderr)
     return options
