@@ -54,6 +54,27 @@ FASTBN_HOST_DEVICE void moments_push(Moments<acc_t>& m, acc_t x) {
   m.m2 += delta * (x - m.mean);
 }
 
+// Moments of n values from their sum and sum of squares about a shift:
+// mean = shift + sum / n, M2 = squares - sum^2 / n. Exact enough while the shift
+// is near the mean; statistics_need_second_pass says when it was not (the
+// cancellation would eat more than about 6 of double's 16 digits).
+template <typename acc_t>
+FASTBN_HOST_DEVICE Moments<acc_t> moments_from_shifted_sums(acc_t shift, acc_t sum, acc_t squares, int64_t n) {
+  Moments<acc_t> m;
+  const acc_t offset = sum / acc_t(n);
+  m.mean = shift + offset;
+  m.m2 = squares - sum * offset;
+  m.count = n;
+  return m;
+}
+
+template <typename acc_t>
+FASTBN_HOST_DEVICE bool statistics_need_second_pass(acc_t shift, const Moments<acc_t>& m) {
+  const acc_t offset = m.mean - shift;
+  // false for NaN too: a NaN then stays NaN through the second pass
+  return !(offset * offset * acc_t(m.count) <= acc_t(1e6) * m.m2) && !(offset == acc_t(0));
+}
+
 // Biased (population) variance, the one batch norm normalizes with.
 template <typename acc_t>
 FASTBN_HOST_DEVICE acc_t moments_biased_var(const Moments<acc_t>& m) {

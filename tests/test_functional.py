@@ -45,9 +45,11 @@ def test_far_from_zero_keeps_variance(shape, channels_last, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_outlier_first_value(device):
-    """The shift the kernels sum around is the channel's first value: make it an outlier."""
-    x = random_input((16, 3, 9, 9), torch.float32, device)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_outlier_first_value(channels_last, device):
+    """The kernels first sum about the channel's first value: make it an outlier, so
+    the single-pass sums lose their precision and the second pass must take over."""
+    x = random_input((16, 3, 9, 9), torch.float32, device, channels_last)
     x[0, :, 0, 0] = 1e5
     y_fast, y_torch, y_ref, *_ = run_both(x, None, None, None, None, True)
     assert_within_budget(y_fast, y_torch, y_ref, "output")
@@ -123,3 +125,17 @@ def test_channels_last_output_and_grad_stay_channels_last(device):
     assert y.is_contiguous(memory_format=torch.channels_last)
     y.backward(torch.randn_like(y))
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channel_that_jumps_far_from_its_first_values(channels_last, device):
+    """Sample 0 near 0, sample 1 near 1e4 with unit spread: the later pieces sum about a
+    shift far from their own mean, which takes the kernels' second pass over the piece."""
+    x = random_input((2, 2, 64, 64), torch.float64, device, channels_last, mean=0.0, std=1.0)
+    x[1] += 1e4
+    x = x.float()
+    y_fast, y_torch, y_ref, *_ = run_both(x, None, None, None, None, True)
+    assert_within_budget(y_fast, y_torch, y_ref, "output")
+    _, var = torch.ops.fastbn.batch_norm_stats(x)
+    torch.testing.assert_close(var.double(), x.double().var((0, 2, 3), unbiased=False), rtol=1e-6, atol=0)

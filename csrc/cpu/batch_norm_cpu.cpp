@@ -69,22 +69,29 @@ inline std::pair<int64_t, int64_t> part_range(int64_t count, int64_t parts, int6
   return {count * j / parts, count * (j + 1) / parts};
 }
 
-// Moments of the flat range [begin, end) of one planar channel, kept in double:
-// merging is per piece, so the extra precision costs nothing measurable.
+// Moments of the flat range [begin, end) of one planar channel, kept in double.
+// One pass per piece of kPiece values for the sum and the sum of squares about a
+// shift; the shift follows the running mean, so only a first piece far from its
+// first value (an outlier there) needs its second pass from L1.
 template <typename scalar_t, typename acc_t>
 Moments<double> planar_moments(const scalar_t* xc, const Geometry& g, int64_t begin, int64_t end) {
-  const int64_t row_stride = g.C * g.S;
   using red_t = typename ReduceLanes<scalar_t>::red_t;
-  const red_t shift = red_t(xc[0]);  // any value of the channel: keeps the sums small
+  const int64_t row_stride = g.C * g.S;
+  red_t shift = red_t(xc[(begin / g.S) * row_stride + begin % g.S]);  // the range's first value
   Moments<double> total{0.0, 0.0, 0};
-  LaneSums<scalar_t> lanes;
+  LaneSums<scalar_t> sums, squares;
   for (int64_t p = begin; p < end; p += kPiece) {
     const int64_t q = std::min(end, p + kPiece);
-    for_each_segment(p, q, g.S, row_stride, [&](int64_t off, int64_t len) { span_sum(xc + off, len, shift, lanes); });
-    const double mean = double(shift) + lanes.flush() / double(q - p);
     for_each_segment(p, q, g.S, row_stride,
-                     [&](int64_t off, int64_t len) { span_sum_sq_dev(xc + off, len, red_t(mean), lanes); });
-    total = moments_merge(total, Moments<double>{mean, lanes.flush(), q - p});
+                     [&](int64_t off, int64_t len) { span_sum_and_squares(xc + off, len, shift, sums, squares); });
+    Moments<double> piece = moments_from_shifted_sums<double>(shift, sums.flush(), squares.flush(), q - p);
+    if (statistics_need_second_pass<double>(shift, piece)) {
+      for_each_segment(p, q, g.S, row_stride,
+                       [&](int64_t off, int64_t len) { span_sum_sq_dev(xc + off, len, red_t(piece.mean), squares); });
+      piece.m2 = squares.flush();
+    }
+    total = moments_merge(total, piece);
+    shift = red_t(total.mean);
   }
   return total;
 }
@@ -149,23 +156,32 @@ std::vector<Moments<double>> interleaved_channel_moments(const scalar_t* x, cons
   const int64_t tasks = interleaved_tasks(rows);
   // Per-task moments, merged piece by piece (Chan).
   std::vector<Moments<double>> task_moments(tasks * C, Moments<double>{0.0, 0.0, 0});
-  std::vector<red_t> shift(padded, red_t(0));  // the first row: keeps the sums small (see span_sum)
-  for (int64_t c = 0; c < C; ++c) shift[c] = red_t(x[c]);
+  std::vector<red_t> first_row(padded, red_t(0));  // the first shift: keeps the sums small (see span_sum_and_squares)
+  for (int64_t c = 0; c < C; ++c) first_row[c] = red_t(x[c]);
   at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
     std::vector<red_t> piece_mean(padded, red_t(0)), piece_m2(padded, red_t(0));
     for (int64_t t = t_begin; t < t_end; ++t) {
       Moments<double>* moments = task_moments.data() + t * C;
+      std::vector<red_t> shift = first_row;  // this task's, following its running means
       const auto [r_begin, r_end] = part_range(rows, tasks, t);
       for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
         const int64_t n = std::min(r_end, r + rows_per_piece(C)) - r;
         const scalar_t* piece = x + r * C;
         for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
-          column_sum(piece + c0, n, C, width, shift.data() + c0, piece_mean.data() + c0);
-          for (int64_t c = c0; c < c0 + width; ++c) piece_mean[c] = shift[c] + piece_mean[c] / red_t(n);
-          column_sum_sq_dev(piece + c0, n, C, width, piece_mean.data() + c0, piece_m2.data() + c0);
+          column_sum_and_squares(piece + c0, n, C, width, shift.data() + c0, piece_mean.data() + c0,
+                                 piece_m2.data() + c0);
+          bool second_pass = false;
+          for (int64_t c = c0; c < c0 + width; ++c) {
+            const auto m = moments_from_shifted_sums<double>(shift[c], piece_mean[c], piece_m2[c], n);
+            piece_mean[c] = m.mean;
+            piece_m2[c] = m.m2;
+            second_pass = second_pass || statistics_need_second_pass<double>(shift[c], m);
+          }
+          if (second_pass) column_sum_sq_dev(piece + c0, n, C, width, piece_mean.data() + c0, piece_m2.data() + c0);
         });
         for (int64_t c = 0; c < C; ++c) {
           moments[c] = moments_merge(moments[c], Moments<double>{piece_mean[c], piece_m2[c], n});
+          shift[c] = red_t(moments[c].mean);  // the next piece sums about the running mean
         }
       }
     }

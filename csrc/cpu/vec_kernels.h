@@ -146,22 +146,35 @@ struct LaneSums {
   }
 };
 
-// acc += x - shift. Summing deviations from a value near the data (the channel's
-// first value) keeps rounding relative to the spread, not to the mean.
+// sums += x - shift; squares += (x - shift)^2: both moments in one pass.
+// Summing deviations from a value near the data (the running mean) keeps the
+// rounding relative to the spread, not to the mean (x = 1e4 + randn). The
+// caller checks that the shift was close enough to the mean for the squares to
+// keep their precision (statistics_need_second_pass) and re-reads the piece
+// from L1 with span_sum_sq_dev otherwise.
 template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
-inline void span_sum(const scalar_t* x, int64_t n, red_t shift, LaneSums<scalar_t>& sums) {
+inline void span_sum_and_squares(const scalar_t* x, int64_t n, red_t shift, LaneSums<scalar_t>& sums,
+                                 LaneSums<scalar_t>& squares) {
   using R = ReduceLanes<scalar_t>;
   const typename R::Vec vshift(shift);
   typename R::Vec v[R::kParts];
   int64_t i = 0;
   for (; i + R::kBlock <= n; i += R::kBlock) {
     R::load(x + i, v);
-    for (int j = 0; j < R::kParts; ++j) sums.acc[j] += v[j] - vshift;
+    for (int j = 0; j < R::kParts; ++j) {
+      const auto d = v[j] - vshift;
+      sums.acc[j] += d;
+      squares.acc[j] = at::vec::fmadd(d, d, squares.acc[j]);
+    }
   }
   if (i < n) {  // padding lanes load as 0: mask them after the shift
     int64_t valid[R::kParts];
     R::load_partial(x + i, n - i, v, valid);
-    for (int j = 0; j < R::kParts; ++j) sums.acc[j] += R::keep(v[j] - vshift, valid[j]);
+    for (int j = 0; j < R::kParts; ++j) {
+      const auto d = R::keep(v[j] - vshift, valid[j]);
+      sums.acc[j] += d;
+      squares.acc[j] = at::vec::fmadd(d, d, squares.acc[j]);
+    }
   }
 }
 
@@ -308,22 +321,27 @@ inline void store_block(const Vec (&acc)[kParts], red_t* out, int64_t width) {
   for (int64_t i = 0; i < width; ++i) out[i] = lanes[i];
 }
 
-// out[c] = sum over rows of (x[c] - shift[c]), for the block's channels
+// sums[c] = sum over rows of (x[c] - shift[c]), squares[c] = of (x[c] - shift[c])^2
 template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
-inline void column_sum(const scalar_t* x, int64_t rows, int64_t stride, int64_t width, const red_t* shift,
-                       red_t* out) {
+inline void column_sum_and_squares(const scalar_t* x, int64_t rows, int64_t stride, int64_t width, const red_t* shift,
+                                   red_t* sums, red_t* squares) {
   using R = ReduceLanes<scalar_t>;
   using Vec = typename R::Vec;
-  Vec acc[R::kParts], vshift[R::kParts], v[R::kParts];
+  Vec acc[R::kParts], acc_sq[R::kParts], vshift[R::kParts], v[R::kParts];
   for (int j = 0; j < R::kParts; ++j) {
-    acc[j] = Vec(red_t(0));
+    acc[j] = acc_sq[j] = Vec(red_t(0));
     vshift[j] = Vec::loadu(shift + j * Vec::size());
   }
   for (int64_t r = 0; r < rows; ++r) {
     load_row_block(x + r * stride, width, v);
-    for (int j = 0; j < R::kParts; ++j) acc[j] += v[j] - vshift[j];
+    for (int j = 0; j < R::kParts; ++j) {
+      const Vec d = v[j] - vshift[j];
+      acc[j] += d;
+      acc_sq[j] = at::vec::fmadd(d, d, acc_sq[j]);
+    }
   }
-  store_block<red_t, R::kParts>(acc, out, width);
+  store_block<red_t, R::kParts>(acc, sums, width);
+  store_block<red_t, R::kParts>(acc_sq, squares, width);
 }
 
 // out[c] = sum over rows of (x[c] - mean[c])^2
