@@ -75,9 +75,11 @@ PhaseOperands backward_phase_operands(const at::Tensor& grad_output, const at::T
                                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                                       const at::Tensor& mean, const at::Tensor& var, const char* op) {
   check_input(input, op);
-  TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.scalar_type() == input.scalar_type() &&
-                  grad_output.device() == input.device(),
-              op, ": grad_output must match input's size, dtype and device");
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), op, ": grad_output has size ", grad_output.sizes(),
+              " but input has size ", input.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(), op,
+              ": grad_output must match input's dtype and device, got ", grad_output.scalar_type(), " on ",
+              grad_output.device(), " for input ", input.scalar_type(), " on ", input.device());
   check_channel_vector(input, weight, "weight", op);
   check_channel_vector(input, bias, "bias", op);
   check_channel_vector(input, mean, "mean", op);
@@ -85,6 +87,7 @@ PhaseOperands backward_phase_operands(const at::Tensor& grad_output, const at::T
   const auto acc = accumulate_dtype(input.scalar_type());
   PhaseOperands o{describe(input)};
   o.x = input.contiguous(o.g.format);
+  // grad_output can come in any strides (an expanded ones_like, say): match x's.
   o.dy = grad_output.contiguous(o.g.format);
   o.w = to_accumulate(weight, acc);
   o.b = to_accumulate(bias, acc);

@@ -62,7 +62,7 @@ at::ScalarType accumulate_dtype(at::ScalarType input_dtype);
 // `vec` as a contiguous tensor of the accumulation dtype, or an undefined tensor.
 at::Tensor to_accumulate(const std::optional<at::Tensor>& vec, at::ScalarType acc_dtype);
 
-// The operands of SyncBatchNorm's backward phases, checked and made dense:
+// The operands of the backward ops (fused and SyncBatchNorm's phases), checked and made dense:
 // x and dy in the layout of describe(input), the vectors in the accumulation dtype.
 struct PhaseOperands {
   Geometry g;

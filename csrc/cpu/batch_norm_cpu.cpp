@@ -281,6 +281,12 @@ struct BackwardArgs {
   }
 };
 
+template <typename scalar_t, typename acc_t>
+BackwardArgs<scalar_t, acc_t> backward_args(const PhaseOperands& o, double eps, double activation_param) {
+  return {o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), o.mean.const_data_ptr<acc_t>(),
+          o.var.const_data_ptr<acc_t>(), channel_params<acc_t>(o.w, o.b), o.g, acc_t(eps), acc_t(activation_param)};
+}
+
 template <Activation A, typename scalar_t, typename acc_t>
 std::pair<double, double> planar_backward_sums(const BackwardArgs<scalar_t, acc_t>& a, int64_t c, int64_t begin,
                                                int64_t end) {
@@ -493,34 +499,16 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
                                                            const Tensor& var, double eps, bool train,
                                                            int64_t activation, double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_backward";
-  check_input(input, op);
   const Activation act = check_activation(activation, op);
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), op, ": grad_output has size ", grad_output.sizes(),
-              " but input has size ", input.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(), op,
-              ": grad_output must match input's dtype and device, got ", grad_output.scalar_type(), " on ",
-              grad_output.device(), " for input ", input.scalar_type(), " on ", input.device());
-  check_channel_vector(input, weight, "weight", op);
-  check_channel_vector(input, bias, "bias", op);
-  check_channel_vector(input, mean, "mean", op);
-  check_channel_vector(input, var, "var", op);
-  const Geometry g = describe(input);
+  const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
   const auto acc = accumulate_dtype(input.scalar_type());
-  const Tensor x = input.contiguous(g.format);
-  // grad_output can come in any strides (an expanded ones_like, say): match x's.
-  const Tensor dy = grad_output.contiguous(g.format);
-  Tensor dx = at::empty(input.sizes(), input.options().memory_format(g.format));
-  Tensor grad_weight = at::zeros({g.C}, input.options().dtype(acc));
-  Tensor grad_bias = at::zeros({g.C}, input.options().dtype(acc));
-  if (g.count() == 0) return {dx, grad_weight, grad_bias};
-  const Tensor w = to_accumulate(weight, acc), b = to_accumulate(bias, acc);
-  const Tensor mean_acc = to_accumulate(mean, acc), var_acc = to_accumulate(var, acc);
+  Tensor dx = at::empty(input.sizes(), input.options().memory_format(o.g.format));
+  Tensor grad_weight = at::zeros({o.g.C}, input.options().dtype(acc));
+  Tensor grad_bias = at::zeros({o.g.C}, input.options().dtype(acc));
+  if (o.g.count() == 0) return {dx, grad_weight, grad_bias};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto params = channel_params<acc_t>(w, b);
-    const BackwardArgs<scalar_t, acc_t> args{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                             mean_acc.const_data_ptr<acc_t>(), var_acc.const_data_ptr<acc_t>(),
-                                             params, g, acc_t(eps), acc_t(activation_param)};
+    const auto args = backward_args<scalar_t, acc_t>(o, eps, activation_param);
     FASTBN_ACTIVATION_SWITCH(act, A, [&] {
       backward<A>(args, dx.data_ptr<scalar_t>(), grad_weight.data_ptr<acc_t>(), grad_bias.data_ptr<acc_t>(), train);
     });
@@ -569,10 +557,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(const Tensor& grad_out
   if (o.g.count() == 0) return {sum_dy, sum_dy_xmu};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_backward_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const BackwardArgs<scalar_t, acc_t> args{o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(),
-                                             o.mean.const_data_ptr<acc_t>(), o.var.const_data_ptr<acc_t>(),
-                                             channel_params<acc_t>(o.w, o.b), o.g, acc_t(eps),
-                                             acc_t(activation_param)};
+    const auto args = backward_args<scalar_t, acc_t>(o, eps, activation_param);
     FASTBN_ACTIVATION_SWITCH(act, A, [&] {
       const BackwardSums sums = backward_sums<A>(args);
       for (int64_t c = 0; c < o.g.C; ++c) {
@@ -600,10 +585,7 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& in
   const Tensor sdy = sum_dy.to(at::kDouble).contiguous(), sdx = sum_dy_xmu.to(at::kDouble).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_backward_elemt_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const BackwardArgs<scalar_t, acc_t> args{o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(),
-                                             o.mean.const_data_ptr<acc_t>(), o.var.const_data_ptr<acc_t>(),
-                                             channel_params<acc_t>(o.w, o.b), o.g, acc_t(eps),
-                                             acc_t(activation_param)};
+    const auto args = backward_args<scalar_t, acc_t>(o, eps, activation_param);
     FASTBN_ACTIVATION_SWITCH(act, A, [&] {
       backward_apply_all<A>(args, dx.data_ptr<scalar_t>(), sdy.const_data_ptr<double>(), sdx.const_data_ptr<double>(),
                             count, true);

@@ -274,28 +274,17 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
                                                             const Tensor& var, double eps, bool train,
                                                             int64_t activation, double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_backward";
-  check_input(input, op);
   const Activation act_code = check_activation(activation, op);
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), op, ": grad_output has size ", grad_output.sizes(),
-              " but input has size ", input.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && grad_output.device() == input.device(), op,
-              ": grad_output must match input's dtype and device, got ", grad_output.scalar_type(), " on ",
-              grad_output.device(), " for input ", input.scalar_type(), " on ", input.device());
-  check_channel_vector(input, weight, "weight", op);
-  check_channel_vector(input, bias, "bias", op);
-  check_channel_vector(input, mean, "mean", op);
-  check_channel_vector(input, var, "var", op);
   c10::cuda::CUDAGuard guard(input.device());
-  const Geometry g = describe(input);
+  const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
+  const Geometry& g = o.g;
   const auto acc = accumulate_dtype(input.scalar_type());
-  const Tensor x = input.contiguous(g.format);
-  const Tensor dy = grad_output.contiguous(g.format);
+  const Tensor &x = o.x, &dy = o.dy;
   Tensor dx = at::empty(input.sizes(), input.options().memory_format(g.format));
   Tensor grad_weight = at::zeros({g.C}, input.options().dtype(acc));
   Tensor grad_bias = at::zeros({g.C}, input.options().dtype(acc));
   if (g.count() == 0 || g.C == 0) return {dx, grad_weight, grad_bias};
-  const Tensor w = to_accumulate(weight, acc), b = to_accumulate(bias, acc);
-  const Tensor mean_acc = to_accumulate(mean, acc), var_acc = to_accumulate(var, acc);
+  const Tensor &w = o.w, &b = o.b, &mean_acc = o.mean, &var_acc = o.var;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
