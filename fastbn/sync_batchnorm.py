@@ -119,6 +119,13 @@ class SyncBatchNorm(modules._FastBatchNorm, nn.modules.batchnorm._BatchNorm):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 factor = 1.0 / float(self.num_batches_tracked)
+        if input.is_cuda and not ops.use_cuda_kernels():
+            # fastbn's CUDA kernels are not validated on a GPU yet (fastbn.ops.CUDA_KERNELS_VALIDATED):
+            # torch's own CUDA SyncBatchNorm function, then the activation.
+            from torch.nn.modules._functions import SyncBatchNorm as TorchSyncBatchNormFunction
+            output = TorchSyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var,
+                                                      self.eps, factor, group, world_size)
+            return ops.activation_forward(output, self._activation_code, self._activation_param)
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps, factor,
                                             group, world_size, self._activation_code, self._activation_param)
 
