@@ -56,6 +56,23 @@ void check_channel_vector(const at::Tensor& input, const std::optional<at::Tenso
   if (vec.has_value()) check_channel_vector(input, *vec, name, op);
 }
 
+void check_running_stats_update(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                const at::Tensor& mean, const at::Tensor& var, int64_t count, const char* op) {
+  TORCH_CHECK(count >= 0, op, ": count must be non-negative, got ", count);
+  TORCH_CHECK(mean.dim() == 1 && var.sizes() == mean.sizes() && running_mean.sizes() == mean.sizes() &&
+                  running_var.sizes() == mean.sizes(),
+              op, ": running_mean ", running_mean.sizes(), ", running_var ", running_var.sizes(), ", mean ",
+              mean.sizes(), " and var ", var.sizes(), " must be 1-D of one size");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
+              ": mean must be float32 or float64, got ", mean.scalar_type());
+  TORCH_CHECK(var.scalar_type() == mean.scalar_type(), op, ": var has dtype ", var.scalar_type(), " but mean has ",
+              mean.scalar_type());
+  for (const at::Tensor* t : {&running_mean, &running_var, &var}) {
+    TORCH_CHECK(t->device() == mean.device(), op, ": all tensors must be on one device, got ", t->device(), " and ",
+                mean.device());
+  }
+}
+
 Activation check_activation(int64_t activation, const char* op) {
   TORCH_CHECK(activation >= 0 && activation <= static_cast<int64_t>(Activation::SiLU), op,
               ": activation must be 0 (none), 1 (relu), 2 (leaky_relu), 3 (elu) or 4 (silu), got ", activation);

@@ -41,6 +41,11 @@ void check_channel_vector(const at::Tensor& input, const at::Tensor& vec, const 
 void check_channel_vector(const at::Tensor& input, const std::optional<at::Tensor>& vec, const char* name,
                           const char* op);
 
+// update_running_stats's arguments: count >= 0; 1-D vectors of one size; mean and
+// var float32 or float64 alike; all on mean's device.
+void check_running_stats_update(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                const at::Tensor& mean, const at::Tensor& var, int64_t count, const char* op);
+
 // The activation code of an op's `activation` argument (see Activation in bn_math.h).
 Activation check_activation(int64_t activation, const char* op);
 

@@ -597,19 +597,7 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& in
 void update_running_stats_cpu(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean, const Tensor& var,
                               double factor, int64_t count) {
   constexpr const char* op = "fastbn.update_running_stats";
-  TORCH_CHECK(count >= 0, op, ": count must be non-negative, got ", count);
-  TORCH_CHECK(mean.dim() == 1 && var.sizes() == mean.sizes() && running_mean.sizes() == mean.sizes() &&
-                  running_var.sizes() == mean.sizes(),
-              op, ": running_mean ", running_mean.sizes(), ", running_var ", running_var.sizes(), ", mean ",
-              mean.sizes(), " and var ", var.sizes(), " must be 1-D of one size");
-  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
-              ": mean must be float32 or float64, got ", mean.scalar_type());
-  TORCH_CHECK(var.scalar_type() == mean.scalar_type(), op, ": var has dtype ", var.scalar_type(), " but mean has ",
-              mean.scalar_type());
-  for (const Tensor* t : {&running_mean, &running_var, &var}) {
-    TORCH_CHECK(t->device() == mean.device(), op, ": all tensors must be on one device, got ", t->device(), " and ",
-                mean.device());
-  }
+  check_running_stats_update(running_mean, running_var, mean, var, count, op);
   if (count == 0) return;  // an empty batch leaves the running statistics as they are (as torch does)
   // C values: computed in double and rounded once into the buffers' dtype.
   Tensor new_mean = running_mean.to(at::kDouble).contiguous().clone();

@@ -486,21 +486,10 @@ Tensor batch_norm_backward_elemt_cuda(const Tensor& grad_output, const Tensor& i
 void update_running_stats_cuda(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
                                const Tensor& var, double factor, int64_t count) {
   constexpr const char* op = "fastbn.update_running_stats";
-  TORCH_CHECK(count >= 0, op, ": count must be non-negative, got ", count);
-  TORCH_CHECK(mean.dim() == 1 && var.sizes() == mean.sizes() && running_mean.sizes() == mean.sizes() &&
-                  running_var.sizes() == mean.sizes(),
-              op, ": running_mean ", running_mean.sizes(), ", running_var ", running_var.sizes(), ", mean ",
-              mean.sizes(), " and var ", var.sizes(), " must be 1-D of one size");
-  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
-              ": mean must be float32 or float64, got ", mean.scalar_type());
-  TORCH_CHECK(var.scalar_type() == mean.scalar_type(), op, ": var has dtype ", var.scalar_type(),
-              " but mean has ", mean.scalar_type());
+  check_running_stats_update(running_mean, running_var, mean, var, count, op);
+  // one kernel instantiation reads both buffers
   TORCH_CHECK(running_var.scalar_type() == running_mean.scalar_type(), op, ": running_var has dtype ",
               running_var.scalar_type(), " but running_mean has ", running_mean.scalar_type());
-  for (const Tensor* t : {&running_mean, &running_var, &var}) {
-    TORCH_CHECK(t->device() == mean.device(), op, ": all tensors must be on one device, got ", t->device(), " and ",
-                mean.device());
-  }
   if (count == 0 || mean.numel() == 0) return;
   c10::cuda::CUDAGuard guard(mean.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
