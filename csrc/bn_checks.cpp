@@ -1,5 +1,6 @@
 #include "bn_checks.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 namespace fastbn {
@@ -56,6 +57,23 @@ void check_channel_vector(const at::Tensor& input, const std::optional<at::Tenso
   if (vec.has_value()) check_channel_vector(input, *vec, name, op);
 }
 
+void check_like_input(const at::Tensor& input, const at::Tensor& other, const char* name, const char* op) {
+  TORCH_CHECK(other.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(other.sizes() == input.sizes(), op, ": ", name, " has size ", other.sizes(), " but input has size ",
+              input.sizes());
+  TORCH_CHECK(other.scalar_type() == input.scalar_type(), op, ": ", name, " has dtype ", other.scalar_type(),
+              " but input has dtype ", input.scalar_type());
+  TORCH_CHECK(other.device() == input.device(), op, ": ", name, " is on ", other.device(), " but input is on ",
+              input.device());
+}
+
+at::Tensor dense_residual(const at::Tensor& input, const std::optional<at::Tensor>& residual, const Geometry& g,
+                          const char* op) {
+  if (!residual.has_value() || !residual->defined()) return at::Tensor();
+  check_like_input(input, *residual, "residual", op);
+  return residual->contiguous(g.format);
+}
+
 void check_running_stats_update(const at::Tensor& running_mean, const at::Tensor& running_var,
                                 const at::Tensor& mean, const at::Tensor& var, int64_t count, const char* op) {
   TORCH_CHECK(count >= 0, op, ": count must be non-negative, got ", count);
@@ -79,6 +97,12 @@ Activation check_activation(int64_t activation, const char* op) {
   return static_cast<Activation>(activation);
 }
 
+void check_invertible(Activation act, double param, const char* op) {
+  TORCH_CHECK(activation_invertible(act, param), op,
+              ": in-place activated batch norm needs an invertible activation (none, leaky_relu with a positive "
+              "slope, elu with a positive alpha), got activation ", static_cast<int>(act), " with parameter ", param);
+}
+
 at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -86,6 +110,30 @@ at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
 at::Tensor to_accumulate(const std::optional<at::Tensor>& vec, at::ScalarType acc_dtype) {
   if (!vec.has_value() || !vec->defined()) return at::Tensor();
   return vec->to(acc_dtype).contiguous();
+}
+
+TrainOperands train_operands(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias, int64_t activation, const char* op) {
+  check_input(input, op);
+  TrainOperands o{describe(input), check_activation(activation, op)};
+  check_channel_vector(input, weight, "weight", op);
+  check_channel_vector(input, bias, "bias", op);
+  const auto acc = accumulate_dtype(input.scalar_type());
+  o.mean = at::empty({o.g.C}, input.options().dtype(acc));
+  o.var = at::empty({o.g.C}, input.options().dtype(acc));
+  return o;
+}
+
+Geometry eval_operands(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                       const at::Tensor& running_var, const char* op) {
+  check_input(input, op);
+  check_channel_vector(input, weight, "weight", op);
+  check_channel_vector(input, bias, "bias", op);
+  TORCH_CHECK(running_mean.defined() && running_var.defined(), op, ": running_mean and running_var are required");
+  check_channel_vector(input, running_mean, "running_mean", op);
+  check_channel_vector(input, running_var, "running_var", op);
+  return describe(input);
 }
 
 PhaseOperands backward_phase_operands(const at::Tensor& grad_output, const at::Tensor& input,

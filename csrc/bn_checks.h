@@ -41,6 +41,15 @@ void check_channel_vector(const at::Tensor& input, const at::Tensor& vec, const 
 void check_channel_vector(const at::Tensor& input, const std::optional<at::Tensor>& vec, const char* name,
                           const char* op);
 
+// A tensor paired value by value with input (a residual, a saved output):
+// same sizes, dtype and device.
+void check_like_input(const at::Tensor& input, const at::Tensor& other, const char* name, const char* op);
+
+// The residual of batch_norm_add_act, checked with check_like_input and made
+// dense in g.format; undefined when absent.
+at::Tensor dense_residual(const at::Tensor& input, const std::optional<at::Tensor>& residual, const Geometry& g,
+                          const char* op);
+
 // update_running_stats's arguments: count >= 0; 1-D vectors of one size; mean and
 // var float32 or float64 alike; all on mean's device.
 void check_running_stats_update(const at::Tensor& running_mean, const at::Tensor& running_var,
@@ -48,6 +57,9 @@ void check_running_stats_update(const at::Tensor& running_mean, const at::Tensor
 
 // The activation code of an op's `activation` argument (see Activation in bn_math.h).
 Activation check_activation(int64_t activation, const char* op);
+
+// An activation in-place activated BN can undo (activation_invertible in bn_math.h).
+void check_invertible(Activation act, double param, const char* op);
 
 // Runs __VA_ARGS__ (a lambda) with `constexpr Activation NAME` set to `act`.
 #define FASTBN_ACTIVATION_SWITCH(act, NAME, ...)                                                        \
@@ -66,6 +78,22 @@ at::ScalarType accumulate_dtype(at::ScalarType input_dtype);
 
 // `vec` as a contiguous tensor of the accumulation dtype, or an undefined tensor.
 at::Tensor to_accumulate(const std::optional<at::Tensor>& vec, at::ScalarType acc_dtype);
+
+// The training forwards' checked arguments, and their statistics outputs
+// (allocated, C values of the accumulation dtype).
+struct TrainOperands {
+  Geometry g;
+  Activation act;
+  at::Tensor mean, var;
+};
+
+TrainOperands train_operands(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias, int64_t activation, const char* op);
+
+// The evaluation forwards' checks; returns describe(input).
+Geometry eval_operands(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                       const at::Tensor& running_var, const char* op);
 
 // The operands of the backward ops (fused and SyncBatchNorm's phases), checked and made dense:
 // x and dy in the layout of describe(input), the vectors in the accumulation dtype.

@@ -9,6 +9,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <limits>
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FASTBN_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -203,6 +205,65 @@ FASTBN_HOST_DEVICE acc_t activation_grad(Activation act, acc_t z, acc_t param) {
     default:
       return acc_t(1);
   }
+}
+
+// In-place activated BN keeps only the output y = act(z) and recovers z, then
+// the centered input, from it. That needs an invertible activation: identity,
+// LeakyReLU with a positive slope, ELU with a positive alpha. Its derivative is
+// read from y itself (y > 0 exactly where z > 0), so the recomputation cannot
+// move a value across the kink.
+FASTBN_HOST_DEVICE bool activation_invertible(Activation act, double param) {
+  return act == Activation::Identity || ((act == Activation::LeakyReLU || act == Activation::ELU) && param > 0);
+}
+
+FASTBN_HOST_DEVICE float log1p_acc(float x) { return log1pf(x); }
+FASTBN_HOST_DEVICE double log1p_acc(double x) { return log1p(x); }
+
+// z from y = act(z). ELU saturates: once exp(z) is below the stored dtype's
+// resolution, y rounds to -alpha and z is lost. `elu_floor` (elu_inverse_floor)
+// is then returned instead of -inf: such values have act'(z) = y + alpha = 0, so
+// grad_weight and eval-mode grad_input stay exact, and only training-mode
+// grad_input of those values depends on the guess.
+template <typename acc_t>
+FASTBN_HOST_DEVICE acc_t activation_inverse(Activation act, acc_t y, acc_t param, acc_t elu_floor) {
+  switch (act) {
+    case Activation::LeakyReLU:
+      return y > acc_t(0) ? y : y / param;
+    case Activation::ELU: {
+      if (y > acc_t(0)) return y;
+      const acc_t z = log1p_acc(y / param);
+      return z > elu_floor ? z : elu_floor;
+    }
+    default:
+      return y;
+  }
+}
+
+// The smallest z whose ELU output a scalar_t still tells from -alpha: half the
+// step of scalar_t just below 1, so exp(z) = epsilon / 4 = 2^-(digits + 1).
+// Host code; from `digits` so no half -> float conversion runs on the host.
+template <typename scalar_t>
+inline double elu_inverse_floor() {
+  return -double(std::numeric_limits<scalar_t>::digits + 1) * log(2.0);
+}
+
+// d act / dz from y = act(z) (ELU: alpha * exp(z) = y + alpha).
+template <typename acc_t>
+FASTBN_HOST_DEVICE acc_t activation_grad_from_output(Activation act, acc_t y, acc_t param) {
+  switch (act) {
+    case Activation::LeakyReLU:
+      return y > acc_t(0) ? acc_t(1) : param;
+    case Activation::ELU:
+      return y > acc_t(0) ? acc_t(1) : y + param;
+    default:
+      return acc_t(1);
+  }
+}
+
+// The centered input x - mean from the pre-activation z = (x - mean) * scale + bias.
+template <typename acc_t>
+FASTBN_HOST_DEVICE acc_t centered_input_from_z(const ForwardCoefficients<acc_t>& c, acc_t z) {
+  return (z - c.bias) / c.scale;
 }
 
 // Running statistics: exponential moving average with `factor` (torch's momentum,

@@ -17,19 +17,40 @@ TORCH_LIBRARY(fastbn, m) {
   //
   // Training forward: batch statistics and normalization in one pass over the
   // channel's data. Returns (output, batch mean, batch biased variance).
+  // `residual`, when given, is added before the activation: act(bn(x) + residual),
+  // the end of a ResNet block.
   m.def(
       "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps, int activation=0, "
-      "float activation_param=0.) -> (Tensor, Tensor, Tensor)");
+      "float activation_param=0., Tensor? residual=None) -> (Tensor, Tensor, Tensor)");
   // Evaluation forward with given (running) statistics.
   m.def(
       "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
-      "float eps, int activation=0, float activation_param=0.) -> Tensor");
+      "float eps, int activation=0, float activation_param=0., Tensor? residual=None) -> Tensor");
+  // In-place activated BN: the same forwards writing the output over the input
+  // (train returns the batch mean and biased variance).
+  m.def(
+      "batch_norm_train_(Tensor(a!) input, Tensor? weight, Tensor? bias, float eps, int activation=0, "
+      "float activation_param=0.) -> (Tensor, Tensor)");
+  m.def(
+      "batch_norm_eval_(Tensor(a!) input, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
+      "float eps, int activation=0, float activation_param=0.) -> ()");
   // Backward of both: (grad_input, grad_weight, grad_bias). `train` says whether
   // mean/var were batch statistics (they then depend on the input) or constants.
   // grad_weight and grad_bias come in the accumulation dtype.
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, "
       "float eps, bool train, int activation=0, float activation_param=0.) -> (Tensor, Tensor, Tensor)");
+  // Backward of act(bn(input) + residual): (grad_input, grad_residual, grad_weight, grad_bias).
+  m.def(
+      "batch_norm_add_act_backward(Tensor grad_output, Tensor input, Tensor residual, Tensor? weight, Tensor? bias, "
+      "Tensor mean, Tensor var, float eps, bool train, int activation, float activation_param) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // In-place activated BN's backward inputs, from the output y = act(bn(x)) alone:
+  // (g = grad_output * act'(z), x - mean), both in the accumulation dtype.
+  // Needs an invertible activation and no zero weight.
+  m.def(
+      "batch_norm_invert_output(Tensor grad_output, Tensor output, Tensor? weight, Tensor? bias, Tensor var, "
+      "float eps, int activation, float activation_param) -> (Tensor, Tensor)");
   // SyncBatchNorm's phases. Local statistics: (mean, biased variance) of each
   // channel's numel / C values, in the accumulation dtype.
   m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");

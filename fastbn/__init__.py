@@ -7,11 +7,11 @@ import torch  # noqa: F401  (load torch's shared libraries before the extension,
 
 from . import functional, ops
 from .convert import convert_model, fold_bn
-from .functional import batch_norm, batch_norm_act
+from .functional import batch_norm, batch_norm_act, batch_norm_add_act
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .sync_batchnorm import SyncBatchNorm
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "batch_norm_act", "convert_model", "fold_bn", "functional",
-           "ops"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "batch_norm_act",
+           "batch_norm_add_act", "convert_model", "fold_bn", "functional", "ops"]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import inplace as _inplace
 from . import ops
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -60,10 +61,32 @@ def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], running
             raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
+def check_residual(input: Tensor, residual: Optional[Tensor]) -> None:
+    """The residual of batch_norm_add_act: a tensor of input's size, dtype and device."""
+    if residual is None:
+        return
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"fastbn.batch_norm_add_act: residual must be a Tensor, got {type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise RuntimeError(f"fastbn.batch_norm_add_act: residual has size {tuple(residual.shape)} but input has size "
+                           f"{tuple(input.shape)}; they are added value by value")
+    if residual.dtype != input.dtype:
+        raise RuntimeError(f"fastbn.batch_norm_add_act: residual has dtype {residual.dtype} but input has dtype "
+                           f"{input.dtype}")
+    if residual.device != input.device:
+        raise RuntimeError(f"fastbn.batch_norm_add_act: residual is on {residual.device} but input is on "
+                           f"{input.device}")
+
+
 def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                          weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
-                         eps: float, activation: int = 0, activation_param: float = 0.0) -> Tensor:
-    """batch_norm (then the activation of code `activation`) after check_batch_norm_args has passed."""
+                         eps: float, activation: int = 0, activation_param: float = 0.0,
+                         residual: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
+    """act(batch_norm(...) [+ residual]) after the arguments have been checked.
+
+    inplace: in-place activated BN (fastbn.inplace), written over input; no residual.
+    """
+    fastbn_kernels = not input.is_cuda or ops.use_cuda_kernels()
     if input.numel() == 0:
         # An empty batch (N = 0 or C = 0): an empty output, running statistics kept,
         # zero grads for weight and bias (what torch gives for N = 0), via the affine part alone.
@@ -73,14 +96,23 @@ def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_
             output = output * weight.view(shape)
         if bias is not None:
             output = output + bias.view(shape)
+        if residual is not None:
+            output = output + residual
         return ops.activation_forward(output.to(input.dtype), activation, activation_param)
-    if input.is_cuda and not ops.use_cuda_kernels():
-        # torch's own kernels while fastbn's CUDA kernels are not validated on a GPU.
+    if not fastbn_kernels:
+        # torch's own kernels while fastbn's CUDA kernels are not validated on a GPU
+        # (out of place even for inplace=True).
         output = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if residual is not None:
+            output = output + residual
         return ops.activation_forward(output, activation, activation_param)
+    if inplace:
+        return _inplace.batch_norm_act_inplace(input, running_mean, running_var, weight, bias, training, momentum,
+                                               eps, activation, activation_param)
     if not training:
-        return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, activation, activation_param)
-    output, mean, var = ops.batch_norm_train(input, weight, bias, eps, activation, activation_param)
+        return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, activation, activation_param,
+                                   residual)
+    output, mean, var = ops.batch_norm_train(input, weight, bias, eps, activation, activation_param, residual)
     if running_mean is not None:
         ops.update_running_stats(running_mean, running_var, mean, var, momentum, input.numel() // input.shape[1])
     return output
@@ -112,14 +144,43 @@ def activation_arguments(activation: Optional[str], activation_param: Optional[f
 def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
                    momentum: float = 0.1, eps: float = 1e-5, activation: Optional[str] = "relu",
-                   activation_param: Optional[float] = None) -> Tensor:
+                   activation_param: Optional[float] = None, inplace: bool = False) -> Tensor:
     """``act(batch_norm(...))`` in one fused kernel per direction.
 
     activation: None, "relu", "leaky_relu" (activation_param: negative slope, default
     0.01), "elu" (activation_param: alpha, default 1.0) or "silu". Backward
     recomputes the normalized values from the input, so only the input is kept
     for backward (torch's batch_norm followed by relu keeps the relu output too).
+
+    inplace=True: in-place activated BN (see fastbn.inplace): the output is
+    written over ``input`` and backward keeps only it. Needs an invertible
+    activation (None, "leaky_relu" or "elu" with a positive parameter).
     """
     code, param = activation_arguments(activation, activation_param)
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
-    return batch_norm_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps, code, param)
+    if inplace:
+        _inplace.check_invertible(code, param)
+        _inplace.check_recoverable(input, weight, bias)
+    return batch_norm_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps, code, param,
+                                inplace=inplace)
+
+
+def batch_norm_add_act(input: Tensor, residual: Tensor, running_mean: Optional[Tensor],
+                       running_var: Optional[Tensor], weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                       training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                       activation: Optional[str] = "relu", activation_param: Optional[float] = None) -> Tensor:
+    """``act(batch_norm(input, ...) + residual)``, the end of a ResNet block, fused.
+
+    Forward reads input and residual once and writes the output once; backward
+    computes the gradient reaching the sum (which is residual's gradient) in one
+    pass and runs batch norm's backward on it. Only input and residual are kept
+    for backward. Arguments as in batch_norm_act; residual has input's size,
+    dtype and device.
+    """
+    code, param = activation_arguments(activation, activation_param)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    if residual is None:
+        raise TypeError("fastbn.batch_norm_add_act: residual must be a Tensor, got None")
+    check_residual(input, residual)
+    return batch_norm_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps, code, param,
+                                residual)

@@ -11,19 +11,29 @@ from typing import Optional
 from torch import Tensor, nn
 
 from . import functional
+from . import inplace as _inplace
 
 
 class _FastBatchNorm:
     """forward() of torch's _BatchNorm, on fastbn.functional, with an optional
-    fused activation (``activation=None`` keeps the exact drop-in)."""
+    fused activation (``activation=None`` keeps the exact drop-in).
+
+    ``forward(input, residual=None)``: with a residual, ``act(bn(input) + residual)``
+    in one fused kernel (the end of a ResNet block).
+    ``inplace=True``: in-place activated BN (see fastbn.inplace), the output
+    written over the input and backward keeping only it; invertible activations only.
+    """
 
     def __init__(self, *args, activation: Optional[str] = None, activation_param: Optional[float] = None,
-                 **kwargs) -> None:
+                 inplace: bool = False, **kwargs) -> None:
         # Everything else goes to torch's constructor as it is, whatever its version takes.
         super().__init__(*args, **kwargs)
         self._activation_code, self._activation_param = functional.activation_arguments(activation, activation_param)
+        if inplace:
+            _inplace.check_invertible(self._activation_code, self._activation_param)
         self.activation = activation
         self.activation_param = self._activation_param if self._activation_code in (2, 3) else None
+        self.inplace = bool(inplace)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -31,10 +41,16 @@ class _FastBatchNorm:
             text += f", activation={self.activation!r}"
             if self.activation_param is not None:
                 text += f", activation_param={self.activation_param}"
+        if self.inplace:
+            text += ", inplace=True"
         return text
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         self._check_input_dim(input)
+        if residual is not None and self.inplace:
+            raise ValueError("fastbn: a residual cannot be added with inplace=True (the input it would be "
+                             "recovered from is overwritten); use inplace=False")
+        functional.check_residual(input, residual)
         # Buffers are used for normalization outside training (when they exist) and
         # are updated only in training mode when tracked: the same rule as torch's.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -43,6 +59,8 @@ class _FastBatchNorm:
         running_var = self.running_var if pass_buffers else None
         functional.check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
                                          self.eps)
+        if self.inplace:
+            _inplace.check_recoverable(input, self.weight, self.bias)
 
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -51,7 +69,7 @@ class _FastBatchNorm:
                 factor = 1.0 / float(self.num_batches_tracked)
         return functional.batch_norm_unchecked(input, running_mean, running_var, self.weight, self.bias,
                                                use_batch_stats, factor, self.eps, self._activation_code,
-                                               self._activation_param)
+                                               self._activation_param, residual, self.inplace)
 
 
 class BatchNorm1d(_FastBatchNorm, nn.BatchNorm1d):

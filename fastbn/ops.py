@@ -111,17 +111,47 @@ def channel_shape(input: Tensor) -> list:
 # ---------------------------------------------------------------- fake kernels
 
 
+def _channel_stats_fake(input):
+    channels, acc = input.shape[1], accumulate_dtype(input.dtype)
+    return input.new_empty((channels,), dtype=acc), input.new_empty((channels,), dtype=acc)
+
+
 @torch.library.register_fake("fastbn::batch_norm_train")
-def _batch_norm_train_fake(input, weight, bias, eps, activation=0, activation_param=0.0):
-    channels = input.shape[1]
-    acc = accumulate_dtype(input.dtype)
+def _batch_norm_train_fake(input, weight, bias, eps, activation=0, activation_param=0.0, residual=None):
     output = torch.empty_like(input, memory_format=output_memory_format(input))
-    return output, input.new_empty((channels,), dtype=acc), input.new_empty((channels,), dtype=acc)
+    return (output, *_channel_stats_fake(input))
 
 
 @torch.library.register_fake("fastbn::batch_norm_eval")
-def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, eps, activation=0, activation_param=0.0):
+def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, eps, activation=0, activation_param=0.0,
+                          residual=None):
     return torch.empty_like(input, memory_format=output_memory_format(input))
+
+
+@torch.library.register_fake("fastbn::batch_norm_train_")
+def _batch_norm_train_inplace_fake(input, weight, bias, eps, activation=0, activation_param=0.0):
+    return _channel_stats_fake(input)
+
+
+@torch.library.register_fake("fastbn::batch_norm_eval_")
+def _batch_norm_eval_inplace_fake(input, weight, bias, running_mean, running_var, eps, activation=0,
+                                  activation_param=0.0):
+    return None
+
+
+@torch.library.register_fake("fastbn::batch_norm_add_act_backward")
+def _batch_norm_add_act_backward_fake(grad_output, input, residual, weight, bias, mean, var, eps, train, activation,
+                                      activation_param):
+    layout = output_memory_format(input)
+    return (torch.empty_like(input, memory_format=layout), torch.empty_like(input, memory_format=layout),
+            *_channel_stats_fake(input))
+
+
+@torch.library.register_fake("fastbn::batch_norm_invert_output")
+def _batch_norm_invert_output_fake(grad_output, output, weight, bias, var, eps, activation, activation_param):
+    acc, layout = accumulate_dtype(output.dtype), output_memory_format(output)
+    return (torch.empty_like(output, dtype=acc, memory_format=layout),
+            torch.empty_like(output, dtype=acc, memory_format=layout))
 
 
 @torch.library.register_fake("fastbn::batch_norm_backward")
@@ -135,8 +165,7 @@ def _batch_norm_backward_fake(grad_output, input, weight, bias, mean, var, eps, 
 
 @torch.library.register_fake("fastbn::batch_norm_stats")
 def _batch_norm_stats_fake(input):
-    channels, acc = input.shape[1], accumulate_dtype(input.dtype)
-    return input.new_empty((channels,), dtype=acc), input.new_empty((channels,), dtype=acc)
+    return _channel_stats_fake(input)
 
 
 @torch.library.register_fake("fastbn::batch_norm_backward_reduce")
@@ -220,9 +249,59 @@ def composite_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tens
     return grad_input.to(input.dtype), grad_weight, grad_bias
 
 
+def composite_activation_grad(grad_output: Tensor, input: Tensor, residual: Tensor, weight: Optional[Tensor],
+                              bias: Optional[Tensor], mean: Optional[Tensor], var: Optional[Tensor], eps: float,
+                              train: bool, activation: int, activation_param: float) -> Tensor:
+    """grad_output * act'(bn(input) + residual) in differentiable torch ops (the
+    batch statistics recomputed from input in training mode, as composite_backward does)."""
+    if not activation:
+        return grad_output
+    acc = accumulate_dtype(input.dtype)
+    dims, shape = reduce_dims(input), channel_shape(input)
+    x = input.to(acc)
+    if train:
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+    z = (x - mean.to(acc).view(shape)) * torch.rsqrt(var.to(acc).view(shape) + eps)
+    if weight is not None:
+        z = z * weight.to(acc).view(shape)
+    if bias is not None:
+        z = z + bias.to(acc).view(shape)
+    z = z + residual.to(acc)
+    return (grad_output.to(acc) * activation_grad(z, activation, activation_param)).to(input.dtype)
+
+
+def _backward(ctx, grad_output, input, residual, weight, bias, mean, var, train):
+    """(grad_input, grad_weight, grad_bias, grad_residual) of act(bn(input) [+ residual]);
+    grad_residual is None without a residual. mean/var: the saved statistics."""
+    act = (ctx.activation, ctx.activation_param)
+    if _wants_graph(grad_output, input, weight, bias, residual):
+        # Differentiable torch ops (double backward); training recomputes the statistics.
+        mean, var = (None, None) if train else (mean, var)
+        grad_residual = None
+        if residual is not None:
+            grad_output = grad_residual = composite_activation_grad(grad_output, input, residual, weight, bias, mean,
+                                                                    var, ctx.eps, train, *act)
+            act = (0, 0.0)
+        return (*composite_backward(grad_output, input, weight, bias, mean, var, ctx.eps, train, *act), grad_residual)
+    if residual is None:
+        return (*torch.ops.fastbn.batch_norm_backward(grad_output, input, weight, bias, mean, var, ctx.eps, train, *act),
+                None)
+    if not ctx.activation:  # the sum's gradient is grad_output itself
+        return (*torch.ops.fastbn.batch_norm_backward(grad_output, input, weight, bias, mean, var, ctx.eps, train),
+                grad_output)
+    grad_input, grad_residual, grad_weight, grad_bias = torch.ops.fastbn.batch_norm_add_act_backward(
+        grad_output, input, residual, weight, bias, mean, var, ctx.eps, train, *act)
+    return grad_input, grad_weight, grad_bias, grad_residual
+
+
 def _wants_graph(*tensors) -> bool:
     """True when autograd records the backward (create_graph=True)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _needs_grad(ctx, index: int) -> bool:
+    """Whether the op's argument `index` needs a gradient (arguments left to their default have no entry)."""
+    return index < len(ctx.needs_input_grad) and ctx.needs_input_grad[index]
 
 
 def _grads_for_params(ctx, grad_input, grad_weight, grad_bias):
@@ -234,27 +313,22 @@ def _grads_for_params(ctx, grad_input, grad_weight, grad_bias):
 
 
 def _train_setup_context(ctx, inputs, output):
-    input, weight, bias, eps, activation, activation_param = inputs
+    input, weight, bias, eps, activation, activation_param, residual = inputs
     _, mean, var = output
     # Unused outputs (the statistics, almost always) then get None, not zero tensors.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(input, weight, bias, mean, var)
+    ctx.save_for_backward(input, weight, bias, mean, var, residual)
     ctx.eps, ctx.activation, ctx.activation_param = eps, activation, activation_param
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _train_backward(ctx, grad_output, grad_mean, grad_var):
-    input, weight, bias, mean, var = ctx.saved_tensors
-    act = (ctx.activation, ctx.activation_param)
+    input, weight, bias, mean, var, residual = ctx.saved_tensors
     if grad_output is None:
         grad_output = torch.zeros_like(input)
-    if _wants_graph(grad_output, input, weight, bias):
-        grad_input, grad_weight, grad_bias = composite_backward(grad_output, input, weight, bias, None, None, ctx.eps,
-                                                                True, *act)
-    else:
-        grad_input, grad_weight, grad_bias = torch.ops.fastbn.batch_norm_backward(
-            grad_output, input, weight, bias, mean, var, ctx.eps, True, *act)
+    grad_input, grad_weight, grad_bias, grad_residual = _backward(ctx, grad_output, input, residual, weight, bias,
+                                                                  mean, var, True)
     # The batch statistics are outputs too; if anything used them, add their
     # gradients: d mean / dx = 1/n, d var / dx = 2 (x - mean) / n.
     if grad_mean is not None or grad_var is not None:
@@ -265,29 +339,26 @@ def _train_backward(ctx, grad_output, grad_mean, grad_var):
         if grad_var is not None:
             extra = extra + grad_var.view(shape) * 2 * (input.to(mean.dtype) - mean.view(shape)) / count
         grad_input = (grad_input.to(mean.dtype) + extra).to(input.dtype)
-    return (*_grads_for_params(ctx, grad_input, grad_weight, grad_bias), None, None, None)
+    grad_residual = grad_residual if _needs_grad(ctx, 6) else None
+    return (*_grads_for_params(ctx, grad_input, grad_weight, grad_bias), None, None, None, grad_residual)
 
 
 torch.library.register_autograd("fastbn::batch_norm_train", _train_backward, setup_context=_train_setup_context)
 
 
 def _eval_setup_context(ctx, inputs, output):
-    input, weight, bias, running_mean, running_var, eps, activation, activation_param = inputs
-    ctx.save_for_backward(input, weight, bias, running_mean, running_var)
+    input, weight, bias, running_mean, running_var, eps, activation, activation_param, residual = inputs
+    ctx.save_for_backward(input, weight, bias, running_mean, running_var, residual)
     ctx.eps, ctx.activation, ctx.activation_param = eps, activation, activation_param
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _eval_backward(ctx, grad_output):
-    input, weight, bias, running_mean, running_var = ctx.saved_tensors
-    act = (ctx.activation, ctx.activation_param)
-    if _wants_graph(grad_output, input, weight, bias):
-        grads = composite_backward(grad_output, input, weight, bias, running_mean, running_var, ctx.eps, False, *act)
-    else:
-        grads = torch.ops.fastbn.batch_norm_backward(
-            grad_output, input, weight, bias, running_mean, running_var, ctx.eps, False, *act)
-    return (*_grads_for_params(ctx, *grads), None, None, None, None, None)
+    input, weight, bias, running_mean, running_var, residual = ctx.saved_tensors
+    *grads, grad_residual = _backward(ctx, grad_output, input, residual, weight, bias, running_mean, running_var, False)
+    grad_residual = grad_residual if _needs_grad(ctx, 8) else None
+    return (*_grads_for_params(ctx, *grads), None, None, None, None, None, grad_residual)
 
 
 torch.library.register_autograd("fastbn::batch_norm_eval", _eval_backward, setup_context=_eval_setup_context)
@@ -297,15 +368,16 @@ torch.library.register_autograd("fastbn::batch_norm_eval", _eval_backward, setup
 
 
 def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                     activation: int = 0, activation_param: float = 0.0):
-    """(output, batch mean, batch biased variance); differentiable in input, weight, bias."""
-    return torch.ops.fastbn.batch_norm_train.default(input, weight, bias, eps, activation, activation_param)
+                     activation: int = 0, activation_param: float = 0.0, residual: Optional[Tensor] = None):
+    """(output, batch mean, batch biased variance); differentiable in input, weight, bias (and residual)."""
+    return torch.ops.fastbn.batch_norm_train.default(input, weight, bias, eps, activation, activation_param, residual)
 
 
 def batch_norm_eval(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
-                    running_var: Tensor, eps: float, activation: int = 0, activation_param: float = 0.0) -> Tensor:
+                    running_var: Tensor, eps: float, activation: int = 0, activation_param: float = 0.0,
+                    residual: Optional[Tensor] = None) -> Tensor:
     return torch.ops.fastbn.batch_norm_eval.default(input, weight, bias, running_mean, running_var, eps, activation,
-                                                    activation_param)
+                                                    activation_param, residual)
 
 
 def batch_norm_stats_raw(input: Tensor):

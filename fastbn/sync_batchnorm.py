@@ -94,6 +94,9 @@ class SyncBatchNorm(modules._FastBatchNorm, nn.modules.batchnorm._BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, process_group=None, device=None, dtype=None, **kwargs) -> None:
+        if kwargs.get("inplace"):
+            raise ValueError("fastbn.SyncBatchNorm does not support inplace=True (in-place activated BN); "
+                             "use fastbn.BatchNorm*d(..., inplace=True) or inplace=False")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs)
         self.process_group = process_group
 

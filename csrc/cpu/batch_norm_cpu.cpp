@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -200,25 +201,83 @@ std::vector<Moments<double>> channel_moments(const scalar_t* x, const Geometry& 
 
 // ------------------------------------------------------------------ forward
 
-// y = act(forward_apply(coef[c], x)) over every value.
+// Pointer arithmetic on a tensor that may be absent (null stays null).
+template <typename T>
+inline T* offset_or_null(T* p, int64_t offset) {
+  return p == nullptr ? nullptr : p + offset;
+}
+
+// Rows of planar values per parallel chunk of the elementwise passes.
+int64_t plane_grain(int64_t S) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(S, 1)); }
+
+// y = act(forward_apply(coef[c], x) [+ residual]) over every value; residual may be null.
 template <Activation A, typename scalar_t, typename acc_t>
-void forward_apply_all(const scalar_t* x, scalar_t* y, const ForwardArrays<acc_t>& coef, const Geometry& g,
-                       acc_t act_param) {
+void forward_apply_all(const scalar_t* x, const scalar_t* residual, scalar_t* y, const ForwardArrays<acc_t>& coef,
+                       const Geometry& g, acc_t act_param) {
   if (g.layout == Layout::Interleaved) {
     at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
-      for (int64_t r = r_begin; r < r_end; ++r) row_forward<A>(x + r * g.C, y + r * g.C, g.C, coef, act_param);
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        row_forward<A>(x + r * g.C, offset_or_null(residual, r * g.C), y + r * g.C, g.C, coef, act_param);
+      }
     });
     return;
   }
   // Planar: N * C rows of S values, each with its channel's coefficients.
-  at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 32768 / std::max<int64_t>(g.S, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) span_forward<A>(x + i * g.S, y + i * g.S, g.S, coef.get(i % g.C), act_param);
+  at::parallel_for(0, g.N * g.C, plane_grain(g.S), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      span_forward<A>(x + i * g.S, offset_or_null(residual, i * g.S), y + i * g.S, g.S, coef.get(i % g.C), act_param);
+    }
   });
 }
 
+// Calls op(offset, width, f_lo, f_hi) in parallel for every block of at most
+// kBlock values, with the forward coefficients of the block's low and high
+// vector of lanes. Planar blocks lie within one channel; interleaved blocks are
+// channels c0 .. c0 + width of one row.
+template <typename scalar_t, typename acc_t, typename Op>
+void for_each_block(const Geometry& g, const ForwardArrays<acc_t>& coef, const Op& op) {
+  using L = Lanes<scalar_t>;
+  if (g.layout == Layout::Interleaved) {
+    at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        for (int64_t c0 = 0; c0 < g.C; c0 += L::kBlock) {
+          op(r * g.C + c0, std::min<int64_t>(L::kBlock, g.C - c0), forward_vecs(coef, c0),
+             forward_vecs(coef, c0 + L::kVec));
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, g.N * g.C, plane_grain(g.S), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const auto f = forward_vecs(coef.get(i % g.C));
+      for (int64_t s = 0; s < g.S; s += L::kBlock) op(i * g.S + s, std::min<int64_t>(L::kBlock, g.S - s), f, f);
+    }
+  });
+}
+
+// Loads / stores the first `width` <= kBlock values at p.
+template <typename scalar_t, typename Vec>
+inline void load_values(const scalar_t* p, int64_t width, Vec& lo, Vec& hi) {
+  if (width == Lanes<scalar_t>::kBlock) {
+    Lanes<scalar_t>::load(p, lo, hi);
+  } else {
+    Lanes<scalar_t>::load_partial(p, width, lo, hi);
+  }
+}
+
+template <typename T, typename Vec>
+inline void store_values(T* p, int64_t width, const Vec& lo, const Vec& hi) {
+  if (width == Lanes<T>::kBlock) {
+    Lanes<T>::store(p, lo, hi);
+  } else {
+    Lanes<T>::store_partial(p, width, lo, hi);
+  }
+}
+
 template <Activation A, typename scalar_t, typename acc_t>
-void train_forward(const scalar_t* x, scalar_t* y, acc_t* mean_out, acc_t* var_out, ChannelParams<acc_t> params,
-                   const Geometry& g, acc_t eps, acc_t act_param) {
+void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, acc_t* mean_out, acc_t* var_out,
+                   ChannelParams<acc_t> params, const Geometry& g, acc_t eps, acc_t act_param) {
   if (g.layout == Layout::Planar && planar_parts(g) == 1) {
     // A task per channel: statistics then output back to back, so the second
     // read of the channel's values hits cache.
@@ -229,7 +288,8 @@ void train_forward(const scalar_t* x, scalar_t* y, acc_t* mean_out, acc_t* var_o
         var_out[c] = acc_t(moments_biased_var(m));
         const auto k = forward_coefficients(m.mean, var_out[c], eps, params.w(c), params.b(c));
         for_each_segment(0, g.count(), g.S, g.C * g.S, [&](int64_t off, int64_t len) {
-          span_forward<A>(x + c * g.S + off, y + c * g.S + off, len, k, act_param);
+          span_forward<A>(x + c * g.S + off, offset_or_null(residual, c * g.S + off), y + c * g.S + off, len, k,
+                          act_param);
         });
       }
     });
@@ -243,15 +303,23 @@ void train_forward(const scalar_t* x, scalar_t* y, acc_t* mean_out, acc_t* var_o
     // the double mean: see forward_coefficients
     coef.set(c, forward_coefficients(moments[c].mean, var_out[c], eps, params.w(c), params.b(c)));
   }
-  forward_apply_all<A>(x, y, coef, g, act_param);
+  forward_apply_all<A>(x, residual, y, coef, g, act_param);
+}
+
+template <typename acc_t>
+ForwardArrays<acc_t> forward_arrays(const acc_t* mean, const acc_t* var, ChannelParams<acc_t> params, int64_t C,
+                                    acc_t eps) {
+  ForwardArrays<acc_t> coef(C);
+  for (int64_t c = 0; c < C; ++c) {
+    coef.set(c, forward_coefficients(mean ? mean[c] : acc_t(0), var[c], eps, params.w(c), params.b(c)));
+  }
+  return coef;
 }
 
 template <Activation A, typename scalar_t, typename acc_t>
-void eval_forward(const scalar_t* x, scalar_t* y, const acc_t* mean, const acc_t* var,
+void eval_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, const acc_t* mean, const acc_t* var,
                   ChannelParams<acc_t> params, const Geometry& g, acc_t eps, acc_t act_param) {
-  ForwardArrays<acc_t> coef(g.C);
-  for (int64_t c = 0; c < g.C; ++c) coef.set(c, forward_coefficients(mean[c], var[c], eps, params.w(c), params.b(c)));
-  forward_apply_all<A>(x, y, coef, g, act_param);
+  forward_apply_all<A>(x, residual, y, forward_arrays(mean, var, params, g.C, eps), g, act_param);
 }
 
 // ------------------------------------------------------------------ backward
@@ -269,6 +337,7 @@ template <typename scalar_t, typename acc_t>
 struct BackwardArgs {
   const scalar_t* dy;
   const scalar_t* x;
+  const scalar_t* residual;  // batch_norm_add_act's, added before the activation; null without
   const acc_t* mean;
   const acc_t* var;
   ChannelParams<acc_t> params;
@@ -282,8 +351,10 @@ struct BackwardArgs {
 };
 
 template <typename scalar_t, typename acc_t>
-BackwardArgs<scalar_t, acc_t> backward_args(const PhaseOperands& o, double eps, double activation_param) {
-  return {o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), o.mean.const_data_ptr<acc_t>(),
+BackwardArgs<scalar_t, acc_t> backward_args(const PhaseOperands& o, double eps, double activation_param,
+                                            const Tensor& residual = Tensor()) {
+  return {o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(),
+          residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr, o.mean.const_data_ptr<acc_t>(),
           o.var.const_data_ptr<acc_t>(), channel_params<acc_t>(o.w, o.b), o.g, acc_t(eps), acc_t(activation_param)};
 }
 
@@ -297,8 +368,8 @@ std::pair<double, double> planar_backward_sums(const BackwardArgs<scalar_t, acc_
   const int64_t base = c * a.g.S;
   for (int64_t p = begin; p < end; p += kPiece) {
     for_each_segment(p, std::min(end, p + kPiece), a.g.S, a.g.C * a.g.S, [&](int64_t off, int64_t len) {
-      span_backward_sums<A>(a.dy + base + off, a.x + base + off, len, red_t(a.mean[c]), fk, a.act_param, lanes_dy,
-                            lanes_dy_xmu);
+      span_backward_sums<A>(a.dy + base + off, a.x + base + off, offset_or_null(a.residual, base + off), len,
+                            red_t(a.mean[c]), fk, a.act_param, lanes_dy, lanes_dy_xmu);
     });
     sum_dy += lanes_dy.flush();
     sum_dy_xmu += lanes_dy_xmu.flush();
@@ -306,13 +377,22 @@ std::pair<double, double> planar_backward_sums(const BackwardArgs<scalar_t, acc_
   return {sum_dy, sum_dy_xmu};
 }
 
+// Where the backward writes: dx, and the residual's gradient (null without a residual).
+template <typename scalar_t>
+struct BackwardOutputs {
+  scalar_t* dx;
+  scalar_t* grad_residual;
+};
+
 template <Activation A, typename scalar_t, typename acc_t>
-void planar_backward_apply(const BackwardArgs<scalar_t, acc_t>& a, scalar_t* dx, int64_t c,
+void planar_backward_apply(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> out, int64_t c,
                            const BackwardCoefficients<acc_t>& k, int64_t begin, int64_t end) {
   const int64_t base = c * a.g.S;
   const auto fk = a.forward_k(c);
   for_each_segment(begin, end, a.g.S, a.g.C * a.g.S, [&](int64_t off, int64_t len) {
-    span_backward<A>(a.dy + base + off, a.x + base + off, dx + base + off, len, fk, k, a.act_param);
+    const int64_t at = base + off;
+    span_backward<A>(a.dy + at, a.x + at, offset_or_null(a.residual, at), out.dx + at,
+                     offset_or_null(out.grad_residual, at), len, fk, k, a.act_param);
   });
 }
 
@@ -352,7 +432,8 @@ BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
       for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
         const int64_t n = std::min(r_end, r + rows_per_piece(C)) - r;
         for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
-          column_backward_sums<A>(a.dy + r * C + c0, a.x + r * C + c0, n, C, width, mean_red.data() + c0, forward_k,
+          column_backward_sums<A>(a.dy + r * C + c0, a.x + r * C + c0, offset_or_null(a.residual, r * C + c0), n, C,
+                                  width, mean_red.data() + c0, forward_k,
                                   c0, a.act_param, task_dy.data() + t * padded + c0,
                                   task_dy_xmu.data() + t * padded + c0);
         });
@@ -371,7 +452,7 @@ BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
 // dx from the channel sums; `count` is the number of values the statistics
 // came from (the global batch under SyncBatchNorm).
 template <Activation A, typename scalar_t, typename acc_t>
-void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, scalar_t* dx, const double* sum_dy,
+void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> out, const double* sum_dy,
                         const double* sum_dy_xmu, int64_t count, bool train) {
   const Geometry& g = a.g;
   BackwardArrays<acc_t> coef(g.C);
@@ -386,7 +467,7 @@ void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, scalar_t* dx, co
     at::parallel_for(0, g.C * parts, 1, [&](int64_t t_begin, int64_t t_end) {
       for (int64_t t = t_begin; t < t_end; ++t) {
         const auto [begin, end] = part_range(g.count(), parts, t % parts);
-        planar_backward_apply<A>(a, dx, t / parts, planar_coef[t / parts], begin, end);
+        planar_backward_apply<A>(a, out, t / parts, planar_coef[t / parts], begin, end);
       }
     });
     return;
@@ -395,7 +476,9 @@ void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, scalar_t* dx, co
   for (int64_t c = 0; c < g.C; ++c) forward_k.set(c, a.forward_k(c));
   at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
     for (int64_t r = r_begin; r < r_end; ++r) {
-      row_backward<A>(a.dy + r * g.C, a.x + r * g.C, dx + r * g.C, g.C, forward_k, coef, a.act_param);
+      const int64_t at = r * g.C;
+      row_backward<A>(a.dy + at, a.x + at, offset_or_null(a.residual, at), out.dx + at,
+                      offset_or_null(out.grad_residual, at), g.C, forward_k, coef, a.act_param);
     }
   });
 }
@@ -409,8 +492,8 @@ void write_param_grads(const BackwardSums& sums, const acc_t* var, acc_t eps, ac
 }
 
 template <Activation A, typename scalar_t, typename acc_t>
-void backward(const BackwardArgs<scalar_t, acc_t>& a, scalar_t* dx, acc_t* grad_weight, acc_t* grad_bias,
-              bool train) {
+void backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> out, acc_t* grad_weight,
+              acc_t* grad_bias, bool train) {
   const Geometry& g = a.g;
   if (g.layout == Layout::Planar && planar_parts(g) == 1) {
     // A task per channel: sums then dx back to back, the second read from cache.
@@ -421,76 +504,114 @@ void backward(const BackwardArgs<scalar_t, acc_t>& a, scalar_t* dx, acc_t* grad_
         grad_weight[c] = acc_t(grad_weight_from_sums(sum_dy_xmu, double(a.var[c]), double(a.eps)));
         const auto k = backward_coefficients(a.mean[c], a.var[c], a.eps, a.params.w(c), acc_t(sum_dy),
                                              acc_t(sum_dy_xmu), g.count(), train);
-        planar_backward_apply<A>(a, dx, c, k, 0, g.count());
+        planar_backward_apply<A>(a, out, c, k, 0, g.count());
       }
     });
     return;
   }
   const BackwardSums sums = backward_sums<A>(a);
   write_param_grads(sums, a.var, a.eps, grad_weight, grad_bias);
-  backward_apply_all<A>(a, dx, sums.dy.data(), sums.dy_xmu.data(), g.count(), train);
+  backward_apply_all<A>(a, out, sums.dy.data(), sums.dy_xmu.data(), g.count(), train);
 }
 
 // ------------------------------------------------------------------ operator entry points
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(const Tensor& input, const std::optional<Tensor>& weight,
-                                                        const std::optional<Tensor>& bias, double eps,
-                                                        int64_t activation, double activation_param) {
-  constexpr const char* op = "fastbn.batch_norm_train";
-  check_input(input, op);
-  const Activation act = check_activation(activation, op);
-  check_channel_vector(input, weight, "weight", op);
-  check_channel_vector(input, bias, "bias", op);
-  const Geometry g = describe(input);
-  const auto acc = accumulate_dtype(input.scalar_type());
-  const Tensor x = input.contiguous(g.format);
-  Tensor y = at::empty(input.sizes(), input.options().memory_format(g.format));
-  Tensor mean = at::empty({g.C}, input.options().dtype(acc));
-  Tensor var = at::empty({g.C}, input.options().dtype(acc));
+// Training forward of x (dense in g.format) into y, which may be x itself.
+void train_into(const Tensor& x, const Tensor& residual, const Tensor& y, const Tensor& mean, const Tensor& var,
+                const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps, Activation act,
+                double activation_param, const Geometry& g) {
   if (g.count() == 0) {  // no values: the statistics are undefined, like torch's mean of nothing
     mean.fill_(std::numeric_limits<double>::quiet_NaN());
     var.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {y, mean, var};
+    return;
   }
-  const Tensor w = to_accumulate(weight, acc), b = to_accumulate(bias, acc);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_train_cpu", [&] {
+  const Tensor w = to_accumulate(weight, mean.scalar_type()), b = to_accumulate(bias, mean.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_batch_norm_train_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto params = channel_params<acc_t>(w, b);
+    const scalar_t* r = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
     FASTBN_ACTIVATION_SWITCH(act, A, [&] {
-      train_forward<A, scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(),
-                                        var.data_ptr<acc_t>(), params, g, acc_t(eps), acc_t(activation_param));
+      train_forward<A, scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), r, y.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(),
+                                        var.data_ptr<acc_t>(), channel_params<acc_t>(w, b), g, acc_t(eps),
+                                        acc_t(activation_param));
     });
   });
-  return {y, mean, var};
 }
 
-Tensor batch_norm_eval_cpu(const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-                           const Tensor& running_mean, const Tensor& running_var, double eps, int64_t activation,
-                           double activation_param) {
-  constexpr const char* op = "fastbn.batch_norm_eval";
-  check_input(input, op);
-  const Activation act = check_activation(activation, op);
-  check_channel_vector(input, weight, "weight", op);
-  check_channel_vector(input, bias, "bias", op);
-  TORCH_CHECK(running_mean.defined() && running_var.defined(), op, ": running_mean and running_var are required");
-  check_channel_vector(input, running_mean, "running_mean", op);
-  check_channel_vector(input, running_var, "running_var", op);
-  const Geometry g = describe(input);
-  const auto acc = accumulate_dtype(input.scalar_type());
-  const Tensor x = input.contiguous(g.format);
-  Tensor y = at::empty(input.sizes(), input.options().memory_format(g.format));
-  if (g.count() == 0) return y;
+// Evaluation forward of x (dense in g.format) into y, which may be x itself.
+void eval_into(const Tensor& x, const Tensor& residual, const Tensor& y, const Tensor& running_mean,
+               const Tensor& running_var, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+               double eps, Activation act, double activation_param, const Geometry& g) {
+  if (g.count() == 0 || g.C == 0) return;
+  const auto acc = accumulate_dtype(x.scalar_type());
   const Tensor w = to_accumulate(weight, acc), b = to_accumulate(bias, acc);
   const Tensor mean = to_accumulate(running_mean, acc), var = to_accumulate(running_var, acc);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_eval_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_batch_norm_eval_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* r = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
     FASTBN_ACTIVATION_SWITCH(act, A, [&] {
-      eval_forward<A, scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+      eval_forward<A, scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), r, y.data_ptr<scalar_t>(),
                                        mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(),
                                        channel_params<acc_t>(w, b), g, acc_t(eps), acc_t(activation_param));
     });
   });
+}
+
+// Writes `result` over `input` unless the kernels already wrote there.
+void store_in_place(const Tensor& input, const Tensor& result) {
+  if (!result.is_same(input)) input.copy_(result);
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(const Tensor& input, const std::optional<Tensor>& weight,
+                                                        const std::optional<Tensor>& bias, double eps,
+                                                        int64_t activation, double activation_param,
+                                                        const std::optional<Tensor>& residual) {
+  constexpr const char* op = "fastbn.batch_norm_train";
+  const TrainOperands o = train_operands(input, weight, bias, activation, op);
+  const Tensor x = input.contiguous(o.g.format);
+  const Tensor r = dense_residual(input, residual, o.g, op);
+  Tensor y = at::empty(input.sizes(), input.options().memory_format(o.g.format));
+  train_into(x, r, y, o.mean, o.var, weight, bias, eps, o.act, activation_param, o.g);
+  return {y, o.mean, o.var};
+}
+
+std::tuple<Tensor, Tensor> batch_norm_train_inplace_cpu(const Tensor& input, const std::optional<Tensor>& weight,
+                                                        const std::optional<Tensor>& bias, double eps,
+                                                        int64_t activation, double activation_param) {
+  constexpr const char* op = "fastbn.batch_norm_train_";
+  const TrainOperands o = train_operands(input, weight, bias, activation, op);
+  check_invertible(o.act, activation_param, op);
+  // Dense input: the kernels overwrite it value by value after reading it.
+  const Tensor x = input.contiguous(o.g.format);
+  const Tensor y = x.is_same(input) ? input : at::empty_like(x);
+  train_into(x, Tensor(), y, o.mean, o.var, weight, bias, eps, o.act, activation_param, o.g);
+  store_in_place(input, y);
+  return {o.mean, o.var};
+}
+
+Tensor batch_norm_eval_cpu(const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                           const Tensor& running_mean, const Tensor& running_var, double eps, int64_t activation,
+                           double activation_param, const std::optional<Tensor>& residual) {
+  constexpr const char* op = "fastbn.batch_norm_eval";
+  const Geometry g = eval_operands(input, weight, bias, running_mean, running_var, op);
+  const Activation act = check_activation(activation, op);
+  const Tensor x = input.contiguous(g.format);
+  const Tensor r = dense_residual(input, residual, g, op);
+  Tensor y = at::empty(input.sizes(), input.options().memory_format(g.format));
+  eval_into(x, r, y, running_mean, running_var, weight, bias, eps, act, activation_param, g);
   return y;
+}
+
+void batch_norm_eval_inplace_cpu(const Tensor& input, const std::optional<Tensor>& weight,
+                                 const std::optional<Tensor>& bias, const Tensor& running_mean,
+                                 const Tensor& running_var, double eps, int64_t activation, double activation_param) {
+  constexpr const char* op = "fastbn.batch_norm_eval_";
+  const Geometry g = eval_operands(input, weight, bias, running_mean, running_var, op);
+  const Activation act = check_activation(activation, op);
+  check_invertible(act, activation_param, op);
+  const Tensor x = input.contiguous(g.format);
+  const Tensor y = x.is_same(input) ? input : at::empty_like(x);
+  eval_into(x, Tensor(), y, running_mean, running_var, weight, bias, eps, act, activation_param, g);
+  store_in_place(input, y);
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input,
@@ -510,10 +631,80 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
     using acc_t = at::opmath_type<scalar_t>;
     const auto args = backward_args<scalar_t, acc_t>(o, eps, activation_param);
     FASTBN_ACTIVATION_SWITCH(act, A, [&] {
-      backward<A>(args, dx.data_ptr<scalar_t>(), grad_weight.data_ptr<acc_t>(), grad_bias.data_ptr<acc_t>(), train);
+      backward<A>(args, BackwardOutputs<scalar_t>{dx.data_ptr<scalar_t>(), nullptr}, grad_weight.data_ptr<acc_t>(),
+                  grad_bias.data_ptr<acc_t>(), train);
     });
   });
   return {dx, grad_weight, grad_bias};
+}
+
+// Backward of act(bn(x) + residual): (dx, grad_residual, grad_weight, grad_bias).
+// The gradient reaching the sum, g = dy * act'(bn(x) + residual), is computed in
+// the accumulation dtype inside both passes and written once, as grad_residual.
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_act_backward_cpu(
+    const Tensor& grad_output, const Tensor& input, const Tensor& residual, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps, bool train,
+    int64_t activation, double activation_param) {
+  constexpr const char* op = "fastbn.batch_norm_add_act_backward";
+  const Activation act = check_activation(activation, op);
+  const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
+  const Tensor r = dense_residual(input, residual, o.g, op);
+  const auto acc = accumulate_dtype(input.scalar_type());
+  const auto layout = input.options().memory_format(o.g.format);
+  Tensor dx = at::empty(input.sizes(), layout), grad_residual = at::empty(input.sizes(), layout);
+  Tensor grad_weight = at::zeros({o.g.C}, input.options().dtype(acc));
+  Tensor grad_bias = at::zeros({o.g.C}, input.options().dtype(acc));
+  if (o.g.count() == 0 || o.g.C == 0) return {dx, grad_residual, grad_weight, grad_bias};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_add_act_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto args = backward_args<scalar_t, acc_t>(o, eps, activation_param, r);
+    const BackwardOutputs<scalar_t> out{dx.data_ptr<scalar_t>(), grad_residual.data_ptr<scalar_t>()};
+    FASTBN_ACTIVATION_SWITCH(act, A, [&] {
+      backward<A>(args, out, grad_weight.data_ptr<acc_t>(), grad_bias.data_ptr<acc_t>(), train);
+    });
+  });
+  return {dx, grad_residual, grad_weight, grad_bias};
+}
+
+// In-place activated BN: from y = act(z), z = (x - mean) * scale + bias, the
+// gradient g = dy * act'(z) and the centered input x - mean = (z - bias) / scale,
+// in the accumulation dtype (the backward then runs on them with mean 0).
+std::tuple<Tensor, Tensor> batch_norm_invert_output_cpu(const Tensor& grad_output, const Tensor& output,
+                                                        const std::optional<Tensor>& weight,
+                                                        const std::optional<Tensor>& bias, const Tensor& var,
+                                                        double eps, int64_t activation, double activation_param) {
+  constexpr const char* op = "fastbn.batch_norm_invert_output";
+  const Activation act = check_activation(activation, op);
+  check_invertible(act, activation_param, op);
+  const PhaseOperands o = backward_phase_operands(grad_output, output, weight, bias, var, var, op);
+  const auto acc = accumulate_dtype(output.scalar_type());
+  const auto options = output.options().dtype(acc).memory_format(o.g.format);
+  Tensor grad = at::empty(output.sizes(), options), centered = at::empty(output.sizes(), options);
+  if (o.g.count() == 0 || o.g.C == 0) return {grad, centered};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "fastbn_invert_output_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Vec = typename Lanes<scalar_t>::Vec;
+    const auto coef = forward_arrays<acc_t>(nullptr, o.var.const_data_ptr<acc_t>(), channel_params<acc_t>(o.w, o.b),
+                                            o.g.C, acc_t(eps));
+    const scalar_t* dy = o.dy.const_data_ptr<scalar_t>();
+    const scalar_t* y = o.x.const_data_ptr<scalar_t>();
+    acc_t* grad_out = grad.data_ptr<acc_t>();
+    acc_t* centered_out = centered.data_ptr<acc_t>();
+    const Vec vparam{acc_t(activation_param)}, elu_floor{acc_t(elu_inverse_floor<scalar_t>())};
+    FASTBN_ACTIVATION_SWITCH(act, A, [&] {
+      for_each_block<scalar_t>(o.g, coef, [&](int64_t off, int64_t width, const ForwardVecs<Vec>& f0,
+                                              const ForwardVecs<Vec>& f1) {
+        Vec d0, d1, y0, y1;
+        load_values(dy + off, width, d0, d1);
+        load_values(y + off, width, y0, y1);
+        store_values(grad_out + off, width, d0 * vec_activation_grad_from_output<A>(y0, vparam),
+                     d1 * vec_activation_grad_from_output<A>(y1, vparam));
+        store_values(centered_out + off, width, (vec_activation_inverse<A>(y0, vparam, elu_floor) - f0.bias) / f0.scale,
+                     (vec_activation_inverse<A>(y1, vparam, elu_floor) - f1.bias) / f1.scale);
+      });
+    });
+  });
+  return {grad, centered};
 }
 
 // ------------------------------------------------------------------ SyncBatchNorm phases
@@ -587,8 +778,8 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& in
     using acc_t = at::opmath_type<scalar_t>;
     const auto args = backward_args<scalar_t, acc_t>(o, eps, activation_param);
     FASTBN_ACTIVATION_SWITCH(act, A, [&] {
-      backward_apply_all<A>(args, dx.data_ptr<scalar_t>(), sdy.const_data_ptr<double>(), sdx.const_data_ptr<double>(),
-                            count, true);
+      backward_apply_all<A>(args, BackwardOutputs<scalar_t>{dx.data_ptr<scalar_t>(), nullptr},
+                            sdy.const_data_ptr<double>(), sdx.const_data_ptr<double>(), count, true);
     });
   });
   return dx;
@@ -620,6 +811,10 @@ void update_running_stats_cpu(const Tensor& running_mean, const Tensor& running_
 TORCH_LIBRARY_IMPL(fastbn, CPU, m) {
   m.impl("batch_norm_train", &batch_norm_train_cpu);
   m.impl("batch_norm_eval", &batch_norm_eval_cpu);
+  m.impl("batch_norm_train_", &batch_norm_train_inplace_cpu);
+  m.impl("batch_norm_eval_", &batch_norm_eval_inplace_cpu);
+  m.impl("batch_norm_add_act_backward", &batch_norm_add_act_backward_cpu);
+  m.impl("batch_norm_invert_output", &batch_norm_invert_output_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
   m.impl("update_running_stats", &update_running_stats_cpu);
   m.impl("batch_norm_stats", &batch_norm_stats_cpu);

@@ -241,6 +241,34 @@ inline Vec vec_activation_grad(const Vec& z, const Vec& param) {
   }
 }
 
+// Vector forms of activation_inverse / activation_grad_from_output (bn_math.h),
+// for in-place activated BN.
+template <Activation A, typename Vec>
+inline Vec vec_activation_inverse(const Vec& y, const Vec& param, const Vec& elu_floor) {
+  using T = typename Vec::value_type;
+  const Vec zero(T(0));
+  if constexpr (A == Activation::LeakyReLU) {
+    return Vec::blendv(y / param, y, y > zero);
+  } else if constexpr (A == Activation::ELU) {
+    return Vec::blendv(at::vec::maximum((y / param).log1p(), elu_floor), y, y > zero);
+  } else {
+    return y;
+  }
+}
+
+template <Activation A, typename Vec>
+inline Vec vec_activation_grad_from_output(const Vec& y, const Vec& param) {
+  using T = typename Vec::value_type;
+  const Vec zero(T(0)), one(T(1));
+  if constexpr (A == Activation::LeakyReLU) {
+    return Vec::blendv(param, one, y > zero);
+  } else if constexpr (A == Activation::ELU) {
+    return Vec::blendv(y + param, one, y > zero);
+  } else {
+    return one;
+  }
+}
+
 // Forward coefficients of one channel as vectors.
 template <typename Vec>
 struct ForwardVecs {
@@ -248,13 +276,28 @@ struct ForwardVecs {
   inline Vec z(const Vec& x) const { return at::vec::fmadd((x - hi) - lo, scale, bias); }
 };
 
-// The gradient reaching the normalized output: dy * act'(z), z recomputed from x.
+// The gradient reaching the normalized output: dy * act'(z), z recomputed from
+// x (plus the residual r of batch_norm_add_act; 0 without one).
 template <Activation A, typename Vec>
-inline Vec grad_before_activation(const Vec& dy, const Vec& x, const ForwardVecs<Vec>& f, const Vec& param) {
+inline Vec grad_before_activation(const Vec& dy, const Vec& x, const Vec& r, const ForwardVecs<Vec>& f,
+                                  const Vec& param) {
   if constexpr (A == Activation::Identity) {
     return dy;
   } else {
-    return dy * vec_activation_grad<A>(f.z(x), param);
+    return dy * vec_activation_grad<A>(f.z(x) + r, param);
+  }
+}
+
+// Loads the residual's block, or zeros where there is none (only activations read it).
+template <Activation A, typename scalar_t, typename Vec>
+inline void load_residual(const scalar_t* residual, int64_t offset, int64_t count, Vec& lo, Vec& hi) {
+  using L = Lanes<scalar_t>;
+  if (A == Activation::Identity || residual == nullptr) {
+    lo = hi = Vec(typename Vec::value_type(0));
+  } else if (count == L::kBlock) {
+    L::load(residual + offset, lo, hi);
+  } else {
+    L::load_partial(residual + offset, count, lo, hi);
   }
 }
 
@@ -264,10 +307,10 @@ inline ForwardVecs<Vectorized<acc_t>> forward_vecs(const ForwardCoefficients<acc
   return {Vec(k.mean_hi), Vec(k.mean_lo), Vec(k.scale), Vec(k.bias)};
 }
 
-// sum_dy += g; sum_dy_xmu += g * (x - mean), g = dy * act'(z)
+// sum_dy += g; sum_dy_xmu += g * (x - mean), g = dy * act'(z [+ residual]); residual may be null.
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
           typename red_t = typename ReduceLanes<scalar_t>::red_t>
-inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, int64_t n, red_t mean,
+inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t n, red_t mean,
                                const ForwardCoefficients<acc_t>& fk, acc_t param, LaneSums<scalar_t>& sum_dy,
                                LaneSums<scalar_t>& sum_dy_xmu) {
   using L = Lanes<scalar_t>;
@@ -275,28 +318,26 @@ inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
   const typename R::Vec vmean(mean);
   const auto f = forward_vecs(fk);
   const typename L::Vec vparam(param);
-  auto add = [&](const typename L::Vec& dlo, const typename L::Vec& dhi, const typename L::Vec& xlo,
-                 const typename L::Vec& xhi) {
+  // padding lanes load dy = 0, so g = 0 there and adds nothing
+  for (int64_t i = 0; i < n; i += L::kBlock) {
+    const int64_t count = std::min<int64_t>(L::kBlock, n - i);
+    typename L::Vec dlo, dhi, xlo, xhi, rlo, rhi;
+    if (count == L::kBlock) {
+      L::load(dy + i, dlo, dhi);
+      L::load(x + i, xlo, xhi);
+    } else {
+      L::load_partial(dy + i, count, dlo, dhi);
+      L::load_partial(x + i, count, xlo, xhi);
+    }
+    load_residual<A>(residual, i, count, rlo, rhi);
     typename R::Vec d[R::kParts], v[R::kParts];
-    R::widen_block(grad_before_activation<A>(dlo, xlo, f, vparam), grad_before_activation<A>(dhi, xhi, f, vparam), d);
+    R::widen_block(grad_before_activation<A>(dlo, xlo, rlo, f, vparam),
+                   grad_before_activation<A>(dhi, xhi, rhi, f, vparam), d);
     R::widen_block(xlo, xhi, v);
     for (int j = 0; j < R::kParts; ++j) {
       sum_dy.acc[j] += d[j];
       sum_dy_xmu.acc[j] = at::vec::fmadd(d[j], v[j] - vmean, sum_dy_xmu.acc[j]);
     }
-  };
-  int64_t i = 0;
-  for (; i + L::kBlock <= n; i += L::kBlock) {
-    typename L::Vec dlo, dhi, xlo, xhi;
-    L::load(dy + i, dlo, dhi);
-    L::load(x + i, xlo, xhi);
-    add(dlo, dhi, xlo, xhi);
-  }
-  if (i < n) {  // padding lanes load dy = 0, so g = 0 there and adds nothing
-    typename L::Vec dlo, dhi, xlo, xhi;
-    L::load_partial(dy + i, n - i, dlo, dhi);
-    L::load_partial(x + i, n - i, xlo, xhi);
-    add(dlo, dhi, xlo, xhi);
   }
 }
 
@@ -367,51 +408,77 @@ inline void column_sum_sq_dev(const scalar_t* x, int64_t rows, int64_t stride, i
 
 // ---------------------------------------------------------------- elementwise
 
-// y = act(((x - mean_hi) - mean_lo) * scale + bias) (forward_apply in bn_math.h)
+// y = act(((x - mean_hi) - mean_lo) * scale + bias [+ residual]) (forward_apply in
+// bn_math.h); residual may be null. y may be x (in-place activated BN).
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void span_forward(const scalar_t* x, scalar_t* y, int64_t n, const ForwardCoefficients<acc_t>& k,
-                         acc_t param) {
+inline void span_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t n,
+                         const ForwardCoefficients<acc_t>& k, acc_t param) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
   const auto f = forward_vecs(k);
   const Vec vparam(param);
   auto apply = [&](const Vec& v) { return vec_activation<A>(f.z(v), vparam); };
+  auto apply_add = [&](const Vec& v, const Vec& r) { return vec_activation<A>(f.z(v) + r, vparam); };
   int64_t i = 0;
+  if (residual == nullptr) {
+    for (; i + L::kBlock <= n; i += L::kBlock) {
+      Vec lo, hi;
+      L::load(x + i, lo, hi);
+      L::store(y + i, apply(lo), apply(hi));
+    }
+    if (i < n) {
+      Vec lo, hi;
+      L::load_partial(x + i, n - i, lo, hi);
+      L::store_partial(y + i, n - i, apply(lo), apply(hi));
+    }
+    return;
+  }
   for (; i + L::kBlock <= n; i += L::kBlock) {
-    Vec lo, hi;
+    Vec lo, hi, rlo, rhi;
     L::load(x + i, lo, hi);
-    L::store(y + i, apply(lo), apply(hi));
+    L::load(residual + i, rlo, rhi);
+    L::store(y + i, apply_add(lo, rlo), apply_add(hi, rhi));
   }
   if (i < n) {
-    Vec lo, hi;
+    Vec lo, hi, rlo, rhi;
     L::load_partial(x + i, n - i, lo, hi);
-    L::store_partial(y + i, n - i, apply(lo), apply(hi));
+    L::load_partial(residual + i, n - i, rlo, rhi);
+    L::store_partial(y + i, n - i, apply_add(lo, rlo), apply_add(hi, rhi));
   }
 }
 
-// dx = g * k_dy + (x - mean) * k_xmu + k_const, g = dy * act'(z)
+// dx = g * k_dy + (x - mean) * k_xmu + k_const, g = dy * act'(z [+ residual]);
+// grad_residual (may be null) gets g. residual may be null.
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void span_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n,
-                          const ForwardCoefficients<acc_t>& fk, const BackwardCoefficients<acc_t>& k, acc_t param) {
+inline void span_backward(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, scalar_t* dx,
+                          scalar_t* grad_residual, int64_t n, const ForwardCoefficients<acc_t>& fk,
+                          const BackwardCoefficients<acc_t>& k, acc_t param) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
   const auto f = forward_vecs(fk);
   const Vec vparam(param), vmean(k.mean), vkdy(k.k_dy), vkxmu(k.k_xmu), vkconst(k.k_const);
-  auto apply = [&](const Vec& d, const Vec& v) {
-    return at::vec::fmadd(grad_before_activation<A>(d, v, f, vparam), vkdy, at::vec::fmadd(v - vmean, vkxmu, vkconst));
-  };
-  int64_t i = 0;
-  for (; i + L::kBlock <= n; i += L::kBlock) {
-    Vec dlo, dhi, xlo, xhi;
-    L::load(dy + i, dlo, dhi);
-    L::load(x + i, xlo, xhi);
-    L::store(dx + i, apply(dlo, xlo), apply(dhi, xhi));
-  }
-  if (i < n) {
-    Vec dlo, dhi, xlo, xhi;
-    L::load_partial(dy + i, n - i, dlo, dhi);
-    L::load_partial(x + i, n - i, xlo, xhi);
-    L::store_partial(dx + i, n - i, apply(dlo, xlo), apply(dhi, xhi));
+  for (int64_t i = 0; i < n; i += L::kBlock) {
+    const int64_t count = std::min<int64_t>(L::kBlock, n - i);
+    Vec dlo, dhi, xlo, xhi, rlo, rhi;
+    if (count == L::kBlock) {
+      L::load(dy + i, dlo, dhi);
+      L::load(x + i, xlo, xhi);
+    } else {
+      L::load_partial(dy + i, count, dlo, dhi);
+      L::load_partial(x + i, count, xlo, xhi);
+    }
+    load_residual<A>(residual, i, count, rlo, rhi);
+    const Vec glo = grad_before_activation<A>(dlo, xlo, rlo, f, vparam);
+    const Vec ghi = grad_before_activation<A>(dhi, xhi, rhi, f, vparam);
+    const Vec outlo = at::vec::fmadd(glo, vkdy, at::vec::fmadd(xlo - vmean, vkxmu, vkconst));
+    const Vec outhi = at::vec::fmadd(ghi, vkdy, at::vec::fmadd(xhi - vmean, vkxmu, vkconst));
+    if (count == L::kBlock) {
+      L::store(dx + i, outlo, outhi);
+      if (grad_residual != nullptr) L::store(grad_residual + i, glo, ghi);
+    } else {
+      L::store_partial(dx + i, count, outlo, outhi);
+      if (grad_residual != nullptr) L::store_partial(grad_residual + i, count, glo, ghi);
+    }
   }
 }
 
@@ -456,59 +523,86 @@ inline ForwardVecs<Vectorized<acc_t>> forward_vecs(const ForwardArrays<acc_t>& k
 // Rows: the elementwise passes walk memory in order, one row of C channels
 // at a time, the per-channel coefficients coming from L1.
 
-// y[c] = act(forward_apply(k[c], x[c])) for one row.
+// y[c] = act(forward_apply(k[c], x[c]) [+ residual[c]]) for one row; residual may be null.
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void row_forward(const scalar_t* x, scalar_t* y, int64_t C, const ForwardArrays<acc_t>& k, acc_t param) {
+inline void row_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t C,
+                        const ForwardArrays<acc_t>& k, acc_t param) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
   const Vec vparam(param);
   for (int64_t c0 = 0; c0 < C; c0 += L::kBlock) {
     const ForwardVecs<Vec> f0 = forward_vecs(k, c0), f1 = forward_vecs(k, c0 + L::kVec);
-    Vec v0, v1;
+    Vec v0, v1, z0, z1;
     const int64_t width = std::min<int64_t>(L::kBlock, C - c0);
     if (width == L::kBlock) {
       L::load(x + c0, v0, v1);
-      L::store(y + c0, vec_activation<A>(f0.z(v0), vparam), vec_activation<A>(f1.z(v1), vparam));
     } else {
       L::load_partial(x + c0, width, v0, v1);
-      L::store_partial(y + c0, width, vec_activation<A>(f0.z(v0), vparam), vec_activation<A>(f1.z(v1), vparam));
+    }
+    z0 = f0.z(v0);
+    z1 = f1.z(v1);
+    if (residual != nullptr) {
+      Vec r0, r1;
+      if (width == L::kBlock) {
+        L::load(residual + c0, r0, r1);
+      } else {
+        L::load_partial(residual + c0, width, r0, r1);
+      }
+      z0 = z0 + r0;
+      z1 = z1 + r1;
+    }
+    if (width == L::kBlock) {
+      L::store(y + c0, vec_activation<A>(z0, vparam), vec_activation<A>(z1, vparam));
+    } else {
+      L::store_partial(y + c0, width, vec_activation<A>(z0, vparam), vec_activation<A>(z1, vparam));
     }
   }
 }
 
-// dx[c] = backward_apply(k[c], dy[c] * act'(z[c]), x[c]) for one row.
+// dx[c] = backward_apply(k[c], g[c], x[c]) for one row, g = dy * act'(z [+ residual]);
+// grad_residual (may be null) gets g. residual may be null.
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void row_backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t C,
-                         const ForwardArrays<acc_t>& fk, const BackwardArrays<acc_t>& k, acc_t param) {
+inline void row_backward(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, scalar_t* dx,
+                         scalar_t* grad_residual, int64_t C, const ForwardArrays<acc_t>& fk,
+                         const BackwardArrays<acc_t>& k, acc_t param) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
   const Vec vparam(param);
-  auto apply = [&](const Vec& g, const Vec& v, const ForwardVecs<Vec>& f, int64_t c) {
-    return at::vec::fmadd(grad_before_activation<A>(g, v, f, vparam), Vec::loadu(k.k_dy.data() + c),
+  auto apply = [&](const Vec& g, const Vec& v, int64_t c) {
+    return at::vec::fmadd(g, Vec::loadu(k.k_dy.data() + c),
                           at::vec::fmadd(v - Vec::loadu(k.mean.data() + c), Vec::loadu(k.k_xmu.data() + c),
                                          Vec::loadu(k.k_const.data() + c)));
   };
   for (int64_t c0 = 0; c0 < C; c0 += L::kBlock) {
     const int64_t c1 = c0 + L::kVec;
     const ForwardVecs<Vec> f0 = forward_vecs(fk, c0), f1 = forward_vecs(fk, c1);
-    Vec g0, g1, v0, v1;
     const int64_t width = std::min<int64_t>(L::kBlock, C - c0);
+    Vec d0, d1, v0, v1, r0, r1;
     if (width == L::kBlock) {
-      L::load(dy + c0, g0, g1);
+      L::load(dy + c0, d0, d1);
       L::load(x + c0, v0, v1);
-      L::store(dx + c0, apply(g0, v0, f0, c0), apply(g1, v1, f1, c1));
     } else {
-      L::load_partial(dy + c0, width, g0, g1);
+      L::load_partial(dy + c0, width, d0, d1);
       L::load_partial(x + c0, width, v0, v1);
-      L::store_partial(dx + c0, width, apply(g0, v0, f0, c0), apply(g1, v1, f1, c1));
+    }
+    load_residual<A>(residual, c0, width, r0, r1);
+    const Vec g0 = grad_before_activation<A>(d0, v0, r0, f0, vparam);
+    const Vec g1 = grad_before_activation<A>(d1, v1, r1, f1, vparam);
+    if (width == L::kBlock) {
+      L::store(dx + c0, apply(g0, v0, c0), apply(g1, v1, c1));
+      if (grad_residual != nullptr) L::store(grad_residual + c0, g0, g1);
+    } else {
+      L::store_partial(dx + c0, width, apply(g0, v0, c0), apply(g1, v1, c1));
+      if (grad_residual != nullptr) L::store_partial(grad_residual + c0, width, g0, g1);
     }
   }
 }
 
-// out_dy[c] += sum of g[c]; out_dy_xmu[c] += sum of g[c] * (x[c] - mean[c]), g = dy * act'(z)
+// out_dy[c] += sum of g[c]; out_dy_xmu[c] += sum of g[c] * (x[c] - mean[c]), g = dy * act'(z [+ residual])
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
           typename red_t = typename ReduceLanes<scalar_t>::red_t>
-inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t stride, int64_t width,
+inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t rows,
+                                 int64_t stride, int64_t width,
                                  const red_t* mean, const ForwardArrays<acc_t>& fk, int64_t c0, acc_t param,
                                  red_t* out_dy, red_t* out_dy_xmu) {
   using L = Lanes<scalar_t>;
@@ -530,7 +624,10 @@ inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, int64_t 
       L::load_partial(dy + r * stride, width, g0, g1);
       L::load_partial(x + r * stride, width, x0, x1);
     }
-    R::widen_block(grad_before_activation<A>(g0, x0, f[0], vparam), grad_before_activation<A>(g1, x1, f[1], vparam), d);
+    typename L::Vec r0, r1;
+    load_residual<A>(residual, r * stride, width, r0, r1);
+    R::widen_block(grad_before_activation<A>(g0, x0, r0, f[0], vparam),
+                   grad_before_activation<A>(g1, x1, r1, f[1], vparam), d);
     R::widen_block(x0, x1, v);
     for (int j = 0; j < R::kParts; ++j) {
       acc_dy[j] += d[j];

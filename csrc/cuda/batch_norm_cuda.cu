@@ -155,21 +155,25 @@ Tensor workspace(int64_t bytes, const Tensor& like) { return at::empty({bytes}, 
 
 // ------------------------------------------------------------------ operators
 
+template <typename scalar_t>
+const scalar_t* data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(const Tensor& input, const std::optional<Tensor>& weight,
                                                          const std::optional<Tensor>& bias, double eps,
-                                                         int64_t activation, double activation_param) {
+                                                         int64_t activation, double activation_param,
+                                                         const std::optional<Tensor>& residual) {
   constexpr const char* op = "fastbn.batch_norm_train";
-  check_input(input, op);
-  const Activation act_code = check_activation(activation, op);
-  check_channel_vector(input, weight, "weight", op);
-  check_channel_vector(input, bias, "bias", op);
+  const TrainOperands o = train_operands(input, weight, bias, activation, op);
+  const Activation act_code = o.act;
   c10::cuda::CUDAGuard guard(input.device());
-  const Geometry g = describe(input);
+  const Geometry& g = o.g;
   const auto acc = accumulate_dtype(input.scalar_type());
   const Tensor x = input.contiguous(g.format);
+  const Tensor r = dense_residual(input, residual, g, op);
   Tensor y = at::empty(input.sizes(), input.options().memory_format(g.format));
-  Tensor mean = at::empty({g.C}, input.options().dtype(acc));
-  Tensor var = at::empty({g.C}, input.options().dtype(acc));
+  Tensor mean = o.mean, var = o.var;
   if (g.count() == 0 || g.C == 0) {
     mean.fill_(std::numeric_limits<double>::quiet_NaN());
     var.fill_(std::numeric_limits<double>::quiet_NaN());
@@ -182,13 +186,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(const Tensor& input, co
     const auto params = channel_params<acc_t>(w, b);
     const ActivationArgs<acc_t> act{act_code, acc_t(activation_param)};
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = data_or_null<scalar_t>(r);
     scalar_t* yp = y.data_ptr<scalar_t>();
     FASTBN_INDEX_SWITCH(x, [&] {
       if (use_onchip(g)) {
         FASTBN_BOOL_SWITCH(g.layout == Layout::Interleaved, kInterleaved, [&] {
           FASTBN_ITEMS_SWITCH(onchip_items(g), ITEMS, [&] {
             onchip_forward_kernel<scalar_t, acc_t, index_t, kInterleaved, ITEMS>
-                <<<onchip_grid(g), onchip_block(g), 0, stream>>>(xp, yp, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
+                <<<onchip_grid(g), onchip_block(g), 0, stream>>>(xp, rp, yp, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
                                                                  params, acc_t(eps), act, index_t(g.C),
                                                                  index_t(g.S), index_t(g.count()));
             C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -214,10 +219,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(const Tensor& input, co
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (g.layout == Layout::Planar) {
         planar_forward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
-            xp, yp, coef_p, act, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
+            xp, rp, yp, coef_p, act, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
       } else {
         interleaved_forward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
-            xp, yp, coef_p, act, index_t(x.numel()), index_t(g.C));
+            xp, rp, yp, coef_p, act, index_t(x.numel()), index_t(g.C));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -227,18 +232,15 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(const Tensor& input, co
 
 Tensor batch_norm_eval_cuda(const Tensor& input, const std::optional<Tensor>& weight,
                             const std::optional<Tensor>& bias, const Tensor& running_mean, const Tensor& running_var,
-                            double eps, int64_t activation, double activation_param) {
+                            double eps, int64_t activation, double activation_param,
+                            const std::optional<Tensor>& residual) {
   constexpr const char* op = "fastbn.batch_norm_eval";
-  check_input(input, op);
+  const Geometry g = eval_operands(input, weight, bias, running_mean, running_var, op);
   const Activation act_code = check_activation(activation, op);
-  check_channel_vector(input, weight, "weight", op);
-  check_channel_vector(input, bias, "bias", op);
-  check_channel_vector(input, running_mean, "running_mean", op);
-  check_channel_vector(input, running_var, "running_var", op);
   c10::cuda::CUDAGuard guard(input.device());
-  const Geometry g = describe(input);
   const auto acc = accumulate_dtype(input.scalar_type());
   const Tensor x = input.contiguous(g.format);
+  const Tensor r = dense_residual(input, residual, g, op);
   Tensor y = at::empty(input.sizes(), input.options().memory_format(g.format));
   if (x.numel() == 0) return y;
   const Tensor w = to_accumulate(weight, acc), b = to_accumulate(bias, acc);
@@ -256,11 +258,12 @@ Tensor batch_norm_eval_cuda(const Tensor& input, const std::optional<Tensor>& we
     FASTBN_INDEX_SWITCH(x, [&] {
       if (g.layout == Layout::Planar) {
         planar_forward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), coef_p, act, index_t(g.N * g.C), index_t(g.C),
-            index_t(g.S));
+            x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(r), y.data_ptr<scalar_t>(), coef_p, act,
+            index_t(g.N * g.C), index_t(g.C), index_t(g.S));
       } else {
         interleaved_forward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), coef_p, act, index_t(x.numel()), index_t(g.C));
+            x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(r), y.data_ptr<scalar_t>(), coef_p, act,
+            index_t(x.numel()), index_t(g.C));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -268,31 +271,25 @@ Tensor batch_norm_eval_cuda(const Tensor& input, const std::optional<Tensor>& we
   return y;
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_output, const Tensor& input,
-                                                            const std::optional<Tensor>& weight,
-                                                            const std::optional<Tensor>& bias, const Tensor& mean,
-                                                            const Tensor& var, double eps, bool train,
-                                                            int64_t activation, double activation_param) {
-  constexpr const char* op = "fastbn.batch_norm_backward";
-  const Activation act_code = check_activation(activation, op);
-  c10::cuda::CUDAGuard guard(input.device());
-  const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
+// The fused backward: dx, grad_weight, grad_bias and, with a residual (added
+// before the activation), grad_residual = the gradient reaching the sum.
+void backward_into(const PhaseOperands& o, const Tensor& residual, const Tensor& dx, const Tensor& grad_residual,
+                   const Tensor& grad_weight, const Tensor& grad_bias, double eps, bool train, Activation act_code,
+                   double activation_param) {
   const Geometry& g = o.g;
-  const auto acc = accumulate_dtype(input.scalar_type());
+  if (g.count() == 0 || g.C == 0) return;
   const Tensor &x = o.x, &dy = o.dy;
-  Tensor dx = at::empty(input.sizes(), input.options().memory_format(g.format));
-  Tensor grad_weight = at::zeros({g.C}, input.options().dtype(acc));
-  Tensor grad_bias = at::zeros({g.C}, input.options().dtype(acc));
-  if (g.count() == 0 || g.C == 0) return {dx, grad_weight, grad_bias};
   const Tensor &w = o.w, &b = o.b, &mean_acc = o.mean, &var_acc = o.var;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_batch_norm_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = channel_params<acc_t>(w, b);
     const ActivationArgs<acc_t> act{act_code, acc_t(activation_param)};
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = data_or_null<scalar_t>(residual);
     scalar_t* dxp = dx.data_ptr<scalar_t>();
+    scalar_t* grp = grad_residual.defined() ? grad_residual.data_ptr<scalar_t>() : nullptr;
     const acc_t* mp = mean_acc.const_data_ptr<acc_t>();
     const acc_t* vp = var_acc.const_data_ptr<acc_t>();
     FASTBN_INDEX_SWITCH(x, [&] {
@@ -301,7 +298,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
           FASTBN_ITEMS_SWITCH(onchip_items(g), ITEMS, [&] {
             onchip_backward_kernel<scalar_t, acc_t, index_t, kInterleaved, ITEMS>
                 <<<onchip_grid(g), onchip_block(g), 0, stream>>>(
-                    dyp, xp, dxp, mp, vp, params, acc_t(eps), train, act, grad_weight.data_ptr<acc_t>(),
+                    dyp, xp, rp, dxp, grp, mp, vp, params, acc_t(eps), train, act, grad_weight.data_ptr<acc_t>(),
                     grad_bias.data_ptr<acc_t>(), index_t(g.C), index_t(g.S), index_t(g.count()));
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
@@ -321,10 +318,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (g.layout == Layout::Planar) {
         planar_backward_sums_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, stream>>>(
-            dyp, xp, mp, fcoef_p, act, partial_p, index_t(g.N), index_t(g.C), index_t(g.S));
+            dyp, xp, rp, mp, fcoef_p, act, partial_p, index_t(g.N), index_t(g.C), index_t(g.S));
       } else {
         interleaved_backward_sums_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, stream>>>(
-            dyp, xp, mp, fcoef_p, act, partial_p, index_t(g.count()), index_t(g.C));
+            dyp, xp, rp, mp, fcoef_p, act, partial_p, index_t(g.count()), index_t(g.C));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       finalize_backward_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
@@ -333,15 +330,117 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (g.layout == Layout::Planar) {
         planar_backward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
-            dyp, xp, dxp, fcoef_p, coef_p, act, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
+            dyp, xp, rp, dxp, grp, fcoef_p, coef_p, act, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
       } else {
         interleaved_backward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
-            dyp, xp, dxp, fcoef_p, coef_p, act, index_t(x.numel()), index_t(g.C));
+            dyp, xp, rp, dxp, grp, fcoef_p, coef_p, act, index_t(x.numel()), index_t(g.C));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_output, const Tensor& input,
+                                                            const std::optional<Tensor>& weight,
+                                                            const std::optional<Tensor>& bias, const Tensor& mean,
+                                                            const Tensor& var, double eps, bool train,
+                                                            int64_t activation, double activation_param) {
+  constexpr const char* op = "fastbn.batch_norm_backward";
+  const Activation act_code = check_activation(activation, op);
+  c10::cuda::CUDAGuard guard(input.device());
+  const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
+  const auto acc = accumulate_dtype(input.scalar_type());
+  Tensor dx = at::empty(input.sizes(), input.options().memory_format(o.g.format));
+  Tensor grad_weight = at::zeros({o.g.C}, input.options().dtype(acc));
+  Tensor grad_bias = at::zeros({o.g.C}, input.options().dtype(acc));
+  backward_into(o, Tensor(), dx, Tensor(), grad_weight, grad_bias, eps, train, act_code, activation_param);
   return {dx, grad_weight, grad_bias};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_act_backward_cuda(
+    const Tensor& grad_output, const Tensor& input, const Tensor& residual, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps, bool train,
+    int64_t activation, double activation_param) {
+  constexpr const char* op = "fastbn.batch_norm_add_act_backward";
+  const Activation act_code = check_activation(activation, op);
+  c10::cuda::CUDAGuard guard(input.device());
+  const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
+  const Tensor r = dense_residual(input, residual, o.g, op);
+  const auto acc = accumulate_dtype(input.scalar_type());
+  const auto layout = input.options().memory_format(o.g.format);
+  Tensor dx = at::empty(input.sizes(), layout), grad_residual = at::empty(input.sizes(), layout);
+  Tensor grad_weight = at::zeros({o.g.C}, input.options().dtype(acc));
+  Tensor grad_bias = at::zeros({o.g.C}, input.options().dtype(acc));
+  backward_into(o, r, dx, grad_residual, grad_weight, grad_bias, eps, train, act_code, activation_param);
+  return {dx, grad_residual, grad_weight, grad_bias};
+}
+
+// In-place activated BN. The kernels take __restrict__ pointers, so the output
+// is computed apart and copied over the input: the input's storage ends up
+// holding the output (what in-place ABN saves, the memory kept for backward),
+// at the cost of one transient copy.
+std::tuple<Tensor, Tensor> batch_norm_train_inplace_cuda(const Tensor& input, const std::optional<Tensor>& weight,
+                                                         const std::optional<Tensor>& bias, double eps,
+                                                         int64_t activation, double activation_param) {
+  check_invertible(check_activation(activation, "fastbn.batch_norm_train_"), activation_param,
+                   "fastbn.batch_norm_train_");
+  auto [y, mean, var] = batch_norm_train_cuda(input, weight, bias, eps, activation, activation_param, std::nullopt);
+  input.copy_(y);
+  return {mean, var};
+}
+
+void batch_norm_eval_inplace_cuda(const Tensor& input, const std::optional<Tensor>& weight,
+                                  const std::optional<Tensor>& bias, const Tensor& running_mean,
+                                  const Tensor& running_var, double eps, int64_t activation, double activation_param) {
+  check_invertible(check_activation(activation, "fastbn.batch_norm_eval_"), activation_param,
+                   "fastbn.batch_norm_eval_");
+  input.copy_(batch_norm_eval_cuda(input, weight, bias, running_mean, running_var, eps, activation, activation_param,
+                                   std::nullopt));
+}
+
+// Launches op over every value of a tensor of geometry g (planar or interleaved).
+template <typename index_t, typename Op>
+void launch_map(const Op& op, const Geometry& g, const Tensor& like, cudaStream_t stream) {
+  if (g.layout == Layout::Planar) {
+    planar_map_kernel<index_t><<<elementwise_grid(g, like), kThreads, 0, stream>>>(op, index_t(g.N * g.C),
+                                                                                   index_t(g.C), index_t(g.S));
+  } else {
+    interleaved_map_kernel<index_t><<<elementwise_grid(g, like), kThreads, 0, stream>>>(op, index_t(like.numel()),
+                                                                                        index_t(g.C));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<Tensor, Tensor> batch_norm_invert_output_cuda(const Tensor& grad_output, const Tensor& output,
+                                                         const std::optional<Tensor>& weight,
+                                                         const std::optional<Tensor>& bias, const Tensor& var,
+                                                         double eps, int64_t activation, double activation_param) {
+  constexpr const char* op = "fastbn.batch_norm_invert_output";
+  const Activation act_code = check_activation(activation, op);
+  check_invertible(act_code, activation_param, op);
+  c10::cuda::CUDAGuard guard(output.device());
+  const PhaseOperands o = backward_phase_operands(grad_output, output, weight, bias, var, var, op);
+  const auto acc = accumulate_dtype(output.scalar_type());
+  const auto options = output.options().dtype(acc).memory_format(o.g.format);
+  Tensor grad = at::empty(output.sizes(), options), centered = at::empty(output.sizes(), options);
+  if (o.g.count() == 0 || o.g.C == 0) return {grad, centered};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const Tensor zero_mean = at::zeros({o.g.C}, o.var.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "fastbn_invert_output_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Tensor coef = workspace(int64_t(sizeof(ForwardCoefficients<acc_t>)) * o.g.C, o.x);
+    auto* coef_p = reinterpret_cast<ForwardCoefficients<acc_t>*>(coef.data_ptr());
+    eval_coefficients_kernel<acc_t><<<unsigned(ceil_div(o.g.C, kThreads)), kThreads, 0, stream>>>(
+        zero_mean.const_data_ptr<acc_t>(), o.var.const_data_ptr<acc_t>(), o.g.C, channel_params<acc_t>(o.w, o.b),
+        acc_t(eps), coef_p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const InvertOutputOp<scalar_t, acc_t> map{o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), coef_p,
+                                              ActivationArgs<acc_t>{act_code, acc_t(activation_param)},
+                                              acc_t(elu_inverse_floor<scalar_t>()), grad.data_ptr<acc_t>(),
+                                              centered.data_ptr<acc_t>()};
+    FASTBN_INDEX_SWITCH(o.x, [&] { launch_map<index_t>(map, o.g, o.x, stream); });
+  });
+  return {grad, centered};
 }
 
 // ------------------------------------------------------------------ SyncBatchNorm phases
@@ -417,11 +516,11 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(const Tensor& grad_ou
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (g.layout == Layout::Planar) {
         planar_backward_sums_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, stream>>>(
-            o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), mp, fcoef_p, act, partial_p,
+            o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), nullptr, mp, fcoef_p, act, partial_p,
             index_t(g.N), index_t(g.C), index_t(g.S));
       } else {
         interleaved_backward_sums_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, stream>>>(
-            o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), mp, fcoef_p, act, partial_p,
+            o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), nullptr, mp, fcoef_p, act, partial_p,
             index_t(g.count()), index_t(g.C));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -470,12 +569,12 @@ Tensor batch_norm_backward_elemt_cuda(const Tensor& grad_output, const Tensor& i
     FASTBN_INDEX_SWITCH(o.x, [&] {
       if (g.layout == Layout::Planar) {
         planar_backward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, o.x), kThreads, 0, stream>>>(
-            o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), fcoef_p, coef_p,
-            act, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
+            o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), nullptr, dx.data_ptr<scalar_t>(), nullptr,
+            fcoef_p, coef_p, act, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
       } else {
         interleaved_backward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, o.x), kThreads, 0, stream>>>(
-            o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), fcoef_p, coef_p,
-            act, index_t(o.x.numel()), index_t(g.C));
+            o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), nullptr, dx.data_ptr<scalar_t>(), nullptr,
+            fcoef_p, coef_p, act, index_t(o.x.numel()), index_t(g.C));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -515,6 +614,10 @@ void update_running_stats_cuda(const Tensor& running_mean, const Tensor& running
 TORCH_LIBRARY_IMPL(fastbn, CUDA, m) {
   m.impl("batch_norm_train", &batch_norm_train_cuda);
   m.impl("batch_norm_eval", &batch_norm_eval_cuda);
+  m.impl("batch_norm_train_", &batch_norm_train_inplace_cuda);
+  m.impl("batch_norm_eval_", &batch_norm_eval_inplace_cuda);
+  m.impl("batch_norm_add_act_backward", &batch_norm_add_act_backward_cuda);
+  m.impl("batch_norm_invert_output", &batch_norm_invert_output_cuda);
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
   m.impl("update_running_stats", &update_running_stats_cuda);
   m.impl("batch_norm_stats", &batch_norm_stats_cuda);

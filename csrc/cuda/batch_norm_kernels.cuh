@@ -29,11 +29,18 @@ struct ActivationArgs {
   Activation act;
   acc_t param;
   __device__ __forceinline__ acc_t forward(acc_t z) const { return activation_forward(act, z, param); }
-  // dy * act'(z) with z recomputed from x by the forward coefficients.
-  __device__ __forceinline__ acc_t grad(acc_t dy, const ForwardCoefficients<acc_t>& k, acc_t x) const {
-    return act == Activation::Identity ? dy : dy * activation_grad(act, forward_apply(k, x), param);
+  // dy * act'(z) with z recomputed from x by the forward coefficients, plus
+  // batch_norm_add_act's residual r (0 without one).
+  __device__ __forceinline__ acc_t grad(acc_t dy, const ForwardCoefficients<acc_t>& k, acc_t x, acc_t r) const {
+    return act == Activation::Identity ? dy : dy * activation_grad(act, forward_apply(k, x) + r, param);
   }
 };
+
+// The residual's value i in acc_t, 0 where there is none.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t residual_at(const scalar_t* __restrict__ residual, int64_t i) {
+  return residual == nullptr ? acc_t(0) : acc_t(residual[i]);
+}
 
 template <typename acc_t>
 struct ChannelParams {
@@ -103,7 +110,7 @@ __global__ void eval_coefficients_kernel(const acc_t* __restrict__ mean, const a
 
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void planar_backward_sums_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                            const acc_t* __restrict__ mean,
+                                            const scalar_t* __restrict__ residual, const acc_t* __restrict__ mean,
                                             const ForwardCoefficients<acc_t>* __restrict__ fcoef,
                                             ActivationArgs<acc_t> act, SumPair<acc_t>* __restrict__ partial,
                                             index_t N, index_t C, index_t S) {
@@ -116,7 +123,7 @@ __global__ void planar_backward_sums_kernel(const scalar_t* __restrict__ dy, con
     const index_t base = (n * C + c) * S;
     for (index_t s = threadIdx.x; s < S; s += blockDim.x) {
       const acc_t v = acc_t(x[base + s]);
-      const acc_t g = act.grad(acc_t(dy[base + s]), fk, v);
+      const acc_t g = act.grad(acc_t(dy[base + s]), fk, v, residual_at<scalar_t, acc_t>(residual, base + s));
       sums.a += g;
       sums.b += g * (v - mu);
     }
@@ -127,7 +134,7 @@ __global__ void planar_backward_sums_kernel(const scalar_t* __restrict__ dy, con
 
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void interleaved_backward_sums_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                                 const acc_t* __restrict__ mean,
+                                                 const scalar_t* __restrict__ residual, const acc_t* __restrict__ mean,
                                                  const ForwardCoefficients<acc_t>* __restrict__ fcoef,
                                                  ActivationArgs<acc_t> act, SumPair<acc_t>* __restrict__ partial,
                                                  index_t R, index_t C) {
@@ -139,7 +146,7 @@ __global__ void interleaved_backward_sums_kernel(const scalar_t* __restrict__ dy
     const ForwardCoefficients<acc_t> fk = fcoef[c];
     for (index_t r = blockIdx.y * blockDim.y + threadIdx.y; r < R; r += gridDim.y * blockDim.y) {
       const acc_t v = acc_t(x[r * C + c]);
-      const acc_t g = act.grad(acc_t(dy[r * C + c]), fk, v);
+      const acc_t g = act.grad(acc_t(dy[r * C + c]), fk, v, residual_at<scalar_t, acc_t>(residual, r * C + c));
       sums.a += g;
       sums.b += g * (v - mu);
     }
@@ -195,31 +202,73 @@ __global__ void backward_coefficients_kernel(const acc_t* __restrict__ mean, con
 // ------------------------------------------------------------------ general: elementwise
 
 // grid (S blocks, planes), planes = N * C looped over gridDim.y.
+// residual (may be null) is added before the activation: act(bn(x) + residual).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t add_residual(acc_t z, const scalar_t* __restrict__ residual, int64_t i) {
+  return residual == nullptr ? z : z + acc_t(residual[i]);
+}
+
 template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void planar_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                                      const ForwardCoefficients<acc_t>* __restrict__ coef, ActivationArgs<acc_t> act,
-                                      index_t planes, index_t C, index_t S) {
+__global__ void planar_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
+                                      scalar_t* __restrict__ y, const ForwardCoefficients<acc_t>* __restrict__ coef,
+                                      ActivationArgs<acc_t> act, index_t planes, index_t C, index_t S) {
   for (index_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
     const ForwardCoefficients<acc_t> k = coef[plane % C];
     const index_t base = plane * S;
     for (index_t s = blockIdx.x * blockDim.x + threadIdx.x; s < S; s += gridDim.x * blockDim.x) {
-      y[base + s] = scalar_t(act.forward(forward_apply(k, acc_t(x[base + s]))));
+      y[base + s] = scalar_t(act.forward(add_residual(forward_apply(k, acc_t(x[base + s])), residual, base + s)));
     }
   }
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
-__global__ void interleaved_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+__global__ void interleaved_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
+                                           scalar_t* __restrict__ y,
                                            const ForwardCoefficients<acc_t>* __restrict__ coef,
                                            ActivationArgs<acc_t> act, index_t total, index_t C) {
   for (index_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
-    y[i] = scalar_t(act.forward(forward_apply(coef[i % C], acc_t(x[i]))));
+    y[i] = scalar_t(act.forward(add_residual(forward_apply(coef[i % C], acc_t(x[i])), residual, i)));
   }
 }
 
+// Elementwise maps with per-channel coefficients: op(i, c) for every value i of channel c.
+template <typename index_t, typename Op>
+__global__ void planar_map_kernel(Op op, index_t planes, index_t C, index_t S) {
+  for (index_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+    const index_t base = plane * S, c = plane % C;
+    for (index_t s = blockIdx.x * blockDim.x + threadIdx.x; s < S; s += gridDim.x * blockDim.x) op(base + s, c);
+  }
+}
+
+template <typename index_t, typename Op>
+__global__ void interleaved_map_kernel(Op op, index_t total, index_t C) {
+  for (index_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) op(i, i % C);
+}
+
+// In-place activated BN (batch_norm_invert_output): from y = act(z), the
+// gradient dy * act'(z) and the centered input (z - bias) / scale.
+template <typename scalar_t, typename acc_t>
+struct InvertOutputOp {
+  const scalar_t* __restrict__ dy;
+  const scalar_t* __restrict__ y;
+  const ForwardCoefficients<acc_t>* __restrict__ coef;
+  ActivationArgs<acc_t> act;
+  acc_t elu_floor;  // elu_inverse_floor<scalar_t>()
+  acc_t* __restrict__ grad;
+  acc_t* __restrict__ centered;
+  template <typename index_t>
+  __device__ __forceinline__ void operator()(index_t i, index_t c) const {
+    const acc_t out = acc_t(y[i]);
+    grad[i] = acc_t(dy[i]) * activation_grad_from_output(act.act, out, act.param);
+    centered[i] = centered_input_from_z(coef[c], activation_inverse(act.act, out, act.param, elu_floor));
+  }
+};
+
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void planar_backward_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                       scalar_t* __restrict__ dx, const ForwardCoefficients<acc_t>* __restrict__ fcoef,
+                                       const scalar_t* __restrict__ residual, scalar_t* __restrict__ dx,
+                                       scalar_t* __restrict__ grad_residual,
+                                       const ForwardCoefficients<acc_t>* __restrict__ fcoef,
                                        const BackwardCoefficients<acc_t>* __restrict__ coef, ActivationArgs<acc_t> act,
                                        index_t planes, index_t C, index_t S) {
   for (index_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
@@ -227,22 +276,28 @@ __global__ void planar_backward_kernel(const scalar_t* __restrict__ dy, const sc
     const ForwardCoefficients<acc_t> fk = fcoef[plane % C];
     const index_t base = plane * S;
     for (index_t s = blockIdx.x * blockDim.x + threadIdx.x; s < S; s += gridDim.x * blockDim.x) {
-      const acc_t v = acc_t(x[base + s]);
-      dx[base + s] = scalar_t(backward_apply(k, act.grad(acc_t(dy[base + s]), fk, v), v));
+      const index_t i = base + s;
+      const acc_t v = acc_t(x[i]);
+      const acc_t g = act.grad(acc_t(dy[i]), fk, v, residual_at<scalar_t, acc_t>(residual, i));
+      dx[i] = scalar_t(backward_apply(k, g, v));
+      if (grad_residual != nullptr) grad_residual[i] = scalar_t(g);
     }
   }
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void interleaved_backward_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                            scalar_t* __restrict__ dx,
+                                            const scalar_t* __restrict__ residual, scalar_t* __restrict__ dx,
+                                            scalar_t* __restrict__ grad_residual,
                                             const ForwardCoefficients<acc_t>* __restrict__ fcoef,
                                             const BackwardCoefficients<acc_t>* __restrict__ coef,
                                             ActivationArgs<acc_t> act, index_t total, index_t C) {
   for (index_t i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
     const index_t c = i % C;
     const acc_t v = acc_t(x[i]);
-    dx[i] = scalar_t(backward_apply(coef[c], act.grad(acc_t(dy[i]), fcoef[c], v), v));
+    const acc_t g = act.grad(acc_t(dy[i]), fcoef[c], v, residual_at<scalar_t, acc_t>(residual, i));
+    dx[i] = scalar_t(backward_apply(coef[c], g, v));
+    if (grad_residual != nullptr) grad_residual[i] = scalar_t(g);
   }
 }
 
@@ -296,7 +351,8 @@ struct OnChipTile {
 
 template <typename scalar_t, typename acc_t, typename index_t, bool kInterleaved, int ITEMS>
 __global__ void __launch_bounds__(kOnChipThreads) onchip_forward_kernel(
-    const scalar_t* __restrict__ x, scalar_t* __restrict__ y, acc_t* __restrict__ mean_out,
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual, scalar_t* __restrict__ y,
+    acc_t* __restrict__ mean_out,
     acc_t* __restrict__ var_out, ChannelParams<acc_t> params, acc_t eps, ActivationArgs<acc_t> act, index_t C,
     index_t S, index_t count) {
   __shared__ SumPair<acc_t> shared[kOnChipThreads];
@@ -326,14 +382,18 @@ __global__ void __launch_bounds__(kOnChipThreads) onchip_forward_kernel(
   const auto coef = forward_coefficients(mean, var, eps, params.w(tile.c), params.b(tile.c));
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
-    if (tile.has(k)) y[tile.offset(k)] = scalar_t(act.forward(forward_apply(coef, v[k])));
+    if (tile.has(k)) {
+      const index_t i = tile.offset(k);
+      y[i] = scalar_t(act.forward(add_residual(forward_apply(coef, v[k]), residual, i)));
+    }
   }
 }
 
 template <typename scalar_t, typename acc_t, typename index_t, bool kInterleaved, int ITEMS>
 __global__ void __launch_bounds__(kOnChipThreads) onchip_backward_kernel(
-    const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
-    const acc_t* __restrict__ mean, const acc_t* __restrict__ var, ChannelParams<acc_t> params, acc_t eps,
+    const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
+    scalar_t* __restrict__ dx, scalar_t* __restrict__ grad_residual, const acc_t* __restrict__ mean,
+    const acc_t* __restrict__ var, ChannelParams<acc_t> params, acc_t eps,
     bool train, ActivationArgs<acc_t> act, acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias, index_t C,
     index_t S, index_t count) {
   __shared__ SumPair<acc_t> shared[kOnChipThreads];
@@ -348,7 +408,8 @@ __global__ void __launch_bounds__(kOnChipThreads) onchip_backward_kernel(
   for (int k = 0; k < ITEMS; ++k) {
     const bool has = tile.has(k);
     v[k] = has ? acc_t(x[tile.offset(k)]) : acc_t(0);
-    g[k] = has ? act.grad(acc_t(dy[tile.offset(k)]), fk, v[k]) : acc_t(0);
+    g[k] = has ? act.grad(acc_t(dy[tile.offset(k)]), fk, v[k], residual_at<scalar_t, acc_t>(residual, tile.offset(k)))
+               : acc_t(0);
     sums.a += g[k];
     sums.b += g[k] * (v[k] - mu);  // g = 0 where absent
   }
@@ -362,7 +423,10 @@ __global__ void __launch_bounds__(kOnChipThreads) onchip_backward_kernel(
       backward_coefficients(mu, channel_var, eps, params.w(tile.c), sums.a, sums.b, int64_t(count), train);
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
-    if (tile.has(k)) dx[tile.offset(k)] = scalar_t(backward_apply(coef, g[k], v[k]));
+    if (tile.has(k)) {
+      dx[tile.offset(k)] = scalar_t(backward_apply(coef, g[k], v[k]));
+      if (grad_residual != nullptr) grad_residual[tile.offset(k)] = scalar_t(g[k]);
+    }
   }
 }
 
