@@ -24,8 +24,9 @@ Geometry describe(const at::Tensor& input) {
   g.S = 1;
   for (int64_t d = 2; d < input.dim(); ++d) g.S *= input.size(d);
   g.format = output_memory_format(input);
-  // (N, C) is both planar with S = 1 and interleaved; interleaved vectorizes along C.
-  g.layout = (g.format != c10::MemoryFormat::Contiguous || input.dim() == 2) ? Layout::Interleaved : Layout::Planar;
+  // With S = 1 ((N, C), (N, C, 1, 1), ...) the values are both planar and
+  // interleaved; interleaved vectorizes along C instead of one value per run.
+  g.layout = (g.format != c10::MemoryFormat::Contiguous || g.S == 1) ? Layout::Interleaved : Layout::Planar;
   return g;
 }
 

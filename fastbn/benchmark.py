@@ -660,6 +660,9 @@ def parse_arguments(argv):
                              "disturbed again, up to twice (default 0: neither)")
     parser.add_argument("--stand-in", action="store_true",
                         help="time torch against itself instead of fastbn (only to develop this script)")
+    parser.add_argument("--fresh-pages", action="store_true",
+                        help="CPU: leave glibc's default of returning large freed blocks to the OS (each "
+                             "call's output then may or may not page-fault; see keep_freed_memory)")
     options = parser.parse_args(argv)
 
     flatten = lambda lists: [value for values in lists for value in values] if lists else None
@@ -687,9 +690,35 @@ def parse_arguments(argv):
     return options
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> str:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS.
+
+    Every call allocates a fresh output (tens of MB here). Whether glibc serves it
+    from memory it kept or from new pages (a page fault per 4 KiB on first write,
+    which cost up to 3 ms per call on this machine) depends on the heap's history,
+    so either side of a row could be charged for it at random. Keeping freed memory
+    (tensors below 32 MiB, glibc's largest heap threshold) gives both sides the
+    steady state that a caching allocator gives on GPUs. Returns a description."""
+    if not sys.platform.startswith("linux"):
+        return "allocator: system default"
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        ok = False
+    return "allocator: glibc, freed memory kept (mallopt)" if ok else "allocator: system default (mallopt failed)"
+
+
 def main(argv=None) -> int:
     options = parse_arguments(argv)
     torch.set_num_threads(options.threads)
+    allocator = keep_freed_memory() if options.device == "cpu" and not options.fresh_pages else \
+        "allocator: system default"
     make_fastbn, fastbn_description = load_fastbn_module_factory(options.stand_in)
     fastbn_name = "stand-in" if options.stand_in else "fastbn"
 
@@ -705,7 +734,7 @@ def main(argv=None) -> int:
     print(f"torch {machine['torch']}"
           + (f", CUDA {machine['cuda']}, cuDNN {machine['cudnn']}" if options.device == "cuda" else "")
           + f", threads {options.threads}, copy bandwidth {copy['GBps']:.1f} GB/s "
-            f"(median dst.copy_(src), {copy['buffer_MiB']} MiB, read+write counted)")
+            f"(median dst.copy_(src), {copy['buffer_MiB']} MiB, read+write counted); {allocator}")
     print(f"{fastbn_description}; git {git_revision()}; {started:%Y-%m-%d %H:%M %Z}; "
           f"params {options.param_dtype}; min_run_time {options.min_run_time}s x {options.rounds} rounds "
           "per side; times are medians; "
@@ -764,7 +793,7 @@ def main(argv=None) -> int:
             "started": started.isoformat(timespec="seconds"),
             "device": options.device, "machine": machine, "threads": options.threads,
             "fastbn": fastbn_description, "stand_in": options.stand_in, "git": git_revision(),
-            "copy_bandwidth": copy, "copy_bandwidth_at_end": copy_at_end,
+            "copy_bandwidth": copy, "copy_bandwidth_at_end": copy_at_end, "allocator": allocator,
             "other_cpu_load_before": busy_before, "other_cpu_load_after": busy_after,
             "param_dtype": options.param_dtype,
             "min_run_time_s": options.min_run_time, "rounds": options.rounds,

@@ -56,6 +56,46 @@ def test_outlier_first_value(channels_last, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sample", [0, 8, 15])
+def test_outlier_first_value_of_a_later_part(sample, device):
+    """The CPU splits a planar tensor into one part per thread (here two, at sample 8),
+    each summing a channel about its own first value: put an outlier there."""
+    x = random_input((16, 3, 32, 32), torch.float32, device)
+    x[sample, :, 0, 0] = 1e5
+    y_fast, y_torch, y_ref, *_ = run_both(x, None, None, None, None, True)
+    assert_within_budget(y_fast, y_torch, y_ref, "output")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,channels_last,dtype", [
+    ((8, 33, 127, 127), False, torch.float32),  # 17.0 MB, odd runs: streaming stores after an aligning head
+    ((16, 64, 64, 64), True, torch.float32),    # 16.8 MB channels_last, 256-byte rows: streamed rows
+    ((8, 33, 128, 125), True, torch.float32),   # channels_last, 132-byte rows: never streamed
+    ((8, 32, 182, 182), False, torch.bfloat16),  # 17.0 MB of bfloat16
+], ids=str)
+def test_large_outputs_forward_and_backward(shape, channels_last, dtype, device):
+    """Outputs of 16 MiB (fastbn's kStreamingBytes) and more are written with streaming stores on CPU."""
+    assert torch.Size(shape).numel() * dtype.itemsize >= 16 << 20
+    x = random_input(shape, dtype, device, channels_last)
+    channels = shape[1]
+    weight = 1 + 0.3 * torch.randn(channels, device=device)
+    bias = 0.3 * torch.randn(channels, device=device)
+    grad = torch.randn(shape, device=device, dtype=dtype)
+    results = {}
+    for name, fn, dt in (("fastbn", fastbn.functional.batch_norm, dtype), ("torch", F.batch_norm, dtype),
+                         ("reference", F.batch_norm, torch.float64)):
+        pdt = torch.float64 if dt == torch.float64 else torch.float32
+        xx, w, b = x.to(dt).requires_grad_(), weight.to(pdt).requires_grad_(), bias.to(pdt).requires_grad_()
+        y = fn(xx, None, None, w, b, True)
+        gx, gw, gb = torch.autograd.grad(y, (xx, w, b), grad.to(dt))
+        y_eval = fn(xx.detach(), torch.zeros(channels, device=device, dtype=pdt),
+                    torch.ones(channels, device=device, dtype=pdt), w.detach(), b.detach(), False)
+        results[name] = (y, gx, gw, gb, y_eval)
+    for i, what in enumerate(("output", "grad_input", "grad_weight", "grad_bias", "eval output")):
+        assert_within_budget(results["fastbn"][i], results["torch"][i], results["reference"][i], what)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(0, 3, 4, 4), (0, 3), (4, 0, 5, 5)])
 def test_empty_batch(shape, device):
     x = torch.randn(shape, device=device, requires_grad=True)

@@ -15,6 +15,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <array>
 #include <vector>
 
 #include "bn_math.h"
@@ -56,6 +57,35 @@ struct Lanes {
       lo.store(p);
       hi.store(p + kVec);
     }
+  }
+  // store() bypassing the caches (a streaming store: no read of the destination
+  // line first, none of the cache evicted). p must be aligned to the vector size
+  // (stream_head gives the values to store normally first); end the loop with
+  // stream_fence(). Without AVX2/AVX-512 a plain store.
+  static inline void store_stream(scalar_t* p, const Vec& lo, const Vec& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kReduced) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), __m512i(at::vec::convert_from_float<scalar_t>(lo, hi)));
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm512_stream_ps(p, lo);
+      _mm512_stream_ps(p + kVec, hi);
+    } else {
+      _mm512_stream_pd(p, lo);
+      _mm512_stream_pd(p + kVec, hi);
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kReduced) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), __m256i(at::vec::convert_from_float<scalar_t>(lo, hi)));
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm256_stream_ps(p, lo);
+      _mm256_stream_ps(p + kVec, hi);
+    } else {
+      _mm256_stream_pd(p, lo);
+      _mm256_stream_pd(p + kVec, hi);
+    }
+#else
+    store(p, lo, hi);
+#endif
   }
   static inline void store_partial(scalar_t* p, int64_t count, const Vec& lo, const Vec& hi) {
     if constexpr (kReduced) {
@@ -119,9 +149,17 @@ struct ReduceLanes {
     widen_block(lo, hi, out);
     for (int j = 0; j < kParts; ++j) valid[j] = std::clamp<int64_t>(count - j * Vec::size(), 0, Vec::size());
   }
-  // v with the lanes past `valid` set to 0.
+  // v with the lanes past `valid` set to 0 (multiplied by a 1/0 mask: a short
+  // run's tail costs a load and a multiply, not a branchy lane blend).
   static inline Vec keep(const Vec& v, int64_t valid) {
-    return valid == Vec::size() ? v : Vec::set(Vec(red_t(0)), v, valid);
+    if (valid == Vec::size()) return v;
+    // Vec::size() ones then Vec::size() zeros: from index size - valid, `valid` ones.
+    static const std::array<red_t, 2 * Vec::size()> ones_then_zeros = [] {
+      std::array<red_t, 2 * Vec::size()> mask{};
+      for (int64_t i = 0; i < Vec::size(); ++i) mask[i] = red_t(1);
+      return mask;
+    }();
+    return v * Vec::loadu(ones_then_zeros.data() + Vec::size() - valid);
   }
 };
 
@@ -136,13 +174,23 @@ struct LaneSums {
   void clear() {
     for (auto& a : acc) a = typename R::Vec(red_t(0));
   }
+  // The total of every lane, added pairwise (a short dependency chain: planar
+  // passes flush once per run of a few hundred values).
   double flush() {
-    __at_align__ red_t lanes[R::kBlock];
-    for (int j = 0; j < R::kParts; ++j) acc[j].store(lanes + j * R::Vec::size());
-    double total = 0;
-    for (int64_t i = 0; i < R::kBlock; ++i) total += lanes[i];
+    typename R::Vec sum = acc[0];
+    if constexpr (R::kParts == 4) {
+      sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    } else {
+      for (int j = 1; j < R::kParts; ++j) sum = sum + acc[j];
+    }
+    constexpr int64_t kLanes = R::Vec::size();
+    __at_align__ red_t lanes[kLanes];
+    sum.store(lanes);
+    for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+      for (int64_t i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+    }
     clear();
-    return total;
+    return lanes[0];
   }
 };
 
@@ -408,78 +456,106 @@ inline void column_sum_sq_dev(const scalar_t* x, int64_t rows, int64_t stride, i
 
 // ---------------------------------------------------------------- elementwise
 
-// y = act(((x - mean_hi) - mean_lo) * scale + bias [+ residual]) (forward_apply in
-// bn_math.h); residual may be null. y may be x (in-place activated BN).
-template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void span_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t n,
-                         const ForwardCoefficients<acc_t>& k, acc_t param) {
-  using L = Lanes<scalar_t>;
-  using Vec = typename L::Vec;
-  const auto f = forward_vecs(k);
-  const Vec vparam(param);
-  auto apply = [&](const Vec& v) { return vec_activation<A>(f.z(v), vparam); };
-  auto apply_add = [&](const Vec& v, const Vec& r) { return vec_activation<A>(f.z(v) + r, vparam); };
-  int64_t i = 0;
-  if (residual == nullptr) {
-    for (; i + L::kBlock <= n; i += L::kBlock) {
-      Vec lo, hi;
-      L::load(x + i, lo, hi);
-      L::store(y + i, apply(lo), apply(hi));
-    }
-    if (i < n) {
-      Vec lo, hi;
-      L::load_partial(x + i, n - i, lo, hi);
-      L::store_partial(y + i, n - i, apply(lo), apply(hi));
-    }
-    return;
-  }
-  for (; i + L::kBlock <= n; i += L::kBlock) {
-    Vec lo, hi, rlo, rhi;
-    L::load(x + i, lo, hi);
-    L::load(residual + i, rlo, rhi);
-    L::store(y + i, apply_add(lo, rlo), apply_add(hi, rhi));
-  }
-  if (i < n) {
-    Vec lo, hi, rlo, rhi;
-    L::load_partial(x + i, n - i, lo, hi);
-    L::load_partial(residual + i, n - i, rlo, rhi);
-    L::store_partial(y + i, n - i, apply_add(lo, rlo), apply_add(hi, rhi));
+// Loads the first `count` <= kBlock values at p (the rest of the lanes 0).
+template <typename scalar_t, typename Vec>
+inline void load_values(const scalar_t* p, int64_t count, Vec& lo, Vec& hi) {
+  if (count == Lanes<scalar_t>::kBlock) {
+    Lanes<scalar_t>::load(p, lo, hi);
+  } else {
+    Lanes<scalar_t>::load_partial(p, count, lo, hi);
   }
 }
 
-// dx = g * k_dy + (x - mean) * k_xmu + k_const, g = dy * act'(z [+ residual]);
+// Stores the first `count` <= kBlock values at p; a whole block as a streaming
+// store when `stream` (p then aligned, see stream_head).
+template <typename T, typename Vec>
+inline void store_values(T* p, int64_t count, const Vec& lo, const Vec& hi, bool stream = false) {
+  if (count != Lanes<T>::kBlock) {
+    Lanes<T>::store_partial(p, count, lo, hi);
+  } else if (stream) {
+    Lanes<T>::store_stream(p, lo, hi);
+  } else {
+    Lanes<T>::store(p, lo, hi);
+  }
+}
+
+// Outputs this large are written with streaming stores: they cannot stay in
+// cache for whoever reads them next, and a normal store would first read every
+// destination line from memory (a third of the traffic of a read + write pass).
+constexpr int64_t kStreamingBytes = int64_t(16) << 20;
+
+// How many values of a span of n at p to store normally so that the rest
+// starts 64-byte aligned (ready for streaming stores); 0 when not streaming.
+template <typename T>
+inline int64_t stream_head(const T* p, int64_t n, bool stream) {
+  if (!stream) return 0;
+  const auto misaligned = int64_t(reinterpret_cast<uintptr_t>(p) % 64);
+  if (misaligned % int64_t(sizeof(T)) != 0) return n;  // never aligned: plain stores throughout
+  return std::min<int64_t>(n, misaligned == 0 ? 0 : (64 - misaligned) / int64_t(sizeof(T)));
+}
+
+// Orders this thread's streaming stores before whatever follows the pass.
+inline void stream_fence(bool stream) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (stream) _mm_sfence();
+#endif
+}
+
+// Calls block(i, count, streamed) over the span [0, n) in blocks of at most
+// kBlock values: a first short block up to the output's alignment when
+// streaming, then whole blocks (streamed) and a short tail.
+template <typename scalar_t, typename F>
+inline void for_each_span_block(const scalar_t* out, int64_t n, bool stream, const F& block) {
+  constexpr int64_t kBlock = Lanes<scalar_t>::kBlock;
+  const int64_t head = stream_head(out, n, stream);
+  if (head > 0) block(int64_t(0), head, false);
+  for (int64_t i = head; i < n; i += kBlock) block(i, std::min<int64_t>(kBlock, n - i), stream);
+}
+
+// y = act(((x - mean_hi) - mean_lo) * scale + bias [+ residual]) (forward_apply in
+// bn_math.h) over a span; residual may be null; y may be x (in-place activated BN).
+template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+inline void span_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t n,
+                         const ForwardCoefficients<acc_t>& k, acc_t param, bool stream) {
+  using Vec = typename Lanes<scalar_t>::Vec;
+  const auto f = forward_vecs(k);
+  const Vec vparam(param);
+  for_each_span_block(y, n, stream, [&](int64_t i, int64_t count, bool streamed) {
+    Vec lo, hi;
+    load_values(x + i, count, lo, hi);
+    lo = f.z(lo);
+    hi = f.z(hi);
+    if (residual != nullptr) {
+      Vec rlo, rhi;
+      load_values(residual + i, count, rlo, rhi);
+      lo = lo + rlo;
+      hi = hi + rhi;
+    }
+    store_values(y + i, count, vec_activation<A>(lo, vparam), vec_activation<A>(hi, vparam), streamed);
+  });
+}
+
+// dx = g * k_dy + (x - mean) * k_xmu + k_const over a span, g = dy * act'(z [+ residual]);
 // grad_residual (may be null) gets g. residual may be null.
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 inline void span_backward(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, scalar_t* dx,
                           scalar_t* grad_residual, int64_t n, const ForwardCoefficients<acc_t>& fk,
-                          const BackwardCoefficients<acc_t>& k, acc_t param) {
-  using L = Lanes<scalar_t>;
-  using Vec = typename L::Vec;
+                          const BackwardCoefficients<acc_t>& k, acc_t param, bool stream) {
+  using Vec = typename Lanes<scalar_t>::Vec;
   const auto f = forward_vecs(fk);
   const Vec vparam(param), vmean(k.mean), vkdy(k.k_dy), vkxmu(k.k_xmu), vkconst(k.k_const);
-  for (int64_t i = 0; i < n; i += L::kBlock) {
-    const int64_t count = std::min<int64_t>(L::kBlock, n - i);
+  for_each_span_block(dx, n, stream, [&](int64_t i, int64_t count, bool streamed) {
     Vec dlo, dhi, xlo, xhi, rlo, rhi;
-    if (count == L::kBlock) {
-      L::load(dy + i, dlo, dhi);
-      L::load(x + i, xlo, xhi);
-    } else {
-      L::load_partial(dy + i, count, dlo, dhi);
-      L::load_partial(x + i, count, xlo, xhi);
-    }
+    load_values(dy + i, count, dlo, dhi);
+    load_values(x + i, count, xlo, xhi);
     load_residual<A>(residual, i, count, rlo, rhi);
     const Vec glo = grad_before_activation<A>(dlo, xlo, rlo, f, vparam);
     const Vec ghi = grad_before_activation<A>(dhi, xhi, rhi, f, vparam);
-    const Vec outlo = at::vec::fmadd(glo, vkdy, at::vec::fmadd(xlo - vmean, vkxmu, vkconst));
-    const Vec outhi = at::vec::fmadd(ghi, vkdy, at::vec::fmadd(xhi - vmean, vkxmu, vkconst));
-    if (count == L::kBlock) {
-      L::store(dx + i, outlo, outhi);
-      if (grad_residual != nullptr) L::store(grad_residual + i, glo, ghi);
-    } else {
-      L::store_partial(dx + i, count, outlo, outhi);
-      if (grad_residual != nullptr) L::store_partial(grad_residual + i, count, glo, ghi);
-    }
-  }
+    store_values(dx + i, count, at::vec::fmadd(glo, vkdy, at::vec::fmadd(xlo - vmean, vkxmu, vkconst)),
+                 at::vec::fmadd(ghi, vkdy, at::vec::fmadd(xhi - vmean, vkxmu, vkconst)), streamed);
+    // grad_residual's alignment may differ from dx's: plain stores
+    if (grad_residual != nullptr) store_values(grad_residual + i, count, glo, ghi);
+  });
 }
 
 inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
@@ -523,48 +599,36 @@ inline ForwardVecs<Vectorized<acc_t>> forward_vecs(const ForwardArrays<acc_t>& k
 // Rows: the elementwise passes walk memory in order, one row of C channels
 // at a time, the per-channel coefficients coming from L1.
 
-// y[c] = act(forward_apply(k[c], x[c]) [+ residual[c]]) for one row; residual may be null.
+// y[c] = act(forward_apply(k[c], x[c]) [+ residual[c]]) for one row; residual may be
+// null. stream: whole blocks as streaming stores (the row must start aligned).
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 inline void row_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t C,
-                        const ForwardArrays<acc_t>& k, acc_t param) {
+                        const ForwardArrays<acc_t>& k, acc_t param, bool stream) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
   const Vec vparam(param);
   for (int64_t c0 = 0; c0 < C; c0 += L::kBlock) {
     const ForwardVecs<Vec> f0 = forward_vecs(k, c0), f1 = forward_vecs(k, c0 + L::kVec);
-    Vec v0, v1, z0, z1;
     const int64_t width = std::min<int64_t>(L::kBlock, C - c0);
-    if (width == L::kBlock) {
-      L::load(x + c0, v0, v1);
-    } else {
-      L::load_partial(x + c0, width, v0, v1);
-    }
-    z0 = f0.z(v0);
-    z1 = f1.z(v1);
+    Vec v0, v1;
+    load_values(x + c0, width, v0, v1);
+    Vec z0 = f0.z(v0), z1 = f1.z(v1);
     if (residual != nullptr) {
       Vec r0, r1;
-      if (width == L::kBlock) {
-        L::load(residual + c0, r0, r1);
-      } else {
-        L::load_partial(residual + c0, width, r0, r1);
-      }
+      load_values(residual + c0, width, r0, r1);
       z0 = z0 + r0;
       z1 = z1 + r1;
     }
-    if (width == L::kBlock) {
-      L::store(y + c0, vec_activation<A>(z0, vparam), vec_activation<A>(z1, vparam));
-    } else {
-      L::store_partial(y + c0, width, vec_activation<A>(z0, vparam), vec_activation<A>(z1, vparam));
-    }
+    store_values(y + c0, width, vec_activation<A>(z0, vparam), vec_activation<A>(z1, vparam), stream);
   }
 }
 
 // dx[c] = backward_apply(k[c], g[c], x[c]) for one row, g = dy * act'(z [+ residual]);
-// grad_residual (may be null) gets g. residual may be null.
+// grad_residual (may be null) gets g. residual may be null. stream as in row_forward.
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 inline void row_backward(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, scalar_t* dx,
                          scalar_t* grad_residual, int64_t C, const ForwardArrays<acc_t>& fk,
-                         const BackwardArrays<acc_t>& k, acc_t param) {
+                         const BackwardArrays<acc_t>& k, acc_t param, bool stream) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
   const Vec vparam(param);
@@ -578,23 +642,13 @@ inline void row_backward(const scalar_t* dy, const scalar_t* x, const scalar_t* 
     const ForwardVecs<Vec> f0 = forward_vecs(fk, c0), f1 = forward_vecs(fk, c1);
     const int64_t width = std::min<int64_t>(L::kBlock, C - c0);
     Vec d0, d1, v0, v1, r0, r1;
-    if (width == L::kBlock) {
-      L::load(dy + c0, d0, d1);
-      L::load(x + c0, v0, v1);
-    } else {
-      L::load_partial(dy + c0, width, d0, d1);
-      L::load_partial(x + c0, width, v0, v1);
-    }
+    load_values(dy + c0, width, d0, d1);
+    load_values(x + c0, width, v0, v1);
     load_residual<A>(residual, c0, width, r0, r1);
     const Vec g0 = grad_before_activation<A>(d0, v0, r0, f0, vparam);
     const Vec g1 = grad_before_activation<A>(d1, v1, r1, f1, vparam);
-    if (width == L::kBlock) {
-      L::store(dx + c0, apply(g0, v0, c0), apply(g1, v1, c1));
-      if (grad_residual != nullptr) L::store(grad_residual + c0, g0, g1);
-    } else {
-      L::store_partial(dx + c0, width, apply(g0, v0, c0), apply(g1, v1, c1));
-      if (grad_residual != nullptr) L::store_partial(grad_residual + c0, width, g0, g1);
-    }
+    store_values(dx + c0, width, apply(g0, v0, c0), apply(g1, v1, c1), stream);
+    if (grad_residual != nullptr) store_values(grad_residual + c0, width, g0, g1);
   }
 }
 

@@ -1,0 +1,474 @@
+// The passes over memory that the CPU operators are made of: per-channel
+// statistics, the forward transform, and the two backward phases.
+//
+// Planar layout (NCHW): every pass walks memory in order. The N * C * S values
+// are split into one contiguous part per thread; a part is a sequence of runs
+// (one sample's S values of one channel), each reduced into or transformed with
+// its channel's per-thread state. (Walking one channel at a time instead, to
+// reuse it from cache, touches N separate runs per channel and measured about
+// half the bandwidth.)
+// Interleaved layout (channels_last, (N, C)): each thread reduces a block of
+// rows into per-channel partial statistics, walking down columns of a few
+// channels with the accumulators in registers; the partials are merged, and a
+// parallel pass over rows writes the output.
+//
+// Statistics are computed in pieces of at most kPiece values: the sum and the
+// sum of squares about a shift near the data in one pass, a second pass from L1
+// only when the shift was far (bn_math.h), and pieces merged with Chan's
+// formula. This is as stable as a two-pass algorithm and reads memory once.
+// Outputs larger than kStreamingBytes are written with streaming stores.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "bn_checks.h"
+#include "bn_math.h"
+#include "cpu/vec_kernels.h"
+
+namespace fastbn::cpu {
+
+// Values per statistics piece: 16 KiB of float, so its second pass hits L1.
+constexpr int64_t kPiece = 4096;
+
+// The j-th of `parts` near-equal ranges of [0, count).
+inline std::pair<int64_t, int64_t> part_range(int64_t count, int64_t parts, int64_t j) {
+  return {count * j / parts, count * (j + 1) / parts};
+}
+
+// Pointer arithmetic on a tensor that may be absent (null stays null).
+template <typename T>
+inline T* offset_or_null(T* p, int64_t offset) {
+  return p == nullptr ? nullptr : p + offset;
+}
+
+// Per-channel parameters as acc_t, with the identity where a tensor is absent.
+template <typename acc_t>
+struct ChannelParams {
+  const acc_t* weight;
+  const acc_t* bias;
+  acc_t w(int64_t c) const { return weight ? weight[c] : acc_t(1); }
+  acc_t b(int64_t c) const { return bias ? bias[c] : acc_t(0); }
+};
+
+template <typename acc_t>
+ChannelParams<acc_t> channel_params(const at::Tensor& weight, const at::Tensor& bias) {
+  return {weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr,
+          bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr};
+}
+
+// ------------------------------------------------------------------ work division
+
+// Parts a planar pass splits the values into: one per thread, at least kPiece values each.
+inline int64_t planar_tasks(const Geometry& g) {
+  return std::clamp<int64_t>(g.N * g.C * g.S / kPiece, 1, at::get_num_threads());
+}
+
+// Calls task(t, begin, end) in parallel for the `tasks` parts of [0, total).
+template <typename F>
+inline void parallel_parts(int64_t total, int64_t tasks, const F& task) {
+  at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const auto [begin, end] = part_range(total, tasks, t);
+      task(t, begin, end);
+    }
+  });
+}
+
+// Calls f(offset, length, c) for each run of one plane (one sample's values of
+// channel c) within the flat range [begin, end) of a planar tensor.
+template <typename F>
+inline void for_each_plane_run(int64_t begin, int64_t end, const Geometry& g, const F& f) {
+  while (begin < end) {
+    const int64_t plane = begin / g.S;
+    const int64_t length = std::min(g.S - begin % g.S, end - begin);
+    f(begin, length, plane % g.C);
+    begin += length;
+  }
+}
+
+// Number of row blocks the interleaved reductions split R rows into.
+inline int64_t interleaved_tasks(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / 8));
+}
+
+// Rows per statistics piece: about 128 KiB of float, so the second pass over
+// the piece hits L2.
+inline int64_t rows_per_piece(int64_t C) { return std::clamp<int64_t>(32768 / std::max<int64_t>(C, 1), 8, 1024); }
+
+// Rows per parallel chunk of the elementwise passes.
+inline int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
+
+// Calls f(c0, width) for each block of interleaved channels.
+template <typename scalar_t, typename F>
+inline void for_each_channel_block(int64_t C, const F& f) {
+  constexpr int64_t kBlock = Lanes<scalar_t>::kBlock;
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) f(c0, std::min(kBlock, C - c0));
+}
+
+// Whether an output of g's size is written with streaming stores; for rows
+// (interleaved) they also need every row to start 64-byte aligned.
+template <typename scalar_t>
+inline bool stream_output(const Geometry& g, const scalar_t* out) {
+  const int64_t bytes = g.N * g.C * g.S * int64_t(sizeof(scalar_t));
+  if (bytes < kStreamingBytes) return false;
+  if (g.layout == Layout::Planar) return true;
+  return reinterpret_cast<uintptr_t>(out) % 64 == 0 && (g.C * int64_t(sizeof(scalar_t))) % 64 == 0;
+}
+
+// ------------------------------------------------------------------ statistics
+
+// Moments of n contiguous values, kept in double.
+template <typename scalar_t>
+Moments<double> span_moments(const scalar_t* x, int64_t n) {
+  using red_t = typename ReduceLanes<scalar_t>::red_t;
+  red_t shift = red_t(x[0]);  // the span's first value, then the running mean
+  Moments<double> total{0.0, 0.0, 0};
+  LaneSums<scalar_t> sums, squares;
+  for (int64_t p = 0; p < n; p += kPiece) {
+    const int64_t len = std::min(n - p, kPiece);
+    span_sum_and_squares(x + p, len, shift, sums, squares);
+    Moments<double> piece = moments_from_shifted_sums<double>(shift, sums.flush(), squares.flush(), len);
+    if (statistics_need_second_pass<double>(shift, piece)) {
+      span_sum_sq_dev(x + p, len, red_t(piece.mean), squares);
+      piece.m2 = squares.flush();
+    }
+    total = moments_merge(total, piece);
+    shift = red_t(total.mean);
+  }
+  return total;
+}
+
+// Per-part moments of each channel, merged part by part (Chan) in a fixed order.
+inline std::vector<Moments<double>> merge_parts(const std::vector<Moments<double>>& parts, int64_t tasks, int64_t C) {
+  std::vector<Moments<double>> merged(C, Moments<double>{0.0, 0.0, 0});
+  for (int64_t t = 0; t < tasks; ++t) {
+    for (int64_t c = 0; c < C; ++c) merged[c] = moments_merge(merged[c], parts[t * C + c]);
+  }
+  return merged;
+}
+
+// Each part sums every channel's runs about one shift per channel (its first
+// value in the part): no merge per run, which for short runs (S of 100-200)
+// cost more than the run itself. A channel whose shift turns out far from its
+// mean (statistics_need_second_pass) is redone with span_moments per run.
+template <typename scalar_t>
+std::vector<Moments<double>> planar_channel_moments(const scalar_t* x, const Geometry& g) {
+  using red_t = typename ReduceLanes<scalar_t>::red_t;
+  const int64_t tasks = planar_tasks(g), C = g.C;
+  std::vector<Moments<double>> parts(tasks * C, Moments<double>{0.0, 0.0, 0});
+  parallel_parts(g.N * C * g.S, tasks, [&](int64_t t, int64_t begin, int64_t end) {
+    std::vector<red_t> shift(C, red_t(0));
+    std::vector<double> sums(C, 0.0), squares(C, 0.0);
+    std::vector<int64_t> counts(C, 0);
+    LaneSums<scalar_t> lanes_sum, lanes_squares;
+    for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
+      if (counts[c] == 0) shift[c] = red_t(x[offset]);
+      span_sum_and_squares(x + offset, length, shift[c], lanes_sum, lanes_squares);
+      sums[c] += lanes_sum.flush();
+      squares[c] += lanes_squares.flush();
+      counts[c] += length;
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      if (counts[c] == 0) continue;
+      Moments<double> m = moments_from_shifted_sums<double>(shift[c], sums[c], squares[c], counts[c]);
+      if (statistics_need_second_pass<double>(shift[c], m)) {
+        m = Moments<double>{0.0, 0.0, 0};
+        for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t run_c) {
+          if (run_c == c) m = moments_merge(m, span_moments(x + offset, length));
+        });
+      }
+      parts[t * C + c] = m;
+    }
+  });
+  return merge_parts(parts, tasks, C);
+}
+
+template <typename scalar_t>
+std::vector<Moments<double>> interleaved_channel_moments(const scalar_t* x, const Geometry& g) {
+  using red_t = typename ReduceLanes<scalar_t>::red_t;
+  const int64_t C = g.C, rows = g.count(), padded = round_up(C, 64);
+  const int64_t tasks = interleaved_tasks(rows);
+  // Per-task moments, merged piece by piece (Chan).
+  std::vector<Moments<double>> task_moments(tasks * C, Moments<double>{0.0, 0.0, 0});
+  std::vector<red_t> first_row(padded, red_t(0));  // the first shift: keeps the sums small (see span_sum_and_squares)
+  for (int64_t c = 0; c < C; ++c) first_row[c] = red_t(x[c]);
+  at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
+    std::vector<red_t> piece_mean(padded, red_t(0)), piece_m2(padded, red_t(0));
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      Moments<double>* moments = task_moments.data() + t * C;
+      std::vector<red_t> shift = first_row;  // this task's, following its running means
+      const auto [r_begin, r_end] = part_range(rows, tasks, t);
+      for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
+        const int64_t n = std::min(r_end, r + rows_per_piece(C)) - r;
+        const scalar_t* piece = x + r * C;
+        for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
+          column_sum_and_squares(piece + c0, n, C, width, shift.data() + c0, piece_mean.data() + c0,
+                                 piece_m2.data() + c0);
+          bool second_pass = false;
+          for (int64_t c = c0; c < c0 + width; ++c) {
+            const auto m = moments_from_shifted_sums<double>(shift[c], piece_mean[c], piece_m2[c], n);
+            piece_mean[c] = m.mean;
+            piece_m2[c] = m.m2;
+            second_pass = second_pass || statistics_need_second_pass<double>(shift[c], m);
+          }
+          if (second_pass) column_sum_sq_dev(piece + c0, n, C, width, piece_mean.data() + c0, piece_m2.data() + c0);
+        });
+        for (int64_t c = 0; c < C; ++c) {
+          moments[c] = moments_merge(moments[c], Moments<double>{piece_mean[c], piece_m2[c], n});
+          shift[c] = red_t(moments[c].mean);  // the next piece sums about the running mean
+        }
+      }
+    }
+  });
+  return merge_parts(task_moments, tasks, C);
+}
+
+template <typename scalar_t>
+std::vector<Moments<double>> channel_moments(const scalar_t* x, const Geometry& g) {
+  return g.layout == Layout::Planar ? planar_channel_moments(x, g) : interleaved_channel_moments(x, g);
+}
+
+// ------------------------------------------------------------------ forward
+
+template <typename acc_t>
+ForwardArrays<acc_t> forward_arrays(const acc_t* mean, const acc_t* var, ChannelParams<acc_t> params, int64_t C,
+                                    acc_t eps) {
+  ForwardArrays<acc_t> coef(C);
+  for (int64_t c = 0; c < C; ++c) {
+    coef.set(c, forward_coefficients(mean ? mean[c] : acc_t(0), var[c], eps, params.w(c), params.b(c)));
+  }
+  return coef;
+}
+
+// y = act(forward_apply(coef[c], x) [+ residual]) over every value; residual may be null.
+template <Activation A, typename scalar_t, typename acc_t>
+void forward_apply_all(const scalar_t* x, const scalar_t* residual, scalar_t* y, const ForwardArrays<acc_t>& coef,
+                       const Geometry& g, acc_t act_param) {
+  const bool stream = stream_output(g, y);
+  if (g.layout == Layout::Interleaved) {
+    at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        row_forward<A>(x + r * g.C, offset_or_null(residual, r * g.C), y + r * g.C, g.C, coef, act_param, stream);
+      }
+      stream_fence(stream);
+    });
+    return;
+  }
+  parallel_parts(g.N * g.C * g.S, planar_tasks(g), [&](int64_t, int64_t begin, int64_t end) {
+    for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
+      span_forward<A>(x + offset, offset_or_null(residual, offset), y + offset, length, coef.get(c), act_param,
+                      stream);
+    });
+    stream_fence(stream);
+  });
+}
+
+template <Activation A, typename scalar_t, typename acc_t>
+void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, acc_t* mean_out, acc_t* var_out,
+                   ChannelParams<acc_t> params, const Geometry& g, acc_t eps, acc_t act_param) {
+  const auto moments = channel_moments(x, g);
+  ForwardArrays<acc_t> coef(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    mean_out[c] = acc_t(moments[c].mean);
+    var_out[c] = acc_t(moments_biased_var(moments[c]));
+    // the double mean: see forward_coefficients
+    coef.set(c, forward_coefficients(moments[c].mean, var_out[c], eps, params.w(c), params.b(c)));
+  }
+  forward_apply_all<A>(x, residual, y, coef, g, act_param);
+}
+
+template <Activation A, typename scalar_t, typename acc_t>
+void eval_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, const acc_t* mean, const acc_t* var,
+                  ChannelParams<acc_t> params, const Geometry& g, acc_t eps, acc_t act_param) {
+  forward_apply_all<A>(x, residual, y, forward_arrays(mean, var, params, g.C, eps), g, act_param);
+}
+
+// Calls op(offset, width, f_lo, f_hi) in parallel for every block of at most
+// kBlock values, with the forward coefficients of the block's low and high
+// vector of lanes. Planar blocks lie within one run; interleaved blocks are
+// channels c0 .. c0 + width of one row.
+template <typename scalar_t, typename acc_t, typename Op>
+void for_each_block(const Geometry& g, const ForwardArrays<acc_t>& coef, const Op& op) {
+  using L = Lanes<scalar_t>;
+  if (g.layout == Layout::Interleaved) {
+    at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        for (int64_t c0 = 0; c0 < g.C; c0 += L::kBlock) {
+          op(r * g.C + c0, std::min<int64_t>(L::kBlock, g.C - c0), forward_vecs(coef, c0),
+             forward_vecs(coef, c0 + L::kVec));
+        }
+      }
+    });
+    return;
+  }
+  parallel_parts(g.N * g.C * g.S, planar_tasks(g), [&](int64_t, int64_t begin, int64_t end) {
+    for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
+      const auto f = forward_vecs(coef.get(c));
+      for (int64_t s = 0; s < length; s += L::kBlock) op(offset + s, std::min<int64_t>(L::kBlock, length - s), f, f);
+    });
+  });
+}
+
+// ------------------------------------------------------------------ backward
+// Phase 1: per channel, sum(g) and sum(g * (x - mean)) with g = dy * act'(z)
+// (grad_bias, and grad_weight after a factor invstd). Phase 2: dx from those
+// sums. SyncBatchNorm runs the phases as separate ops with an all_reduce between.
+
+struct BackwardSums {
+  std::vector<double> dy, dy_xmu;
+  explicit BackwardSums(int64_t C) : dy(C, 0.0), dy_xmu(C, 0.0) {}
+};
+
+// The inputs every backward phase reads.
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  const scalar_t* dy;
+  const scalar_t* x;
+  const scalar_t* residual;  // batch_norm_add_act's, added before the activation; null without
+  const acc_t* mean;
+  const acc_t* var;
+  ChannelParams<acc_t> params;
+  const Geometry& g;
+  acc_t eps;
+  acc_t act_param;
+  // z = the BN output before the activation, recomputed from x.
+  ForwardCoefficients<acc_t> forward_k(int64_t c) const {
+    return forward_coefficients(mean[c], var[c], eps, params.w(c), params.b(c));
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+BackwardArgs<scalar_t, acc_t> backward_args(const PhaseOperands& o, double eps, double activation_param,
+                                            const at::Tensor& residual = at::Tensor()) {
+  return {o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(),
+          residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr, o.mean.const_data_ptr<acc_t>(),
+          o.var.const_data_ptr<acc_t>(), channel_params<acc_t>(o.w, o.b), o.g, acc_t(eps), acc_t(activation_param)};
+}
+
+// Where the backward writes: dx, and the residual's gradient (null without a residual).
+template <typename scalar_t>
+struct BackwardOutputs {
+  scalar_t* dx;
+  scalar_t* grad_residual;
+};
+
+template <Activation A, typename scalar_t, typename acc_t>
+BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
+  const Geometry& g = a.g;
+  BackwardSums sums(g.C);
+  if (g.layout == Layout::Planar) {
+    using red_t = typename ReduceLanes<scalar_t>::red_t;
+    const int64_t tasks = planar_tasks(g);
+    std::vector<double> part_dy(tasks * g.C, 0.0), part_dy_xmu(tasks * g.C, 0.0);
+    std::vector<ForwardCoefficients<acc_t>> forward_k(g.C);
+    for (int64_t c = 0; c < g.C; ++c) forward_k[c] = a.forward_k(c);
+    parallel_parts(g.N * g.C * g.S, tasks, [&](int64_t t, int64_t begin, int64_t end) {
+      LaneSums<scalar_t> lanes_dy, lanes_dy_xmu;
+      for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
+        span_backward_sums<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), length,
+                              red_t(a.mean[c]), forward_k[c], a.act_param, lanes_dy, lanes_dy_xmu);
+        part_dy[t * g.C + c] += lanes_dy.flush();
+        part_dy_xmu[t * g.C + c] += lanes_dy_xmu.flush();
+      });
+    });
+    for (int64_t t = 0; t < tasks; ++t) {
+      for (int64_t c = 0; c < g.C; ++c) {
+        sums.dy[c] += part_dy[t * g.C + c];
+        sums.dy_xmu[c] += part_dy_xmu[t * g.C + c];
+      }
+    }
+    return sums;
+  }
+  using red_t = typename ReduceLanes<scalar_t>::red_t;
+  const int64_t C = g.C, rows = g.count(), padded = round_up(C, 64);
+  const int64_t tasks = interleaved_tasks(rows);
+  std::vector<red_t> mean_red(padded, red_t(0));
+  ForwardArrays<acc_t> forward_k(C);
+  for (int64_t c = 0; c < C; ++c) {
+    mean_red[c] = red_t(a.mean[c]);
+    forward_k.set(c, a.forward_k(c));
+  }
+  // Per-task sums in double (red_t), accumulated down columns of rows.
+  std::vector<red_t> task_dy(tasks * padded, red_t(0)), task_dy_xmu(tasks * padded, red_t(0));
+  at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const auto [r_begin, r_end] = part_range(rows, tasks, t);
+      for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
+        const int64_t n = std::min(r_end, r + rows_per_piece(C)) - r;
+        for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
+          column_backward_sums<A>(a.dy + r * C + c0, a.x + r * C + c0, offset_or_null(a.residual, r * C + c0), n, C,
+                                  width, mean_red.data() + c0, forward_k,
+                                  c0, a.act_param, task_dy.data() + t * padded + c0,
+                                  task_dy_xmu.data() + t * padded + c0);
+        });
+      }
+    }
+  });
+  for (int64_t t = 0; t < tasks; ++t) {
+    for (int64_t c = 0; c < C; ++c) {
+      sums.dy[c] += task_dy[t * padded + c];
+      sums.dy_xmu[c] += task_dy_xmu[t * padded + c];
+    }
+  }
+  return sums;
+}
+
+// dx from the channel sums; `count` is the number of values the statistics
+// came from (the global batch under SyncBatchNorm).
+template <Activation A, typename scalar_t, typename acc_t>
+void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> out, const double* sum_dy,
+                        const double* sum_dy_xmu, int64_t count, bool train) {
+  const Geometry& g = a.g;
+  BackwardArrays<acc_t> coef(g.C);
+  std::vector<BackwardCoefficients<acc_t>> channel_coef(g.C);
+  ForwardArrays<acc_t> forward_k(g.C);
+  for (int64_t c = 0; c < g.C; ++c) {
+    channel_coef[c] = backward_coefficients(a.mean[c], a.var[c], a.eps, a.params.w(c), acc_t(sum_dy[c]),
+                                            acc_t(sum_dy_xmu[c]), count, train);
+    coef.set(c, channel_coef[c]);
+    forward_k.set(c, a.forward_k(c));
+  }
+  const bool stream = stream_output(g, out.dx);
+  if (g.layout == Layout::Planar) {
+    parallel_parts(g.N * g.C * g.S, planar_tasks(g), [&](int64_t, int64_t begin, int64_t end) {
+      for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
+        span_backward<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), out.dx + offset,
+                         offset_or_null(out.grad_residual, offset), length, forward_k.get(c), channel_coef[c],
+                         a.act_param, stream);
+      });
+      stream_fence(stream);
+    });
+    return;
+  }
+  at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const int64_t at = r * g.C;
+      row_backward<A>(a.dy + at, a.x + at, offset_or_null(a.residual, at), out.dx + at,
+                      offset_or_null(out.grad_residual, at), g.C, forward_k, coef, a.act_param, stream);
+    }
+    stream_fence(stream);
+  });
+}
+
+template <typename acc_t>
+void write_param_grads(const BackwardSums& sums, const acc_t* var, acc_t eps, acc_t* grad_weight, acc_t* grad_bias) {
+  for (size_t c = 0; c < sums.dy.size(); ++c) {
+    grad_bias[c] = acc_t(sums.dy[c]);
+    grad_weight[c] = acc_t(grad_weight_from_sums(sums.dy_xmu[c], double(var[c]), double(eps)));
+  }
+}
+
+template <Activation A, typename scalar_t, typename acc_t>
+void backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> out, acc_t* grad_weight,
+              acc_t* grad_bias, bool train) {
+  const BackwardSums sums = backward_sums<A>(a);
+  write_param_grads(sums, a.var, a.eps, grad_weight, grad_bias);
+  backward_apply_all<A>(a, out, sums.dy.data(), sums.dy_xmu.data(), a.g.count(), train);
+}
+
+}  // namespace fastbn::cpu
