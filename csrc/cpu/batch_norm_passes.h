@@ -103,6 +103,14 @@ inline int64_t rows_per_piece(int64_t C) { return std::clamp<int64_t>(32768 / st
 // Rows per parallel chunk of the elementwise passes.
 inline int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
 
+// Calls f(first_row, rows) for tiles of about 4096 values (tile_forward /
+// tile_backward) covering the rows [begin, end).
+template <typename F>
+inline void for_each_row_tile(int64_t begin, int64_t end, int64_t C, const F& f) {
+  const int64_t tile = std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1));
+  for (int64_t r = begin; r < end; r += tile) f(r, std::min(tile, end - r));
+}
+
 // Calls f(c0, width) for each block of interleaved channels.
 template <typename scalar_t, typename F>
 inline void for_each_channel_block(int64_t C, const F& f) {
@@ -252,9 +260,10 @@ void forward_apply_all(const scalar_t* x, const scalar_t* residual, scalar_t* y,
   const bool stream = stream_output(g, y);
   if (g.layout == Layout::Interleaved) {
     at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
-      for (int64_t r = r_begin; r < r_end; ++r) {
-        row_forward<A>(x + r * g.C, offset_or_null(residual, r * g.C), y + r * g.C, g.C, coef, act_param, stream);
-      }
+      for_each_row_tile(r_begin, r_end, g.C, [&](int64_t r, int64_t rows) {
+        tile_forward<A>(x + r * g.C, offset_or_null(residual, r * g.C), y + r * g.C, rows, g.C, coef, act_param,
+                        stream);
+      });
       stream_fence(stream);
     });
     return;
@@ -446,11 +455,11 @@ void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<
     return;
   }
   at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
-    for (int64_t r = r_begin; r < r_end; ++r) {
+    for_each_row_tile(r_begin, r_end, g.C, [&](int64_t r, int64_t rows) {
       const int64_t at = r * g.C;
-      row_backward<A>(a.dy + at, a.x + at, offset_or_null(a.residual, at), out.dx + at,
-                      offset_or_null(out.grad_residual, at), g.C, forward_k, coef, a.act_param, stream);
-    }
+      tile_backward<A>(a.dy + at, a.x + at, offset_or_null(a.residual, at), out.dx + at,
+                       offset_or_null(out.grad_residual, at), rows, g.C, forward_k, coef, a.act_param, stream);
+    });
     stream_fence(stream);
   });
 }

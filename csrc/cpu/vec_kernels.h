@@ -599,56 +599,68 @@ inline ForwardVecs<Vectorized<acc_t>> forward_vecs(const ForwardArrays<acc_t>& k
 // Rows: the elementwise passes walk memory in order, one row of C channels
 // at a time, the per-channel coefficients coming from L1.
 
-// y[c] = act(forward_apply(k[c], x[c]) [+ residual[c]]) for one row; residual may be
-// null. stream: whole blocks as streaming stores (the row must start aligned).
+// Row tiles: `rows` consecutive rows of C interleaved channels, walked one
+// block of channels at a time down the tile, so each block's per-channel
+// coefficients are loaded once per tile rather than once per row (with C = 32
+// a row is a single block: per-row loads would double the instructions per
+// value). The tile stays in L1/L2 across its channel blocks.
+
+// y[r][c] = act(forward_apply(k[c], x[r][c]) [+ residual[r][c]]); residual may be
+// null. stream: whole blocks as streaming stores (rows must start aligned).
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void row_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t C,
-                        const ForwardArrays<acc_t>& k, acc_t param, bool stream) {
+inline void tile_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t rows, int64_t C,
+                         const ForwardArrays<acc_t>& k, acc_t param, bool stream) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
   const Vec vparam(param);
   for (int64_t c0 = 0; c0 < C; c0 += L::kBlock) {
     const ForwardVecs<Vec> f0 = forward_vecs(k, c0), f1 = forward_vecs(k, c0 + L::kVec);
     const int64_t width = std::min<int64_t>(L::kBlock, C - c0);
-    Vec v0, v1;
-    load_values(x + c0, width, v0, v1);
-    Vec z0 = f0.z(v0), z1 = f1.z(v1);
-    if (residual != nullptr) {
-      Vec r0, r1;
-      load_values(residual + c0, width, r0, r1);
-      z0 = z0 + r0;
-      z1 = z1 + r1;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t at = r * C + c0;
+      Vec v0, v1;
+      load_values(x + at, width, v0, v1);
+      Vec z0 = f0.z(v0), z1 = f1.z(v1);
+      if (residual != nullptr) {
+        Vec r0, r1;
+        load_values(residual + at, width, r0, r1);
+        z0 = z0 + r0;
+        z1 = z1 + r1;
+      }
+      store_values(y + at, width, vec_activation<A>(z0, vparam), vec_activation<A>(z1, vparam), stream);
     }
-    store_values(y + c0, width, vec_activation<A>(z0, vparam), vec_activation<A>(z1, vparam), stream);
   }
 }
 
-// dx[c] = backward_apply(k[c], g[c], x[c]) for one row, g = dy * act'(z [+ residual]);
-// grad_residual (may be null) gets g. residual may be null. stream as in row_forward.
+// dx[r][c] = backward_apply(k[c], g, x[r][c]), g = dy * act'(z [+ residual]);
+// grad_residual (may be null) gets g. residual may be null. stream as in tile_forward.
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline void row_backward(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, scalar_t* dx,
-                         scalar_t* grad_residual, int64_t C, const ForwardArrays<acc_t>& fk,
-                         const BackwardArrays<acc_t>& k, acc_t param, bool stream) {
+inline void tile_backward(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, scalar_t* dx,
+                          scalar_t* grad_residual, int64_t rows, int64_t C, const ForwardArrays<acc_t>& fk,
+                          const BackwardArrays<acc_t>& k, acc_t param, bool stream) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
   const Vec vparam(param);
-  auto apply = [&](const Vec& g, const Vec& v, int64_t c) {
-    return at::vec::fmadd(g, Vec::loadu(k.k_dy.data() + c),
-                          at::vec::fmadd(v - Vec::loadu(k.mean.data() + c), Vec::loadu(k.k_xmu.data() + c),
-                                         Vec::loadu(k.k_const.data() + c)));
-  };
   for (int64_t c0 = 0; c0 < C; c0 += L::kBlock) {
     const int64_t c1 = c0 + L::kVec;
     const ForwardVecs<Vec> f0 = forward_vecs(fk, c0), f1 = forward_vecs(fk, c1);
+    const Vec mean0 = Vec::loadu(k.mean.data() + c0), mean1 = Vec::loadu(k.mean.data() + c1);
+    const Vec kdy0 = Vec::loadu(k.k_dy.data() + c0), kdy1 = Vec::loadu(k.k_dy.data() + c1);
+    const Vec kxmu0 = Vec::loadu(k.k_xmu.data() + c0), kxmu1 = Vec::loadu(k.k_xmu.data() + c1);
+    const Vec kconst0 = Vec::loadu(k.k_const.data() + c0), kconst1 = Vec::loadu(k.k_const.data() + c1);
     const int64_t width = std::min<int64_t>(L::kBlock, C - c0);
-    Vec d0, d1, v0, v1, r0, r1;
-    load_values(dy + c0, width, d0, d1);
-    load_values(x + c0, width, v0, v1);
-    load_residual<A>(residual, c0, width, r0, r1);
-    const Vec g0 = grad_before_activation<A>(d0, v0, r0, f0, vparam);
-    const Vec g1 = grad_before_activation<A>(d1, v1, r1, f1, vparam);
-    store_values(dx + c0, width, apply(g0, v0, c0), apply(g1, v1, c1), stream);
-    if (grad_residual != nullptr) store_values(grad_residual + c0, width, g0, g1);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t at = r * C + c0;
+      Vec d0, d1, v0, v1, r0, r1;
+      load_values(dy + at, width, d0, d1);
+      load_values(x + at, width, v0, v1);
+      load_residual<A>(residual, at, width, r0, r1);
+      const Vec g0 = grad_before_activation<A>(d0, v0, r0, f0, vparam);
+      const Vec g1 = grad_before_activation<A>(d1, v1, r1, f1, vparam);
+      store_values(dx + at, width, at::vec::fmadd(g0, kdy0, at::vec::fmadd(v0 - mean0, kxmu0, kconst0)),
+                   at::vec::fmadd(g1, kdy1, at::vec::fmadd(v1 - mean1, kxmu1, kconst1)), stream);
+      if (grad_residual != nullptr) store_values(grad_residual + at, width, g0, g1);
+    }
   }
 }
 
