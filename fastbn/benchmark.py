@@ -67,12 +67,16 @@ class Case:
     training: bool  # module.train() (batch statistics, running stats updated) or .eval()
     backward: bool  # also run y.backward(grad_out), parameters' and input's grads
     activation: Optional[str] = None  # fused activation (fastbn) vs BN then the op (torch)
+    residual: bool = False  # act(bn(x) + residual): fastbn's module(x, residual) vs torch's ops
 
     def min_bytes(self, numel: int, element_size: int) -> int:
         # Forward reads x and writes y. Backward must at least read x and dy and write dx
         # (the statistics can be recomputed or come from the forward's saved vectors;
         # per-channel vectors are ignored as they are tiny next to the activations).
+        # A residual adds a read forward, and a read and a write (its gradient) backward.
         tensor_passes = 2 + (3 if self.backward else 0)
+        if self.residual:
+            tensor_passes += 1 + (2 if self.backward else 0)
         return tensor_passes * numel * element_size
 
 
@@ -82,6 +86,8 @@ CASES: List[Case] = [
     Case("eval_fwd", "inference forward under no_grad (running stats)", False, False),
     Case("bn_relu_fwd_bwd", "BN+ReLU training forward + backward; torch: BN then torch.relu",
          True, True, activation="relu"),
+    Case("bn_add_relu_fwd_bwd", "relu(BN(x) + residual) training forward + backward (ResNet block end); "
+         "torch: BN, add, torch.relu", True, True, activation="relu", residual=True),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
 
@@ -104,8 +110,9 @@ class _TorchBNThenActivation(torch.nn.Module):
         self.bn = torch.nn.BatchNorm2d(num_features)
         self.activation = self.ACTIVATIONS[activation]
 
-    def forward(self, x):
-        return self.activation(self.bn(x))
+    def forward(self, x, residual=None):
+        y = self.bn(x)
+        return self.activation(y if residual is None else y + residual)
 
 
 def make_torch_module(num_features: int, activation: Optional[str]) -> torch.nn.Module:
@@ -168,6 +175,10 @@ class Workload:
 
     x: torch.Tensor
     grad_out: torch.Tensor
+    residual: torch.Tensor
+
+    def double(self) -> "Workload":
+        return Workload(self.x.double(), self.grad_out.double(), self.residual.double())
 
 
 def make_workload(shape, dtype, memory_format, device) -> Workload:
@@ -175,8 +186,9 @@ def make_workload(shape, dtype, memory_format, device) -> Workload:
     # Offset and scale the input so the normalization actually has work to undo.
     x = torch.randn(shape, generator=generator) * 2.0 + 0.5
     grad_out = torch.randn(shape, generator=generator)
+    residual = torch.randn(shape, generator=generator) - 0.3
     convert = dict(device=device, dtype=dtype, memory_format=memory_format)
-    return Workload(x.to(**convert), grad_out.to(**convert))
+    return Workload(x.to(**convert), grad_out.to(**convert), residual.to(**convert))
 
 
 def prepare_module(module: torch.nn.Module, case: Case, param_dtype, device) -> torch.nn.Module:
@@ -214,17 +226,19 @@ def make_step(module: torch.nn.Module, case: Case, workload: Workload) -> Tuple[
     if case.backward:
         # A leaf of its own per implementation, so the two never share .grad.
         x = workload.x.detach().clone().requires_grad_(True)
+        residual = workload.residual.detach().clone().requires_grad_(True) if case.residual else None
+        inputs = (x,) if residual is None else (x, residual)
         grad_out = workload.grad_out
 
         def step():
             # set_to_none, as optimizer.zero_grad() does by default: the backward then
             # writes fresh gradients instead of accumulating (an extra read+write).
-            x.grad = None
-            for parameter in parameters:
-                parameter.grad = None
-            y = module(x)
+            for leaf in (*inputs, *parameters):
+                leaf.grad = None
+            y = module(*inputs)
             y.backward(grad_out)
             return y
+        step.residual = residual  # for the correctness check
         return step, x
 
     x = workload.x
@@ -304,6 +318,8 @@ def results_for_check(step: Callable, x: torch.Tensor, module: torch.nn.Module,
     results = [step()]
     if backward:
         results.append(x.grad)
+        if getattr(step, "residual", None) is not None:
+            results.append(step.residual.grad)
         results += [parameter.grad for parameter in module.parameters()]
     return [result.detach().double() for result in results]
 
@@ -327,7 +343,7 @@ def benchmark_row(case: Case, shape, layout: str, dtype_name: str, options,
     # The reference: torch's module in float64 on the same values (same seeds, same input).
     reference_module = prepare_module(make_torch_module(channels, case.activation), case,
                                       torch.float64, options.device)
-    reference_workload = Workload(workload.x.double(), workload.grad_out.double())
+    reference_workload = workload.double()
     reference_step, reference_x = make_step(reference_module, case, reference_workload)
     reference = results_for_check(reference_step, reference_x, reference_module, case.backward)
 
