@@ -1,6 +1,7 @@
 #include "bn_checks.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 namespace fastbn {
@@ -160,6 +161,23 @@ PhaseOperands backward_phase_operands(const at::Tensor& grad_output, const at::T
   o.mean = to_accumulate(mean, acc);
   o.var = to_accumulate(var, acc);
   return o;
+}
+
+BackwardCall backward_call(const at::Tensor& grad_output, const at::Tensor& input,
+                           const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
+                           int64_t activation, const char* op) {
+  const Activation act = check_activation(activation, op);
+  BackwardCall b{backward_phase_operands(grad_output, input, weight, bias, mean, var, op)};
+  b.act = act;
+  b.residual = dense_residual(input, residual, b.o.g, op);
+  const auto layout = input.options().memory_format(b.o.g.format);
+  b.grad_input = at::empty(input.sizes(), layout);
+  if (b.residual.defined()) b.grad_residual = at::empty(input.sizes(), layout);
+  const auto acc = input.options().dtype(accumulate_dtype(input.scalar_type()));
+  b.grad_weight = at::zeros({b.o.g.C}, acc);
+  b.grad_bias = at::zeros({b.o.g.C}, acc);
+  return b;
 }
 
 }  // namespace fastbn

@@ -106,4 +106,20 @@ PhaseOperands backward_phase_operands(const at::Tensor& grad_output, const at::T
                                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                                       const at::Tensor& mean, const at::Tensor& var, const char* op);
 
+// The fused backward ops' checked operands and their outputs, allocated:
+// grad_input and (with a residual) grad_residual in the layout of describe(input),
+// grad_weight and grad_bias zeros of the accumulation dtype.
+struct BackwardCall {
+  PhaseOperands o;
+  at::Tensor residual;  // dense in o.g.format, or undefined
+  Activation act;
+  at::Tensor grad_input, grad_residual, grad_weight, grad_bias;
+  bool empty() const { return o.g.count() == 0 || o.g.C == 0; }
+};
+
+BackwardCall backward_call(const at::Tensor& grad_output, const at::Tensor& input,
+                           const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
+                           int64_t activation, const char* op);
+
 }  // namespace fastbn

@@ -120,56 +120,44 @@ void batch_norm_eval_inplace_cpu(const Tensor& input, const std::optional<Tensor
   store_in_place(input, y);
 }
 
+// The fused backward; with a residual also its gradient g = dy * act'(bn(x) + residual),
+// computed in the accumulation dtype inside both passes and written once.
+BackwardCall backward_cpu(const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& residual,
+                          const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const Tensor& mean,
+                          const Tensor& var, double eps, bool train, int64_t activation, double activation_param,
+                          const char* op) {
+  BackwardCall b = backward_call(grad_output, input, residual, weight, bias, mean, var, activation, op);
+  if (b.empty()) return b;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto args = backward_args<scalar_t, acc_t>(b.o, eps, activation_param, b.residual);
+    const BackwardOutputs<scalar_t> out{
+        b.grad_input.data_ptr<scalar_t>(), b.grad_residual.defined() ? b.grad_residual.data_ptr<scalar_t>() : nullptr};
+    FASTBN_ACTIVATION_SWITCH(b.act, A, [&] {
+      backward<A>(args, out, b.grad_weight.data_ptr<acc_t>(), b.grad_bias.data_ptr<acc_t>(), train);
+    });
+  });
+  return b;
+}
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_output, const Tensor& input,
                                                            const std::optional<Tensor>& weight,
                                                            const std::optional<Tensor>& bias, const Tensor& mean,
                                                            const Tensor& var, double eps, bool train,
                                                            int64_t activation, double activation_param) {
-  constexpr const char* op = "fastbn.batch_norm_backward";
-  const Activation act = check_activation(activation, op);
-  const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
-  const auto acc = accumulate_dtype(input.scalar_type());
-  Tensor dx = at::empty(input.sizes(), input.options().memory_format(o.g.format));
-  Tensor grad_weight = at::zeros({o.g.C}, input.options().dtype(acc));
-  Tensor grad_bias = at::zeros({o.g.C}, input.options().dtype(acc));
-  if (o.g.count() == 0) return {dx, grad_weight, grad_bias};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto args = backward_args<scalar_t, acc_t>(o, eps, activation_param);
-    FASTBN_ACTIVATION_SWITCH(act, A, [&] {
-      backward<A>(args, BackwardOutputs<scalar_t>{dx.data_ptr<scalar_t>(), nullptr}, grad_weight.data_ptr<acc_t>(),
-                  grad_bias.data_ptr<acc_t>(), train);
-    });
-  });
-  return {dx, grad_weight, grad_bias};
+  const BackwardCall b = backward_cpu(grad_output, input, std::nullopt, weight, bias, mean, var, eps, train,
+                                      activation, activation_param, "fastbn.batch_norm_backward");
+  return {b.grad_input, b.grad_weight, b.grad_bias};
 }
 
 // Backward of act(bn(x) + residual): (dx, grad_residual, grad_weight, grad_bias).
-// The gradient reaching the sum, g = dy * act'(bn(x) + residual), is computed in
-// the accumulation dtype inside both passes and written once, as grad_residual.
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_act_backward_cpu(
     const Tensor& grad_output, const Tensor& input, const Tensor& residual, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps, bool train,
     int64_t activation, double activation_param) {
-  constexpr const char* op = "fastbn.batch_norm_add_act_backward";
-  const Activation act = check_activation(activation, op);
-  const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
-  const Tensor r = dense_residual(input, residual, o.g, op);
-  const auto acc = accumulate_dtype(input.scalar_type());
-  const auto layout = input.options().memory_format(o.g.format);
-  Tensor dx = at::empty(input.sizes(), layout), grad_residual = at::empty(input.sizes(), layout);
-  Tensor grad_weight = at::zeros({o.g.C}, input.options().dtype(acc));
-  Tensor grad_bias = at::zeros({o.g.C}, input.options().dtype(acc));
-  if (o.g.count() == 0 || o.g.C == 0) return {dx, grad_residual, grad_weight, grad_bias};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_add_act_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto args = backward_args<scalar_t, acc_t>(o, eps, activation_param, r);
-    const BackwardOutputs<scalar_t> out{dx.data_ptr<scalar_t>(), grad_residual.data_ptr<scalar_t>()};
-    FASTBN_ACTIVATION_SWITCH(act, A, [&] {
-      backward<A>(args, out, grad_weight.data_ptr<acc_t>(), grad_bias.data_ptr<acc_t>(), train);
-    });
-  });
-  return {dx, grad_residual, grad_weight, grad_bias};
+  const BackwardCall b = backward_cpu(grad_output, input, residual, weight, bias, mean, var, eps, train, activation,
+                                      activation_param, "fastbn.batch_norm_add_act_backward");
+  return {b.grad_input, b.grad_residual, b.grad_weight, b.grad_bias};
 }
 
 // In-place activated BN: from y = act(z), z = (x - mean) * scale + bias, the

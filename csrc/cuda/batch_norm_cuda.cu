@@ -273,11 +273,13 @@ Tensor batch_norm_eval_cuda(const Tensor& input, const std::optional<Tensor>& we
 
 // The fused backward: dx, grad_weight, grad_bias and, with a residual (added
 // before the activation), grad_residual = the gradient reaching the sum.
-void backward_into(const PhaseOperands& o, const Tensor& residual, const Tensor& dx, const Tensor& grad_residual,
-                   const Tensor& grad_weight, const Tensor& grad_bias, double eps, bool train, Activation act_code,
-                   double activation_param) {
+void backward_into(const BackwardCall& call, double eps, bool train, double activation_param) {
+  const PhaseOperands& o = call.o;
   const Geometry& g = o.g;
-  if (g.count() == 0 || g.C == 0) return;
+  if (call.empty()) return;
+  const Tensor &residual = call.residual, &dx = call.grad_input, &grad_residual = call.grad_residual;
+  const Tensor &grad_weight = call.grad_weight, &grad_bias = call.grad_bias;
+  const Activation act_code = call.act;
   const Tensor &x = o.x, &dy = o.dy;
   const Tensor &w = o.w, &b = o.b, &mean_acc = o.mean, &var_acc = o.var;
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -340,39 +342,33 @@ void backward_into(const PhaseOperands& o, const Tensor& residual, const Tensor&
   });
 }
 
+BackwardCall backward_cuda(const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& residual,
+                           const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                           const Tensor& mean, const Tensor& var, double eps, bool train, int64_t activation,
+                           double activation_param, const char* op) {
+  c10::cuda::CUDAGuard guard(input.device());
+  BackwardCall b = backward_call(grad_output, input, residual, weight, bias, mean, var, activation, op);
+  backward_into(b, eps, train, activation_param);
+  return b;
+}
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_output, const Tensor& input,
                                                             const std::optional<Tensor>& weight,
                                                             const std::optional<Tensor>& bias, const Tensor& mean,
                                                             const Tensor& var, double eps, bool train,
                                                             int64_t activation, double activation_param) {
-  constexpr const char* op = "fastbn.batch_norm_backward";
-  const Activation act_code = check_activation(activation, op);
-  c10::cuda::CUDAGuard guard(input.device());
-  const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
-  const auto acc = accumulate_dtype(input.scalar_type());
-  Tensor dx = at::empty(input.sizes(), input.options().memory_format(o.g.format));
-  Tensor grad_weight = at::zeros({o.g.C}, input.options().dtype(acc));
-  Tensor grad_bias = at::zeros({o.g.C}, input.options().dtype(acc));
-  backward_into(o, Tensor(), dx, Tensor(), grad_weight, grad_bias, eps, train, act_code, activation_param);
-  return {dx, grad_weight, grad_bias};
+  const BackwardCall b = backward_cuda(grad_output, input, std::nullopt, weight, bias, mean, var, eps, train,
+                                       activation, activation_param, "fastbn.batch_norm_backward");
+  return {b.grad_input, b.grad_weight, b.grad_bias};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_act_backward_cuda(
     const Tensor& grad_output, const Tensor& input, const Tensor& residual, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps, bool train,
     int64_t activation, double activation_param) {
-  constexpr const char* op = "fastbn.batch_norm_add_act_backward";
-  const Activation act_code = check_activation(activation, op);
-  c10::cuda::CUDAGuard guard(input.device());
-  const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
-  const Tensor r = dense_residual(input, residual, o.g, op);
-  const auto acc = accumulate_dtype(input.scalar_type());
-  const auto layout = input.options().memory_format(o.g.format);
-  Tensor dx = at::empty(input.sizes(), layout), grad_residual = at::empty(input.sizes(), layout);
-  Tensor grad_weight = at::zeros({o.g.C}, input.options().dtype(acc));
-  Tensor grad_bias = at::zeros({o.g.C}, input.options().dtype(acc));
-  backward_into(o, r, dx, grad_residual, grad_weight, grad_bias, eps, train, act_code, activation_param);
-  return {dx, grad_residual, grad_weight, grad_bias};
+  const BackwardCall b = backward_cuda(grad_output, input, residual, weight, bias, mean, var, eps, train, activation,
+                                       activation_param, "fastbn.batch_norm_add_act_backward");
+  return {b.grad_input, b.grad_residual, b.grad_weight, b.grad_bias};
 }
 
 // In-place activated BN. The kernels take __restrict__ pointers, so the output
