@@ -100,7 +100,8 @@ Activation check_activation(int64_t activation, const char* op) {
 }
 
 void check_invertible(Activation act, double param, const char* op) {
-  TORCH_CHECK(activation_invertible(act, param), op,
+  // the kernels divide by the parameter in float: it must not round to 0 there
+  TORCH_CHECK(activation_invertible(act, param) && (act == Activation::Identity || float(param) > 0.0f), op,
               ": in-place activated batch norm needs an invertible activation (none, leaky_relu with a positive "
               "slope, elu with a positive alpha), got activation ", static_cast<int>(act), " with parameter ", param);
 }

@@ -176,7 +176,7 @@ template <typename acc_t>
 FASTBN_HOST_DEVICE acc_t activation_forward(Activation act, acc_t z, acc_t param) {
   switch (act) {
     case Activation::ReLU:
-      return z > acc_t(0) ? z : acc_t(0);
+      return z < acc_t(0) ? acc_t(0) : z;  // NaN stays NaN, as in torch.relu
     case Activation::LeakyReLU:
       return z > acc_t(0) ? z : z * param;
     case Activation::ELU:
@@ -231,8 +231,10 @@ FASTBN_HOST_DEVICE acc_t activation_inverse(Activation act, acc_t y, acc_t param
       return y > acc_t(0) ? y : y / param;
     case Activation::ELU: {
       if (y > acc_t(0)) return y;
-      const acc_t z = log1p_acc(y / param);
-      return z > elu_floor ? z : elu_floor;
+      // y can round below -alpha when alpha is not exact in the stored dtype
+      const acc_t q = y / param < acc_t(-1) ? acc_t(-1) : y / param;
+      const acc_t z = log1p_acc(q);
+      return z < elu_floor ? elu_floor : z;  // NaN stays NaN
     }
     default:
       return y;
@@ -254,7 +256,7 @@ FASTBN_HOST_DEVICE acc_t activation_grad_from_output(Activation act, acc_t y, ac
     case Activation::LeakyReLU:
       return y > acc_t(0) ? acc_t(1) : param;
     case Activation::ELU:
-      return y > acc_t(0) ? acc_t(1) : y + param;
+      return y > acc_t(0) ? acc_t(1) : (y + param < acc_t(0) ? acc_t(0) : y + param);
     default:
       return acc_t(1);
   }

@@ -36,7 +36,8 @@ INVERTIBLE = "none, 'leaky_relu' with a positive slope or 'elu' with a positive 
 
 def check_invertible(activation: int, activation_param: float) -> None:
     """Raise ValueError unless in-place activated BN can undo this activation."""
-    if activation == 0 or (activation in (2, 3) and activation_param > 0):
+    # the kernels divide by the parameter in float32: it must stay positive there
+    if activation == 0 or (activation in (2, 3) and activation_param >= 1.1754943508222875e-38):
         return
     name = ops.ACTIVATION_NAMES[activation]
     if activation == 1:

@@ -104,19 +104,23 @@ class SyncBatchNorm(modules._FastBatchNorm, nn.modules.batchnorm._BatchNorm):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """act(sync_bn(input) [+ residual]); the residual add is not fused across processes."""
         self._check_input_dim(input)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         need_sync = use_batch_stats and self.training and dist.is_available() and dist.is_initialized()
         group = (self.process_group or dist.group.WORLD) if need_sync else None
         world_size = dist.get_world_size(group) if need_sync else 1
         if world_size == 1:
-            return super().forward(input)  # plain (fastbn) batch norm
+            return super().forward(input, residual)  # plain (fastbn) batch norm
         pass_buffers = self.track_running_stats
         running_mean = self.running_mean if pass_buffers else None
         running_var = self.running_var if pass_buffers else None
         # The one-value-per-channel rule applies to the global batch (checked after the gather).
         functional.check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, False, self.eps)
+        functional.check_residual(input, residual)
+        # With a residual the activation comes after the add, outside the synced op.
+        code, param = (0, 0.0) if residual is not None else (self._activation_code, self._activation_param)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -128,9 +132,15 @@ class SyncBatchNorm(modules._FastBatchNorm, nn.modules.batchnorm._BatchNorm):
             from torch.nn.modules._functions import SyncBatchNorm as TorchSyncBatchNormFunction
             output = TorchSyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var,
                                                       self.eps, factor, group, world_size)
-            return ops.activation_forward(output, self._activation_code, self._activation_param)
-        return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps, factor,
-                                            group, world_size, self._activation_code, self._activation_param)
+            code, param = 0, 0.0
+        else:
+            output = _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
+                                                  factor, group, world_size, code, param)
+        if residual is not None:
+            output = output + residual
+        if code != self._activation_code:
+            output = ops.activation_forward(output, self._activation_code, self._activation_param)
+        return output
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:

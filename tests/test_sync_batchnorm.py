@@ -39,20 +39,24 @@ def make_bn(cls, channels, activation=None):
     return bn
 
 
-def _bn_worker(rank, world, init_file, out_dir, sizes, channels, channels_last, activation):
+def _bn_worker(rank, world, init_file, out_dir, sizes, channels, channels_last, activation, residual):
     try:
         _init(rank, world, init_file)
         x, grad = full_batch(sum(sizes), channels, channels_last)
+        z, _ = full_batch(sum(sizes), channels, channels_last, seed=1)
         start = sum(sizes[:rank])
         bn = make_bn(fastbn.SyncBatchNorm, channels, activation)
         results = {}
         for step in range(2):
             xi = x[start:start + sizes[rank]].clone().requires_grad_()
-            y = bn(xi)
+            zi = z[start:start + sizes[rank]].clone().requires_grad_() if residual else None
+            y = bn(xi) if zi is None else bn(xi, zi)
             y.backward(grad[start:start + sizes[rank]])
             grads = torch.cat([bn.weight.grad, bn.bias.grad])
             dist.all_reduce(grads)
             results[step] = dict(y=y.detach(), dx=xi.grad, grad_weight=grads[:channels], grad_bias=grads[channels:])
+            if zi is not None:
+                results[step]["dz"] = zi.grad
             bn.weight.grad = bn.bias.grad = None
         results["state"] = {k: v.clone() for k, v in bn.state_dict().items()}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -83,21 +87,26 @@ def load_results(paths):
     return [torch.load(p.with_suffix(".pt"), weights_only=True) for p in paths]
 
 
-@pytest.mark.parametrize("sizes,channels_last,activation", [
-    ([3, 5], False, None),            # 2 processes, uneven batches
-    ([2, 0, 6], True, None),          # 3 processes, one with an empty batch, channels_last
-    ([4, 3], False, "relu"),          # fused activation
+@pytest.mark.parametrize("sizes,channels_last,activation,residual", [
+    ([3, 5], False, None, False),     # 2 processes, uneven batches
+    ([2, 0, 6], True, None, False),   # 3 processes, one with an empty batch, channels_last
+    ([4, 3], False, "relu", False),   # fused activation
+    ([4, 3], False, "relu", True),    # relu(sync_bn(x) + residual)
 ], ids=str)
-def test_sync_matches_single_process(sizes, channels_last, activation, tmp_path):
+def test_sync_matches_single_process(sizes, channels_last, activation, residual, tmp_path):
     channels = 6
-    paths = run_processes(_bn_worker, len(sizes), tmp_path, sizes, channels, channels_last, activation)
+    paths = run_processes(_bn_worker, len(sizes), tmp_path, sizes, channels, channels_last, activation, residual)
     results = load_results(paths)
     x, grad = full_batch(sum(sizes), channels, channels_last)
+    z, _ = full_batch(sum(sizes), channels, channels_last, seed=1)
     reference = make_bn(fastbn.BatchNorm2d, channels, activation)
     for step in range(2):
         xr = x.clone().requires_grad_()
-        y = reference(xr)
+        zr = z.clone().requires_grad_()
+        y = reference(xr, zr) if residual else reference(xr)
         y.backward(grad)
+        if residual:
+            torch.testing.assert_close(torch.cat([r[step]["dz"] for r in results]), zr.grad, rtol=1e-5, atol=1e-6)
         y_sync = torch.cat([r[step]["y"] for r in results])
         dx_sync = torch.cat([r[step]["dx"] for r in results])
         torch.testing.assert_close(y_sync, y.detach(), rtol=1e-5, atol=1e-5)

@@ -298,7 +298,9 @@ inline Vec vec_activation_inverse(const Vec& y, const Vec& param, const Vec& elu
   if constexpr (A == Activation::LeakyReLU) {
     return Vec::blendv(y / param, y, y > zero);
   } else if constexpr (A == Activation::ELU) {
-    return Vec::blendv(at::vec::maximum((y / param).log1p(), elu_floor), y, y > zero);
+    // y can round below -alpha when alpha is not exact in the stored dtype: clamp to -1
+    const Vec q = at::vec::maximum(y / param, Vec(T(-1)));
+    return Vec::blendv(at::vec::maximum(q.log1p(), elu_floor), y, y > zero);
   } else {
     return y;
   }
@@ -311,7 +313,7 @@ inline Vec vec_activation_grad_from_output(const Vec& y, const Vec& param) {
   if constexpr (A == Activation::LeakyReLU) {
     return Vec::blendv(param, one, y > zero);
   } else if constexpr (A == Activation::ELU) {
-    return Vec::blendv(y + param, one, y > zero);
+    return Vec::blendv(at::vec::maximum(y + param, zero), one, y > zero);
   } else {
     return one;
   }
@@ -486,11 +488,11 @@ constexpr int64_t kStreamingBytes = int64_t(16) << 20;
 
 // How many values of a span of n at p to store normally so that the rest
 // starts 64-byte aligned (ready for streaming stores); 0 when not streaming.
+// Only called where p is aligned to its element size (see for_each_span_block).
 template <typename T>
 inline int64_t stream_head(const T* p, int64_t n, bool stream) {
   if (!stream) return 0;
   const auto misaligned = int64_t(reinterpret_cast<uintptr_t>(p) % 64);
-  if (misaligned % int64_t(sizeof(T)) != 0) return n;  // never aligned: plain stores throughout
   return std::min<int64_t>(n, misaligned == 0 ? 0 : (64 - misaligned) / int64_t(sizeof(T)));
 }
 
@@ -507,7 +509,10 @@ inline void stream_fence(bool stream) {
 template <typename scalar_t, typename F>
 inline void for_each_span_block(const scalar_t* out, int64_t n, bool stream, const F& block) {
   constexpr int64_t kBlock = Lanes<scalar_t>::kBlock;
-  const int64_t head = stream_head(out, n, stream);
+  // an output not aligned to its element size (a view of raw bytes) can never be
+  // aligned for streaming stores: plain stores, in whole blocks, throughout
+  stream = stream && reinterpret_cast<uintptr_t>(out) % sizeof(scalar_t) == 0;
+  const int64_t head = stream_head(out, n, stream);  // < kBlock: 64 bytes is at most one block
   if (head > 0) block(int64_t(0), head, false);
   for (int64_t i = head; i < n; i += kBlock) block(i, std::min<int64_t>(kBlock, n - i), stream);
 }

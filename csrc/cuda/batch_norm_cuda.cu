@@ -37,10 +37,11 @@ int64_t target_blocks(const Tensor& t) { return 4 * int64_t(multiprocessor_count
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Defines index_t as int32_t when every offset of tensor `t` fits, int64_t otherwise.
+// Defines index_t as int32_t when every offset of tensor `t` fits with room for
+// a grid-stride step past the end (a loop index must not wrap), int64_t otherwise.
 #define FASTBN_INDEX_SWITCH(t, ...)                                  \
   [&] {                                                              \
-    if ((t).numel() < std::numeric_limits<int32_t>::max()) {         \
+    if ((t).numel() <= std::numeric_limits<int32_t>::max() / 2) {    \
       using index_t = int32_t;                                       \
       return __VA_ARGS__();                                          \
     } else {                                                         \
