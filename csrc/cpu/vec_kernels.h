@@ -14,6 +14,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
 
 #include <array>
 #include <vector>
@@ -21,6 +22,17 @@
 #include "bn_math.h"
 
 namespace fastbn::cpu {
+
+// Fully unrolls the loops over a block's reduction vectors, so that arrays of
+// accumulators live in registers (not unrolled, GCC keeps them on the stack and
+// every add waits for a store to forward).
+#if defined(__clang__)
+#define FASTBN_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define FASTBN_UNROLL _Pragma("GCC unroll 8")
+#else
+#define FASTBN_UNROLL
+#endif
 
 using at::vec::Vectorized;
 
@@ -32,7 +44,7 @@ struct Lanes {
   static constexpr int64_t kVec = Vec::size();
   static constexpr int64_t kBlock = 2 * kVec;  // scalar_t values per block
 
-  static inline void load(const scalar_t* p, Vec& lo, Vec& hi) {
+  static C10_ALWAYS_INLINE void load(const scalar_t* p, Vec& lo, Vec& hi) {
     if constexpr (kReduced) {
       at::vec::load_to_float<scalar_t>(p, lo, hi);
     } else {
@@ -41,7 +53,7 @@ struct Lanes {
     }
   }
   // Loads the first `count` < kBlock values; the other lanes are zero.
-  static inline void load_partial(const scalar_t* p, int64_t count, Vec& lo, Vec& hi) {
+  static C10_ALWAYS_INLINE void load_partial(const scalar_t* p, int64_t count, Vec& lo, Vec& hi) {
     if constexpr (kReduced) {
       auto packed = Vectorized<scalar_t>::loadu(p, count);
       std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(packed);
@@ -50,7 +62,7 @@ struct Lanes {
       hi = count > kVec ? Vec::loadu(p + kVec, count - kVec) : Vec(acc_t(0));
     }
   }
-  static inline void store(scalar_t* p, const Vec& lo, const Vec& hi) {
+  static C10_ALWAYS_INLINE void store(scalar_t* p, const Vec& lo, const Vec& hi) {
     if constexpr (kReduced) {
       at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
     } else {
@@ -62,7 +74,7 @@ struct Lanes {
   // line first, none of the cache evicted). p must be aligned to the vector size
   // (stream_head gives the values to store normally first); end the loop with
   // stream_fence(). Without AVX2/AVX-512 a plain store.
-  static inline void store_stream(scalar_t* p, const Vec& lo, const Vec& hi) {
+  static C10_ALWAYS_INLINE void store_stream(scalar_t* p, const Vec& lo, const Vec& hi) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (kReduced) {
       _mm512_stream_si512(reinterpret_cast<__m512i*>(p), __m512i(at::vec::convert_from_float<scalar_t>(lo, hi)));
@@ -87,7 +99,7 @@ struct Lanes {
     store(p, lo, hi);
 #endif
   }
-  static inline void store_partial(scalar_t* p, int64_t count, const Vec& lo, const Vec& hi) {
+  static C10_ALWAYS_INLINE void store_partial(scalar_t* p, int64_t count, const Vec& lo, const Vec& hi) {
     if constexpr (kReduced) {
       at::vec::convert_from_float<scalar_t>(lo, hi).store(p, count);
     } else {
@@ -100,7 +112,7 @@ struct Lanes {
 // ---------------------------------------------------------------- reductions
 
 // float -> two double vectors (low and high halves).
-inline void widen(const Vectorized<float>& v, Vectorized<double>& lo, Vectorized<double>& hi) {
+C10_ALWAYS_INLINE void widen(const Vectorized<float>& v, Vectorized<double>& lo, Vectorized<double>& hi) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 f = v;
   lo = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
@@ -127,7 +139,7 @@ struct ReduceLanes {
   static constexpr int kParts = int(kBlock / Vec::size());      // red_t vectors per block
   static_assert(kParts * Vec::size() == kBlock, "a block is a whole number of reduction vectors");
 
-  static inline void widen_block(const typename Lanes<scalar_t>::Vec& lo, const typename Lanes<scalar_t>::Vec& hi,
+  static C10_ALWAYS_INLINE void widen_block(const typename Lanes<scalar_t>::Vec& lo, const typename Lanes<scalar_t>::Vec& hi,
                                  Vec (&out)[kParts]) {
     if constexpr (std::is_same_v<typename Lanes<scalar_t>::acc_t, float>) {
       widen(lo, out[0], out[1]);
@@ -137,21 +149,21 @@ struct ReduceLanes {
       out[1] = hi;
     }
   }
-  static inline void load(const scalar_t* p, Vec (&out)[kParts]) {
+  static C10_ALWAYS_INLINE void load(const scalar_t* p, Vec (&out)[kParts]) {
     typename Lanes<scalar_t>::Vec lo, hi;
     Lanes<scalar_t>::load(p, lo, hi);
     widen_block(lo, hi, out);
   }
   // The first `count` < kBlock values; `valid[j]` lanes of part j hold data, the rest 0.
-  static inline void load_partial(const scalar_t* p, int64_t count, Vec (&out)[kParts], int64_t (&valid)[kParts]) {
+  static C10_ALWAYS_INLINE void load_partial(const scalar_t* p, int64_t count, Vec (&out)[kParts], int64_t (&valid)[kParts]) {
     typename Lanes<scalar_t>::Vec lo, hi;
     Lanes<scalar_t>::load_partial(p, count, lo, hi);
     widen_block(lo, hi, out);
-    for (int j = 0; j < kParts; ++j) valid[j] = std::clamp<int64_t>(count - j * Vec::size(), 0, Vec::size());
+    FASTBN_UNROLL for (int j = 0; j < kParts; ++j) valid[j] = std::clamp<int64_t>(count - j * Vec::size(), 0, Vec::size());
   }
   // v with the lanes past `valid` set to 0 (multiplied by a 1/0 mask: a short
   // run's tail costs a load and a multiply, not a branchy lane blend).
-  static inline Vec keep(const Vec& v, int64_t valid) {
+  static C10_ALWAYS_INLINE Vec keep(const Vec& v, int64_t valid) {
     if (valid == Vec::size()) return v;
     // Vec::size() ones then Vec::size() zeros: from index size - valid, `valid` ones.
     static const std::array<red_t, 2 * Vec::size()> ones_then_zeros = [] {
@@ -209,7 +221,7 @@ inline void span_sum_and_squares(const scalar_t* x, int64_t n, red_t shift, Lane
   int64_t i = 0;
   for (; i + R::kBlock <= n; i += R::kBlock) {
     R::load(x + i, v);
-    for (int j = 0; j < R::kParts; ++j) {
+    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
       const auto d = v[j] - vshift;
       sums.acc[j] += d;
       squares.acc[j] = at::vec::fmadd(d, d, squares.acc[j]);
@@ -218,7 +230,7 @@ inline void span_sum_and_squares(const scalar_t* x, int64_t n, red_t shift, Lane
   if (i < n) {  // padding lanes load as 0: mask them after the shift
     int64_t valid[R::kParts];
     R::load_partial(x + i, n - i, v, valid);
-    for (int j = 0; j < R::kParts; ++j) {
+    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
       const auto d = R::keep(v[j] - vshift, valid[j]);
       sums.acc[j] += d;
       squares.acc[j] = at::vec::fmadd(d, d, squares.acc[j]);
@@ -235,7 +247,7 @@ inline void span_sum_sq_dev(const scalar_t* x, int64_t n, red_t mean, LaneSums<s
   int64_t i = 0;
   for (; i + R::kBlock <= n; i += R::kBlock) {
     R::load(x + i, v);
-    for (int j = 0; j < R::kParts; ++j) {
+    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
       const auto d = v[j] - vmean;
       sums.acc[j] = at::vec::fmadd(d, d, sums.acc[j]);
     }
@@ -243,7 +255,7 @@ inline void span_sum_sq_dev(const scalar_t* x, int64_t n, red_t mean, LaneSums<s
   if (i < n) {
     int64_t valid[R::kParts];
     R::load_partial(x + i, n - i, v, valid);
-    for (int j = 0; j < R::kParts; ++j) {
+    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
       const auto d = R::keep(v[j] - vmean, valid[j]);
       sums.acc[j] = at::vec::fmadd(d, d, sums.acc[j]);
     }
@@ -255,7 +267,7 @@ inline void span_sum_sq_dev(const scalar_t* x, int64_t n, red_t mean, LaneSums<s
 // activation fixed at compile time.
 
 template <Activation A, typename Vec>
-inline Vec vec_activation(const Vec& z, const Vec& param) {
+C10_ALWAYS_INLINE Vec vec_activation(const Vec& z, const Vec& param) {
   using T = typename Vec::value_type;
   const Vec zero(T(0));
   if constexpr (A == Activation::ReLU) {
@@ -272,7 +284,7 @@ inline Vec vec_activation(const Vec& z, const Vec& param) {
 }
 
 template <Activation A, typename Vec>
-inline Vec vec_activation_grad(const Vec& z, const Vec& param) {
+C10_ALWAYS_INLINE Vec vec_activation_grad(const Vec& z, const Vec& param) {
   using T = typename Vec::value_type;
   const Vec zero(T(0)), one(T(1));
   if constexpr (A == Activation::ReLU) {
@@ -292,7 +304,7 @@ inline Vec vec_activation_grad(const Vec& z, const Vec& param) {
 // Vector forms of activation_inverse / activation_grad_from_output (bn_math.h),
 // for in-place activated BN.
 template <Activation A, typename Vec>
-inline Vec vec_activation_inverse(const Vec& y, const Vec& param, const Vec& elu_floor) {
+C10_ALWAYS_INLINE Vec vec_activation_inverse(const Vec& y, const Vec& param, const Vec& elu_floor) {
   using T = typename Vec::value_type;
   const Vec zero(T(0));
   if constexpr (A == Activation::LeakyReLU) {
@@ -307,7 +319,7 @@ inline Vec vec_activation_inverse(const Vec& y, const Vec& param, const Vec& elu
 }
 
 template <Activation A, typename Vec>
-inline Vec vec_activation_grad_from_output(const Vec& y, const Vec& param) {
+C10_ALWAYS_INLINE Vec vec_activation_grad_from_output(const Vec& y, const Vec& param) {
   using T = typename Vec::value_type;
   const Vec zero(T(0)), one(T(1));
   if constexpr (A == Activation::LeakyReLU) {
@@ -329,7 +341,7 @@ struct ForwardVecs {
 // The gradient reaching the normalized output: dy * act'(z), z recomputed from
 // x (plus the residual r of batch_norm_add_act; 0 without one).
 template <Activation A, typename Vec>
-inline Vec grad_before_activation(const Vec& dy, const Vec& x, const Vec& r, const ForwardVecs<Vec>& f,
+C10_ALWAYS_INLINE Vec grad_before_activation(const Vec& dy, const Vec& x, const Vec& r, const ForwardVecs<Vec>& f,
                                   const Vec& param) {
   if constexpr (A == Activation::Identity) {
     return dy;
@@ -340,7 +352,7 @@ inline Vec grad_before_activation(const Vec& dy, const Vec& x, const Vec& r, con
 
 // Loads the residual's block, or zeros where there is none (only activations read it).
 template <Activation A, typename scalar_t, typename Vec>
-inline void load_residual(const scalar_t* residual, int64_t offset, int64_t count, Vec& lo, Vec& hi) {
+C10_ALWAYS_INLINE void load_residual(const scalar_t* residual, int64_t offset, int64_t count, Vec& lo, Vec& hi) {
   using L = Lanes<scalar_t>;
   if (A == Activation::Identity || residual == nullptr) {
     lo = hi = Vec(typename Vec::value_type(0));
@@ -352,7 +364,7 @@ inline void load_residual(const scalar_t* residual, int64_t offset, int64_t coun
 }
 
 template <typename acc_t>
-inline ForwardVecs<Vectorized<acc_t>> forward_vecs(const ForwardCoefficients<acc_t>& k) {
+C10_ALWAYS_INLINE ForwardVecs<Vectorized<acc_t>> forward_vecs(const ForwardCoefficients<acc_t>& k) {
   using Vec = Vectorized<acc_t>;
   return {Vec(k.mean_hi), Vec(k.mean_lo), Vec(k.scale), Vec(k.bias)};
 }
@@ -384,7 +396,7 @@ inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, const scal
     R::widen_block(grad_before_activation<A>(dlo, xlo, rlo, f, vparam),
                    grad_before_activation<A>(dhi, xhi, rhi, f, vparam), d);
     R::widen_block(xlo, xhi, v);
-    for (int j = 0; j < R::kParts; ++j) {
+    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
       sum_dy.acc[j] += d[j];
       sum_dy_xmu.acc[j] = at::vec::fmadd(d[j], v[j] - vmean, sum_dy_xmu.acc[j]);
     }
@@ -396,7 +408,7 @@ inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, const scal
 // registers down the column; per-channel arrays are padded to whole blocks.
 
 template <typename scalar_t, typename R = ReduceLanes<scalar_t>>
-inline void load_row_block(const scalar_t* p, int64_t width, typename R::Vec (&v)[R::kParts]) {
+C10_ALWAYS_INLINE void load_row_block(const scalar_t* p, int64_t width, typename R::Vec (&v)[R::kParts]) {
   if (width == R::kBlock) {
     R::load(p, v);
   } else {  // lanes past width hold 0; their results are never stored
@@ -408,7 +420,7 @@ inline void load_row_block(const scalar_t* p, int64_t width, typename R::Vec (&v
 template <typename red_t, int kParts, typename Vec>
 inline void store_block(const Vec (&acc)[kParts], red_t* out, int64_t width) {
   __at_align__ red_t lanes[kParts * Vec::size()];
-  for (int j = 0; j < kParts; ++j) acc[j].store(lanes + j * Vec::size());
+  FASTBN_UNROLL for (int j = 0; j < kParts; ++j) acc[j].store(lanes + j * Vec::size());
   for (int64_t i = 0; i < width; ++i) out[i] = lanes[i];
 }
 
@@ -419,13 +431,13 @@ inline void column_sum_and_squares(const scalar_t* x, int64_t rows, int64_t stri
   using R = ReduceLanes<scalar_t>;
   using Vec = typename R::Vec;
   Vec acc[R::kParts], acc_sq[R::kParts], vshift[R::kParts], v[R::kParts];
-  for (int j = 0; j < R::kParts; ++j) {
+  FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
     acc[j] = acc_sq[j] = Vec(red_t(0));
     vshift[j] = Vec::loadu(shift + j * Vec::size());
   }
   for (int64_t r = 0; r < rows; ++r) {
     load_row_block(x + r * stride, width, v);
-    for (int j = 0; j < R::kParts; ++j) {
+    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
       const Vec d = v[j] - vshift[j];
       acc[j] += d;
       acc_sq[j] = at::vec::fmadd(d, d, acc_sq[j]);
@@ -442,13 +454,13 @@ inline void column_sum_sq_dev(const scalar_t* x, int64_t rows, int64_t stride, i
   using R = ReduceLanes<scalar_t>;
   using Vec = typename R::Vec;
   Vec acc[R::kParts], vmean[R::kParts], v[R::kParts];
-  for (int j = 0; j < R::kParts; ++j) {
+  FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
     acc[j] = Vec(red_t(0));
     vmean[j] = Vec::loadu(mean + j * Vec::size());
   }
   for (int64_t r = 0; r < rows; ++r) {
     load_row_block(x + r * stride, width, v);
-    for (int j = 0; j < R::kParts; ++j) {
+    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
       const Vec d = v[j] - vmean[j];
       acc[j] = at::vec::fmadd(d, d, acc[j]);
     }
@@ -460,7 +472,7 @@ inline void column_sum_sq_dev(const scalar_t* x, int64_t rows, int64_t stride, i
 
 // Loads the first `count` <= kBlock values at p (the rest of the lanes 0).
 template <typename scalar_t, typename Vec>
-inline void load_values(const scalar_t* p, int64_t count, Vec& lo, Vec& hi) {
+C10_ALWAYS_INLINE void load_values(const scalar_t* p, int64_t count, Vec& lo, Vec& hi) {
   if (count == Lanes<scalar_t>::kBlock) {
     Lanes<scalar_t>::load(p, lo, hi);
   } else {
@@ -471,7 +483,7 @@ inline void load_values(const scalar_t* p, int64_t count, Vec& lo, Vec& hi) {
 // Stores the first `count` <= kBlock values at p; a whole block as a streaming
 // store when `stream` (p then aligned, see stream_head).
 template <typename T, typename Vec>
-inline void store_values(T* p, int64_t count, const Vec& lo, const Vec& hi, bool stream = false) {
+C10_ALWAYS_INLINE void store_values(T* p, int64_t count, const Vec& lo, const Vec& hi, bool stream = false) {
   if (count != Lanes<T>::kBlock) {
     Lanes<T>::store_partial(p, count, lo, hi);
   } else if (stream) {
@@ -595,7 +607,7 @@ struct BackwardArrays {
 };
 
 template <typename acc_t>
-inline ForwardVecs<Vectorized<acc_t>> forward_vecs(const ForwardArrays<acc_t>& k, int64_t c) {
+C10_ALWAYS_INLINE ForwardVecs<Vectorized<acc_t>> forward_vecs(const ForwardArrays<acc_t>& k, int64_t c) {
   using Vec = Vectorized<acc_t>;
   return {Vec::loadu(k.mean_hi.data() + c), Vec::loadu(k.mean_lo.data() + c), Vec::loadu(k.scale.data() + c),
           Vec::loadu(k.bias.data() + c)};
@@ -682,7 +694,7 @@ inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, const sc
   const ForwardVecs<typename L::Vec> f[2] = {forward_vecs(fk, c0), forward_vecs(fk, c0 + L::kVec)};
   const typename L::Vec vparam(param);
   RVec acc_dy[R::kParts], acc_dx[R::kParts], vmean[R::kParts], d[R::kParts], v[R::kParts];
-  for (int j = 0; j < R::kParts; ++j) {
+  FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
     acc_dy[j] = acc_dx[j] = RVec(red_t(0));
     vmean[j] = RVec::loadu(mean + j * RVec::size());
   }
@@ -700,7 +712,7 @@ inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, const sc
     R::widen_block(grad_before_activation<A>(g0, x0, r0, f[0], vparam),
                    grad_before_activation<A>(g1, x1, r1, f[1], vparam), d);
     R::widen_block(x0, x1, v);
-    for (int j = 0; j < R::kParts; ++j) {
+    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
       acc_dy[j] += d[j];
       acc_dx[j] = at::vec::fmadd(d[j], v[j] - vmean[j], acc_dx[j]);
     }
