@@ -118,12 +118,18 @@ inline void for_each_channel_block(int64_t C, const F& f) {
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) f(c0, std::min(kBlock, C - c0));
 }
 
+// Whether a tensor of g's size is too large to stay in the caches between
+// passes (kStreamingBytes, about half a server L3).
+template <typename scalar_t>
+inline bool larger_than_cache(const Geometry& g, const scalar_t*) {
+  return g.N * g.C * g.S * int64_t(sizeof(scalar_t)) >= kStreamingBytes;
+}
+
 // Whether an output of g's size is written with streaming stores; for rows
 // (interleaved) they also need every row to start 64-byte aligned.
 template <typename scalar_t>
 inline bool stream_output(const Geometry& g, const scalar_t* out) {
-  const int64_t bytes = g.N * g.C * g.S * int64_t(sizeof(scalar_t));
-  if (bytes < kStreamingBytes) return false;
+  if (!larger_than_cache(g, out)) return false;
   if (g.layout == Layout::Planar) return true;
   return reinterpret_cast<uintptr_t>(out) % 64 == 0 && (g.C * int64_t(sizeof(scalar_t))) % 64 == 0;
 }
@@ -257,12 +263,12 @@ ForwardArrays<acc_t> forward_arrays(const acc_t* mean, const acc_t* var, Channel
 template <Activation A, typename scalar_t, typename acc_t>
 void forward_apply_all(const scalar_t* x, const scalar_t* residual, scalar_t* y, const ForwardArrays<acc_t>& coef,
                        const Geometry& g, acc_t act_param) {
-  const bool stream = stream_output(g, y);
+  const bool stream = stream_output(g, y), large = larger_than_cache(g, y);
   if (g.layout == Layout::Interleaved) {
     at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
       for_each_row_tile(r_begin, r_end, g.C, [&](int64_t r, int64_t rows) {
         tile_forward<A>(x + r * g.C, offset_or_null(residual, r * g.C), y + r * g.C, rows, g.C, coef, act_param,
-                        stream);
+                        stream, large);
       });
       stream_fence(stream);
     });
@@ -442,7 +448,7 @@ void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<
     coef.set(c, channel_coef[c]);
     forward_k.set(c, a.forward_k(c));
   }
-  const bool stream = stream_output(g, out.dx);
+  const bool stream = stream_output(g, out.dx), large = larger_than_cache(g, out.dx);
   if (g.layout == Layout::Planar) {
     parallel_parts(g.N * g.C * g.S, planar_tasks(g), [&](int64_t, int64_t begin, int64_t end) {
       for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
@@ -458,7 +464,8 @@ void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<
     for_each_row_tile(r_begin, r_end, g.C, [&](int64_t r, int64_t rows) {
       const int64_t at = r * g.C;
       tile_backward<A>(a.dy + at, a.x + at, offset_or_null(a.residual, at), out.dx + at,
-                       offset_or_null(out.grad_residual, at), rows, g.C, forward_k, coef, a.act_param, stream);
+                       offset_or_null(out.grad_residual, at), rows, g.C, forward_k, coef, a.act_param, stream,
+                       large);
     });
     stream_fence(stream);
   });
