@@ -181,4 +181,19 @@ BackwardCall backward_call(const at::Tensor& grad_output, const at::Tensor& inpu
   return b;
 }
 
+InvertCall invert_output_call(const at::Tensor& grad_output, const at::Tensor& output,
+                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& var, int64_t activation, double activation_param, const char* op) {
+  const Activation act = check_activation(activation, op);
+  check_invertible(act, activation_param, op);
+  check_input(output, op);
+  // There is no mean argument: var stands in for it below, so check it under its own name first.
+  check_channel_vector(output, var, "var", op);
+  InvertCall call{backward_phase_operands(grad_output, output, weight, bias, var, var, op), act};
+  const auto options = output.options().dtype(accumulate_dtype(output.scalar_type())).memory_format(call.o.g.format);
+  call.grad = at::empty(output.sizes(), options);
+  call.centered = at::empty(output.sizes(), options);
+  return call;
+}
+
 }  // namespace fastbn

@@ -122,4 +122,18 @@ BackwardCall backward_call(const at::Tensor& grad_output, const at::Tensor& inpu
                            const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
                            int64_t activation, const char* op);
 
+// batch_norm_invert_output's checked operands (o.x is the output y; o.mean is
+// unused: in-place activated BN's backward works on centered values) and its
+// outputs, allocated in the accumulation dtype and the layout of describe(output).
+struct InvertCall {
+  PhaseOperands o;
+  Activation act;
+  at::Tensor grad, centered;
+  bool empty() const { return o.g.count() == 0 || o.g.C == 0; }
+};
+
+InvertCall invert_output_call(const at::Tensor& grad_output, const at::Tensor& output,
+                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& var, int64_t activation, double activation_param, const char* op);
+
 }  // namespace fastbn

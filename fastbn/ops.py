@@ -218,9 +218,11 @@ def activation_grad(z: Tensor, activation: int, param: float) -> Tensor:
 
 def composite_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        mean: Optional[Tensor], var: Optional[Tensor], eps: float, train: bool, activation: int = 0,
-                       activation_param: float = 0.0):
-    """The backward written with differentiable torch ops, used when a graph of the
-    backward itself is wanted (double backward, gradgradcheck).
+                       activation_param: float = 0.0, residual: Optional[Tensor] = None):
+    """The backward of act(bn(input) [+ residual]) written with differentiable torch
+    ops, used when a graph of the backward itself is wanted (double backward,
+    gradgradcheck): (grad_input, grad_weight, grad_bias, grad_residual), the last
+    None without a residual.
 
     In training mode the statistics are recomputed from ``input`` so that their
     dependence on it is part of the graph; in eval mode ``mean``/``var`` are constants.
@@ -237,7 +239,11 @@ def composite_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tens
         z = xhat if weight is None else xhat * weight.to(acc).view(shape)
         if bias is not None:
             z = z + bias.to(acc).view(shape)
+        if residual is not None:
+            z = z + residual.to(acc)
         dy = dy * activation_grad(z, activation, activation_param)
+    # the gradient reaching the sum bn(x) + residual
+    grad_residual = None if residual is None else dy.to(input.dtype)
     grad_bias = dy.sum(dims)
     grad_weight = (dy * xhat).sum(dims)
     scale = invstd if weight is None else weight.to(acc) * invstd
@@ -246,28 +252,7 @@ def composite_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tens
         grad_input = scale.view(shape) * (dy - (grad_bias / count).view(shape) - xhat * (grad_weight / count).view(shape))
     else:
         grad_input = dy * scale.view(shape)
-    return grad_input.to(input.dtype), grad_weight, grad_bias
-
-
-def composite_activation_grad(grad_output: Tensor, input: Tensor, residual: Tensor, weight: Optional[Tensor],
-                              bias: Optional[Tensor], mean: Optional[Tensor], var: Optional[Tensor], eps: float,
-                              train: bool, activation: int, activation_param: float) -> Tensor:
-    """grad_output * act'(bn(input) + residual) in differentiable torch ops (the
-    batch statistics recomputed from input in training mode, as composite_backward does)."""
-    if not activation:
-        return grad_output
-    acc = accumulate_dtype(input.dtype)
-    dims, shape = reduce_dims(input), channel_shape(input)
-    x = input.to(acc)
-    if train:
-        mean, var = x.mean(dims), x.var(dims, unbiased=False)
-    z = (x - mean.to(acc).view(shape)) * torch.rsqrt(var.to(acc).view(shape) + eps)
-    if weight is not None:
-        z = z * weight.to(acc).view(shape)
-    if bias is not None:
-        z = z + bias.to(acc).view(shape)
-    z = z + residual.to(acc)
-    return (grad_output.to(acc) * activation_grad(z, activation, activation_param)).to(input.dtype)
+    return grad_input.to(input.dtype), grad_weight, grad_bias, grad_residual
 
 
 def _backward(ctx, grad_output, input, residual, weight, bias, mean, var, train):
@@ -277,12 +262,7 @@ def _backward(ctx, grad_output, input, residual, weight, bias, mean, var, train)
     if _wants_graph(grad_output, input, weight, bias, residual):
         # Differentiable torch ops (double backward); training recomputes the statistics.
         mean, var = (None, None) if train else (mean, var)
-        grad_residual = None
-        if residual is not None:
-            grad_output = grad_residual = composite_activation_grad(grad_output, input, residual, weight, bias, mean,
-                                                                    var, ctx.eps, train, *act)
-            act = (0, 0.0)
-        return (*composite_backward(grad_output, input, weight, bias, mean, var, ctx.eps, train, *act), grad_residual)
+        return composite_backward(grad_output, input, weight, bias, mean, var, ctx.eps, train, *act, residual)
     if residual is None:
         return (*torch.ops.fastbn.batch_norm_backward(grad_output, input, weight, bias, mean, var, ctx.eps, train, *act),
                 None)

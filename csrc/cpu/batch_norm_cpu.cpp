@@ -4,7 +4,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -86,11 +85,11 @@ std::tuple<Tensor, Tensor> batch_norm_train_inplace_cpu(const Tensor& input, con
   constexpr const char* op = "fastbn.batch_norm_train_";
   const TrainOperands o = train_operands(input, weight, bias, activation, op);
   check_invertible(o.act, activation_param, op);
-  // Dense input: the kernels overwrite it value by value after reading it.
+  // The kernels overwrite each value after reading it: they write into input when
+  // it is dense, else into its dense copy, which then goes back into input.
   const Tensor x = input.contiguous(o.g.format);
-  const Tensor y = x.is_same(input) ? input : at::empty_like(x);
-  train_into(x, Tensor(), y, o.mean, o.var, weight, bias, eps, o.act, activation_param, o.g);
-  store_in_place(input, y);
+  train_into(x, Tensor(), x, o.mean, o.var, weight, bias, eps, o.act, activation_param, o.g);
+  store_in_place(input, x);
   return {o.mean, o.var};
 }
 
@@ -114,10 +113,9 @@ void batch_norm_eval_inplace_cpu(const Tensor& input, const std::optional<Tensor
   const Geometry g = eval_operands(input, weight, bias, running_mean, running_var, op);
   const Activation act = check_activation(activation, op);
   check_invertible(act, activation_param, op);
-  const Tensor x = input.contiguous(g.format);
-  const Tensor y = x.is_same(input) ? input : at::empty_like(x);
-  eval_into(x, Tensor(), y, running_mean, running_var, weight, bias, eps, act, activation_param, g);
-  store_in_place(input, y);
+  const Tensor x = input.contiguous(g.format);  // as in batch_norm_train_inplace_cpu
+  eval_into(x, Tensor(), x, running_mean, running_var, weight, bias, eps, act, activation_param, g);
+  store_in_place(input, x);
 }
 
 // The fused backward; with a residual also its gradient g = dy * act'(bn(x) + residual),
@@ -167,14 +165,10 @@ std::tuple<Tensor, Tensor> batch_norm_invert_output_cpu(const Tensor& grad_outpu
                                                         const std::optional<Tensor>& weight,
                                                         const std::optional<Tensor>& bias, const Tensor& var,
                                                         double eps, int64_t activation, double activation_param) {
-  constexpr const char* op = "fastbn.batch_norm_invert_output";
-  const Activation act = check_activation(activation, op);
-  check_invertible(act, activation_param, op);
-  const PhaseOperands o = backward_phase_operands(grad_output, output, weight, bias, var, var, op);
-  const auto acc = accumulate_dtype(output.scalar_type());
-  const auto options = output.options().dtype(acc).memory_format(o.g.format);
-  Tensor grad = at::empty(output.sizes(), options), centered = at::empty(output.sizes(), options);
-  if (o.g.count() == 0 || o.g.C == 0) return {grad, centered};
+  const InvertCall call = invert_output_call(grad_output, output, weight, bias, var, activation, activation_param,
+                                             "fastbn.batch_norm_invert_output");
+  if (call.empty()) return {call.grad, call.centered};
+  const PhaseOperands& o = call.o;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "fastbn_invert_output_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using Vec = typename Lanes<scalar_t>::Vec;
@@ -182,10 +176,10 @@ std::tuple<Tensor, Tensor> batch_norm_invert_output_cpu(const Tensor& grad_outpu
                                             o.g.C, acc_t(eps));
     const scalar_t* dy = o.dy.const_data_ptr<scalar_t>();
     const scalar_t* y = o.x.const_data_ptr<scalar_t>();
-    acc_t* grad_out = grad.data_ptr<acc_t>();
-    acc_t* centered_out = centered.data_ptr<acc_t>();
+    acc_t* grad_out = call.grad.data_ptr<acc_t>();
+    acc_t* centered_out = call.centered.data_ptr<acc_t>();
     const Vec vparam{acc_t(activation_param)}, elu_floor{acc_t(elu_inverse_floor<scalar_t>())};
-    FASTBN_ACTIVATION_SWITCH(act, A, [&] {
+    FASTBN_ACTIVATION_SWITCH(call.act, A, [&] {
       for_each_block<scalar_t>(o.g, coef, [&](int64_t off, int64_t width, const ForwardVecs<Vec>& f0,
                                               const ForwardVecs<Vec>& f1) {
         Vec d0, d1, y0, y1;
@@ -198,7 +192,7 @@ std::tuple<Tensor, Tensor> batch_norm_invert_output_cpu(const Tensor& grad_outpu
       });
     });
   });
-  return {grad, centered};
+  return {call.grad, call.centered};
 }
 
 // ------------------------------------------------------------------ SyncBatchNorm phases

@@ -12,10 +12,11 @@
 // channels with the accumulators in registers; the partials are merged, and a
 // parallel pass over rows writes the output.
 //
-// Statistics are computed in pieces of at most kPiece values: the sum and the
-// sum of squares about a shift near the data in one pass, a second pass from L1
-// only when the shift was far (bn_math.h), and pieces merged with Chan's
-// formula. This is as stable as a two-pass algorithm and reads memory once.
+// Statistics are sums and sums of squares about a shift near the data in one
+// pass (a planar part's channel about its first value there; interleaved rows
+// in pieces about the running mean), redone exactly where the shift turns out
+// far from the mean (statistics_need_second_pass, bn_math.h), and merged with
+// Chan's formula. This is as stable as a two-pass algorithm and reads memory once.
 // Outputs larger than kStreamingBytes are written with streaming stores.
 #pragma once
 
@@ -121,7 +122,7 @@ inline void for_each_channel_block(int64_t C, const F& f) {
 // Whether a tensor of g's size is too large to stay in the caches between
 // passes (kStreamingBytes, about half a server L3).
 template <typename scalar_t>
-inline bool larger_than_cache(const Geometry& g, const scalar_t*) {
+inline bool larger_than_cache(const Geometry& g) {
   return g.N * g.C * g.S * int64_t(sizeof(scalar_t)) >= kStreamingBytes;
 }
 
@@ -129,7 +130,7 @@ inline bool larger_than_cache(const Geometry& g, const scalar_t*) {
 // (interleaved) they also need every row to start 64-byte aligned.
 template <typename scalar_t>
 inline bool stream_output(const Geometry& g, const scalar_t* out) {
-  if (!larger_than_cache(g, out)) return false;
+  if (!larger_than_cache<scalar_t>(g)) return false;
   if (g.layout == Layout::Planar) return true;
   return reinterpret_cast<uintptr_t>(out) % 64 == 0 && (g.C * int64_t(sizeof(scalar_t))) % 64 == 0;
 }
@@ -249,6 +250,8 @@ std::vector<Moments<double>> channel_moments(const scalar_t* x, const Geometry& 
 
 // ------------------------------------------------------------------ forward
 
+// The forward coefficients of every channel (backward uses them to recompute
+// z = bn(x) for the activation's derivative); a null mean is 0 (centered input).
 template <typename acc_t>
 ForwardArrays<acc_t> forward_arrays(const acc_t* mean, const acc_t* var, ChannelParams<acc_t> params, int64_t C,
                                     acc_t eps) {
@@ -263,7 +266,7 @@ ForwardArrays<acc_t> forward_arrays(const acc_t* mean, const acc_t* var, Channel
 template <Activation A, typename scalar_t, typename acc_t>
 void forward_apply_all(const scalar_t* x, const scalar_t* residual, scalar_t* y, const ForwardArrays<acc_t>& coef,
                        const Geometry& g, acc_t act_param) {
-  const bool stream = stream_output(g, y), large = larger_than_cache(g, y);
+  const bool stream = stream_output(g, y), large = larger_than_cache<scalar_t>(g);
   if (g.layout == Layout::Interleaved) {
     at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
       for_each_row_tile(r_begin, r_end, g.C, [&](int64_t r, int64_t rows) {
@@ -351,10 +354,6 @@ struct BackwardArgs {
   const Geometry& g;
   acc_t eps;
   acc_t act_param;
-  // z = the BN output before the activation, recomputed from x.
-  ForwardCoefficients<acc_t> forward_k(int64_t c) const {
-    return forward_coefficients(mean[c], var[c], eps, params.w(c), params.b(c));
-  }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -374,60 +373,43 @@ struct BackwardOutputs {
 
 template <Activation A, typename scalar_t, typename acc_t>
 BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
+  using red_t = typename ReduceLanes<scalar_t>::red_t;
   const Geometry& g = a.g;
-  BackwardSums sums(g.C);
+  const int64_t C = g.C, padded = round_up(C, 64);
+  const ForwardArrays<acc_t> forward_k = forward_arrays(a.mean, a.var, a.params, C, a.eps);
+  // Per-part sums in double (red_t), padded per part for the column loops' block stores.
+  const int64_t tasks = g.layout == Layout::Planar ? planar_tasks(g) : interleaved_tasks(g.count());
+  std::vector<red_t> part_dy(tasks * padded, red_t(0)), part_dy_xmu(tasks * padded, red_t(0));
   if (g.layout == Layout::Planar) {
-    using red_t = typename ReduceLanes<scalar_t>::red_t;
-    const int64_t tasks = planar_tasks(g);
-    std::vector<double> part_dy(tasks * g.C, 0.0), part_dy_xmu(tasks * g.C, 0.0);
-    std::vector<ForwardCoefficients<acc_t>> forward_k(g.C);
-    for (int64_t c = 0; c < g.C; ++c) forward_k[c] = a.forward_k(c);
-    parallel_parts(g.N * g.C * g.S, tasks, [&](int64_t t, int64_t begin, int64_t end) {
+    parallel_parts(g.N * C * g.S, tasks, [&](int64_t t, int64_t begin, int64_t end) {
       LaneSums<scalar_t> lanes_dy, lanes_dy_xmu;
       for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
         span_backward_sums<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), length,
-                              red_t(a.mean[c]), forward_k[c], a.act_param, lanes_dy, lanes_dy_xmu);
-        part_dy[t * g.C + c] += lanes_dy.flush();
-        part_dy_xmu[t * g.C + c] += lanes_dy_xmu.flush();
+                              red_t(a.mean[c]), forward_k.get(c), a.act_param, lanes_dy, lanes_dy_xmu);
+        part_dy[t * padded + c] += lanes_dy.flush();
+        part_dy_xmu[t * padded + c] += lanes_dy_xmu.flush();
       });
     });
-    for (int64_t t = 0; t < tasks; ++t) {
-      for (int64_t c = 0; c < g.C; ++c) {
-        sums.dy[c] += part_dy[t * g.C + c];
-        sums.dy_xmu[c] += part_dy_xmu[t * g.C + c];
-      }
-    }
-    return sums;
-  }
-  using red_t = typename ReduceLanes<scalar_t>::red_t;
-  const int64_t C = g.C, rows = g.count(), padded = round_up(C, 64);
-  const int64_t tasks = interleaved_tasks(rows);
-  std::vector<red_t> mean_red(padded, red_t(0));
-  ForwardArrays<acc_t> forward_k(C);
-  for (int64_t c = 0; c < C; ++c) {
-    mean_red[c] = red_t(a.mean[c]);
-    forward_k.set(c, a.forward_k(c));
-  }
-  // Per-task sums in double (red_t), accumulated down columns of rows.
-  std::vector<red_t> task_dy(tasks * padded, red_t(0)), task_dy_xmu(tasks * padded, red_t(0));
-  at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const auto [r_begin, r_end] = part_range(rows, tasks, t);
+  } else {
+    std::vector<red_t> mean_red(padded, red_t(0));
+    for (int64_t c = 0; c < C; ++c) mean_red[c] = red_t(a.mean[c]);
+    parallel_parts(g.count(), tasks, [&](int64_t t, int64_t r_begin, int64_t r_end) {
+      // down columns of rows, a piece of rows at a time
       for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
         const int64_t n = std::min(r_end, r + rows_per_piece(C)) - r;
         for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
           column_backward_sums<A>(a.dy + r * C + c0, a.x + r * C + c0, offset_or_null(a.residual, r * C + c0), n, C,
-                                  width, mean_red.data() + c0, forward_k,
-                                  c0, a.act_param, task_dy.data() + t * padded + c0,
-                                  task_dy_xmu.data() + t * padded + c0);
+                                  width, mean_red.data() + c0, forward_k, c0, a.act_param,
+                                  part_dy.data() + t * padded + c0, part_dy_xmu.data() + t * padded + c0);
         });
       }
-    }
-  });
+    });
+  }
+  BackwardSums sums(C);
   for (int64_t t = 0; t < tasks; ++t) {
     for (int64_t c = 0; c < C; ++c) {
-      sums.dy[c] += task_dy[t * padded + c];
-      sums.dy_xmu[c] += task_dy_xmu[t * padded + c];
+      sums.dy[c] += part_dy[t * padded + c];
+      sums.dy_xmu[c] += part_dy_xmu[t * padded + c];
     }
   }
   return sums;
@@ -441,14 +423,13 @@ void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<
   const Geometry& g = a.g;
   BackwardArrays<acc_t> coef(g.C);
   std::vector<BackwardCoefficients<acc_t>> channel_coef(g.C);
-  ForwardArrays<acc_t> forward_k(g.C);
+  const ForwardArrays<acc_t> forward_k = forward_arrays(a.mean, a.var, a.params, g.C, a.eps);
   for (int64_t c = 0; c < g.C; ++c) {
     channel_coef[c] = backward_coefficients(a.mean[c], a.var[c], a.eps, a.params.w(c), acc_t(sum_dy[c]),
                                             acc_t(sum_dy_xmu[c]), count, train);
     coef.set(c, channel_coef[c]);
-    forward_k.set(c, a.forward_k(c));
   }
-  const bool stream = stream_output(g, out.dx), large = larger_than_cache(g, out.dx);
+  const bool stream = stream_output(g, out.dx), large = larger_than_cache<scalar_t>(g);
   if (g.layout == Layout::Planar) {
     parallel_parts(g.N * g.C * g.S, planar_tasks(g), [&](int64_t, int64_t begin, int64_t end) {
       for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {

@@ -109,6 +109,16 @@ struct Lanes {
   }
 };
 
+// Loads the first `count` <= kBlock values at p (the rest of the lanes 0).
+template <typename scalar_t, typename Vec>
+C10_ALWAYS_INLINE void load_values(const scalar_t* p, int64_t count, Vec& lo, Vec& hi) {
+  if (count == Lanes<scalar_t>::kBlock) {
+    Lanes<scalar_t>::load(p, lo, hi);
+  } else {
+    Lanes<scalar_t>::load_partial(p, count, lo, hi);
+  }
+}
+
 // ---------------------------------------------------------------- reductions
 
 // float -> two double vectors (low and high halves).
@@ -353,13 +363,10 @@ C10_ALWAYS_INLINE Vec grad_before_activation(const Vec& dy, const Vec& x, const 
 // Loads the residual's block, or zeros where there is none (only activations read it).
 template <Activation A, typename scalar_t, typename Vec>
 C10_ALWAYS_INLINE void load_residual(const scalar_t* residual, int64_t offset, int64_t count, Vec& lo, Vec& hi) {
-  using L = Lanes<scalar_t>;
   if (A == Activation::Identity || residual == nullptr) {
     lo = hi = Vec(typename Vec::value_type(0));
-  } else if (count == L::kBlock) {
-    L::load(residual + offset, lo, hi);
   } else {
-    L::load_partial(residual + offset, count, lo, hi);
+    load_values(residual + offset, count, lo, hi);
   }
 }
 
@@ -384,13 +391,8 @@ inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, const scal
   for (int64_t i = 0; i < n; i += L::kBlock) {
     const int64_t count = std::min<int64_t>(L::kBlock, n - i);
     typename L::Vec dlo, dhi, xlo, xhi, rlo, rhi;
-    if (count == L::kBlock) {
-      L::load(dy + i, dlo, dhi);
-      L::load(x + i, xlo, xhi);
-    } else {
-      L::load_partial(dy + i, count, dlo, dhi);
-      L::load_partial(x + i, count, xlo, xhi);
-    }
+    load_values(dy + i, count, dlo, dhi);
+    load_values(x + i, count, xlo, xhi);
     load_residual<A>(residual, i, count, rlo, rhi);
     typename R::Vec d[R::kParts], v[R::kParts];
     R::widen_block(grad_before_activation<A>(dlo, xlo, rlo, f, vparam),
@@ -469,16 +471,6 @@ inline void column_sum_sq_dev(const scalar_t* x, int64_t rows, int64_t stride, i
 }
 
 // ---------------------------------------------------------------- elementwise
-
-// Loads the first `count` <= kBlock values at p (the rest of the lanes 0).
-template <typename scalar_t, typename Vec>
-C10_ALWAYS_INLINE void load_values(const scalar_t* p, int64_t count, Vec& lo, Vec& hi) {
-  if (count == Lanes<scalar_t>::kBlock) {
-    Lanes<scalar_t>::load(p, lo, hi);
-  } else {
-    Lanes<scalar_t>::load_partial(p, count, lo, hi);
-  }
-}
 
 // Stores the first `count` <= kBlock values at p; a whole block as a streaming
 // store when `stream` (p then aligned, see stream_head).
@@ -613,9 +605,6 @@ C10_ALWAYS_INLINE ForwardVecs<Vectorized<acc_t>> forward_vecs(const ForwardArray
           Vec::loadu(k.bias.data() + c)};
 }
 
-// Rows: the elementwise passes walk memory in order, one row of C channels
-// at a time, the per-channel coefficients coming from L1.
-
 // Row tiles: `rows` consecutive rows of C interleaved channels, walked one
 // block of channels at a time down the tile, so each block's per-channel
 // coefficients are loaded once per tile rather than once per row (with C = 32
@@ -637,19 +626,17 @@ inline void tile_forward(const scalar_t* x, const scalar_t* residual, scalar_t* 
   const Vec vparam(param);
   auto block = [&](int64_t r, int64_t c0, const ForwardVecs<Vec>& f0, const ForwardVecs<Vec>& f1) {
     const int64_t width = std::min<int64_t>(L::kBlock, C - c0);
-    {
-      const int64_t at = r * C + c0;
-      Vec v0, v1;
-      load_values(x + at, width, v0, v1);
-      Vec z0 = f0.z(v0), z1 = f1.z(v1);
-      if (residual != nullptr) {
-        Vec r0, r1;
-        load_values(residual + at, width, r0, r1);
-        z0 = z0 + r0;
-        z1 = z1 + r1;
-      }
-      store_values(y + at, width, vec_activation<A>(z0, vparam), vec_activation<A>(z1, vparam), stream);
+    const int64_t at = r * C + c0;
+    Vec v0, v1;
+    load_values(x + at, width, v0, v1);
+    Vec z0 = f0.z(v0), z1 = f1.z(v1);
+    if (residual != nullptr) {
+      Vec r0, r1;
+      load_values(residual + at, width, r0, r1);
+      z0 = z0 + r0;
+      z1 = z1 + r1;
     }
+    store_values(y + at, width, vec_activation<A>(z0, vparam), vec_activation<A>(z1, vparam), stream);
   };
   if (rows_in_order && C > L::kBlock) {
     for (int64_t r = 0; r < rows; ++r) {
@@ -728,15 +715,9 @@ inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, const sc
     vmean[j] = RVec::loadu(mean + j * RVec::size());
   }
   for (int64_t r = 0; r < rows; ++r) {
-    typename L::Vec g0, g1, x0, x1;
-    if (width == L::kBlock) {
-      L::load(dy + r * stride, g0, g1);
-      L::load(x + r * stride, x0, x1);
-    } else {  // lanes past width: dy = 0, never stored
-      L::load_partial(dy + r * stride, width, g0, g1);
-      L::load_partial(x + r * stride, width, x0, x1);
-    }
-    typename L::Vec r0, r1;
+    typename L::Vec g0, g1, x0, x1, r0, r1;
+    load_values(dy + r * stride, width, g0, g1);  // lanes past width: dy = 0, never stored
+    load_values(x + r * stride, width, x0, x1);
     load_residual<A>(residual, r * stride, width, r0, r1);
     R::widen_block(grad_before_activation<A>(g0, x0, r0, f[0], vparam),
                    grad_before_activation<A>(g1, x1, r1, f[1], vparam), d);

@@ -412,15 +412,11 @@ std::tuple<Tensor, Tensor> batch_norm_invert_output_cuda(const Tensor& grad_outp
                                                          const std::optional<Tensor>& weight,
                                                          const std::optional<Tensor>& bias, const Tensor& var,
                                                          double eps, int64_t activation, double activation_param) {
-  constexpr const char* op = "fastbn.batch_norm_invert_output";
-  const Activation act_code = check_activation(activation, op);
-  check_invertible(act_code, activation_param, op);
   c10::cuda::CUDAGuard guard(output.device());
-  const PhaseOperands o = backward_phase_operands(grad_output, output, weight, bias, var, var, op);
-  const auto acc = accumulate_dtype(output.scalar_type());
-  const auto options = output.options().dtype(acc).memory_format(o.g.format);
-  Tensor grad = at::empty(output.sizes(), options), centered = at::empty(output.sizes(), options);
-  if (o.g.count() == 0 || o.g.C == 0) return {grad, centered};
+  const InvertCall call = invert_output_call(grad_output, output, weight, bias, var, activation, activation_param,
+                                             "fastbn.batch_norm_invert_output");
+  if (call.empty()) return {call.grad, call.centered};
+  const PhaseOperands& o = call.o;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const Tensor zero_mean = at::zeros({o.g.C}, o.var.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "fastbn_invert_output_cuda", [&] {
@@ -432,12 +428,12 @@ std::tuple<Tensor, Tensor> batch_norm_invert_output_cuda(const Tensor& grad_outp
         acc_t(eps), coef_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const InvertOutputOp<scalar_t, acc_t> map{o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), coef_p,
-                                              ActivationArgs<acc_t>{act_code, acc_t(activation_param)},
-                                              acc_t(elu_inverse_floor<scalar_t>()), grad.data_ptr<acc_t>(),
-                                              centered.data_ptr<acc_t>()};
+                                              ActivationArgs<acc_t>{call.act, acc_t(activation_param)},
+                                              acc_t(elu_inverse_floor<scalar_t>()), call.grad.data_ptr<acc_t>(),
+                                              call.centered.data_ptr<acc_t>()};
     FASTBN_INDEX_SWITCH(o.x, [&] { launch_map<index_t>(map, o.g, o.x, stream); });
   });
-  return {grad, centered};
+  return {call.grad, call.centered};
 }
 
 // ------------------------------------------------------------------ SyncBatchNorm phases
