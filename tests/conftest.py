@@ -87,3 +87,15 @@ def assert_within_budget(actual, torch_result, reference, what=""):
         ulp = torch.finfo(actual.dtype).eps * scale
     assert err_fastbn <= 2 * err_torch + ulp, (
         f"{what}: fastbn error {err_fastbn:.3g} > 2 x torch error {err_torch:.3g} + ulp {ulp:.3g}")
+
+
+def assert_bn_state_within_budget(fast, torch_bn, reference_bn, step):
+    """After a backward through three copies of one batch norm (fastbn's, torch's, float64
+    torch's): weight and bias grads within budget (then cleared), and the running statistics."""
+    for name in ("weight", "bias"):
+        p_fast, p_torch, p_ref = (getattr(m, name) for m in (fast, torch_bn, reference_bn))
+        assert_within_budget(p_fast.grad, p_torch.grad, p_ref.grad, f"step {step} grad_{name}")
+        for p in (p_fast, p_torch, p_ref):
+            p.grad = None
+    for name in ("running_mean", "running_var"):
+        assert_within_budget(getattr(fast, name), getattr(torch_bn, name), getattr(reference_bn, name), name)
