@@ -53,49 +53,63 @@ def want_cuda():
     return True
 
 
-def cpu_capability():
-    """The x86 vector ISA the CPU kernels are compiled for (at::vec's CPU_CAPABILITY).
+# The CPU kernels (csrc/cpu/per_isa/) are compiled once per x86 vector ISA, lowest
+# first, each with its flags and at::vec's CPU_CAPABILITY macros; the package runs
+# the best one the CPU supports (csrc/cpu/cpu_capability.cpp). Elsewhere: DEFAULT.
+X86_CAPABILITY_FLAGS = [
+    ("DEFAULT", []),
+    ("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
+    ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]),
+]
+PER_ISA_SOURCES = sorted(glob.glob("csrc/cpu/per_isa/*.cpp"))
 
-    Default: the best one the build machine supports, since fastbn is built from
-    source where it runs; FASTBN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 overrides it.
-    The package checks at import that the running CPU supports it.
+
+def cpu_capabilities():
+    """(name, compiler flags) of each ISA the CPU kernels are compiled for, lowest first."""
+    if platform.machine().lower() in ("x86_64", "amd64") and platform.system() != "Windows":
+        return X86_CAPABILITY_FLAGS
+    return X86_CAPABILITY_FLAGS[:1]
+
+
+class BuildExtensionPerIsa(BuildExtension):
+    """torch's BuildExtension (ninja when available), plus PER_ISA_SOURCES compiled
+    once per ISA of cpu_capabilities() with that ISA's flags and linked into the
+    extension after every other object, lowest ISA first.
+
+    Why that order: an inline function of a shared header (c10, std, bn_math.h)
+    that several objects emit out of line is resolved to the first copy in link
+    order. Every object that calls it emits its own, so the copy kept comes from
+    an object compiled for the caller's ISA or a lower one: DEFAULT code never
+    runs an AVX-512 copy.
     """
-    forced = os.environ.get("FASTBN_CPU_CAPABILITY")
-    if forced:
-        return forced.upper()
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return "DEFAULT"
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return "DEFAULT"
-    if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
-        return "AVX512"
-    if "avx2" in flags and "fma" in flags:
-        return "AVX2"
-    return "DEFAULT"
 
-
-CAPABILITY_FLAGS = {
-    "DEFAULT": [],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
-}
+    def build_extension(self, ext):
+        cxx_flags = ext.extra_compile_args["cxx"]  # with the flags BuildExtension added
+        objects = []
+        for capability, flags in cpu_capabilities():
+            objects += self.compiler.compile(
+                PER_ISA_SOURCES,
+                output_dir=os.path.join(self.build_temp, f"cpu_{capability}"),
+                macros=ext.define_macros + [("CPU_CAPABILITY", capability), (f"CPU_CAPABILITY_{capability}", None)],
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs=cxx_flags + flags,
+                depends=ext.depends,
+            )
+        ext.extra_objects = objects
+        super().build_extension(ext)
 
 
 def make_extension():
-    capability = cpu_capability()
-    if capability not in CAPABILITY_FLAGS:
-        raise SystemExit(f"FASTBN_CPU_CAPABILITY must be one of {sorted(CAPABILITY_FLAGS)}, got {capability}")
     use_cuda = want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-    macros = [
-        ("CPU_CAPABILITY", capability),
-        (f"CPU_CAPABILITY_{capability}", None),
-        ("FASTBN_CPU_CAPABILITY_NAME", f'"{capability}"'),
-    ]
-    cxx_flags = ["-O3", "-g0", "-fno-math-errno", "-Wno-unknown-pragmas"] + CAPABILITY_FLAGS[capability]
+    # Without ISA flags: the operator entry points, checks and the ISA choice.
+    macros = [("FASTBN_X86_KERNELS", None)] if len(cpu_capabilities()) > 1 else []
+    # setuptools relinks when one of these is newer than the extension; the
+    # per-ISA objects are rebuilt by their own (ninja) dependency tracking.
+    depends = sorted(PER_ISA_SOURCES + glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
+    cxx_flags = ["-O3", "-g0", "-fno-math-errno", "-Wno-unknown-pragmas"]
     # at::parallel_for runs its loop serially unless the extension itself is built
     # with OpenMP (ATen's header checks _OPENMP). torch ships libgomp.so.1, which
     # the extension then shares.
@@ -113,6 +127,7 @@ def make_extension():
             sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=macros,
+            depends=depends,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
             py_limited_api=True,
@@ -122,6 +137,7 @@ def make_extension():
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
+        depends=depends,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=link_flags,
         py_limited_api=True,
@@ -130,6 +146,6 @@ def make_extension():
 
 setup(
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildExtensionPerIsa},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

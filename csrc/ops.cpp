@@ -8,6 +8,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_capability.h"
 #include "impl_switch.h"
 
 TORCH_LIBRARY(fastbn, m) {
@@ -87,9 +88,50 @@ PyObject* get_cuda_impl(PyObject* /*self*/, PyObject* /*args*/) {
   return PyLong_FromLong(static_cast<long>(fastbn::cuda_impl_override()));
 }
 
+// The CPU kernels' ISA (cpu/cpu_capability.h): which runs, which can, and a
+// switch for tests. Errors come back as RuntimeError with fastbn's message.
+PyObject* get_cpu_capability(PyObject* /*self*/, PyObject* /*args*/) {
+  try {
+    return PyUnicode_FromString(fastbn::cpu::capability_name(fastbn::cpu::active_capability()));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyObject* set_cpu_capability(PyObject* /*self*/, PyObject* args) {
+  const char* name = nullptr;
+  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
+  try {
+    fastbn::cpu::set_active_capability(name);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* cpu_capabilities(PyObject* /*self*/, PyObject* /*args*/) {
+  const auto supported = fastbn::cpu::supported_capabilities();
+  PyObject* names = PyTuple_New(static_cast<Py_ssize_t>(supported.size()));
+  if (names == nullptr) return nullptr;
+  for (size_t i = 0; i < supported.size(); ++i) {
+    PyObject* name = PyUnicode_FromString(fastbn::cpu::capability_name(supported[i]));
+    if (name == nullptr) {
+      Py_DECREF(names);
+      return nullptr;
+    }
+    PyTuple_SetItem(names, static_cast<Py_ssize_t>(i), name);
+  }
+  return names;
+}
+
 PyMethodDef module_methods[] = {
     {"_set_cuda_impl", set_cuda_impl, METH_VARARGS, "Force the CUDA implementation (tests)."},
     {"_get_cuda_impl", get_cuda_impl, METH_NOARGS, "The forced CUDA implementation."},
+    {"_get_cpu_capability", get_cpu_capability, METH_NOARGS, "The ISA whose CPU kernels run."},
+    {"_set_cpu_capability", set_cpu_capability, METH_VARARGS, "Run another supported ISA's CPU kernels (tests)."},
+    {"_cpu_capabilities", cpu_capabilities, METH_NOARGS, "The ISAs this CPU and build can run, lowest first."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -97,8 +139,16 @@ PyMethodDef module_methods[] = {
 
 extern "C" {
 // `import fastbn._C` runs the TORCH_LIBRARY registrations above; the module
-// itself reports how it was built and holds the implementation switch.
+// itself reports how it was built and holds the implementation switches. A
+// FASTBN_CPU_CAPABILITY this CPU cannot honour fails the import (every CPU op
+// would fail with the same message).
 PyObject* PyInit__C(void) {
+  try {
+    fastbn::cpu::active_capability();
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ImportError, e.what_without_backtrace());
+    return nullptr;
+  }
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
       "_C",  // name
@@ -108,7 +158,6 @@ PyObject* PyInit__C(void) {
   };
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
-  PyModule_AddStringConstant(module, "cpu_capability", FASTBN_CPU_CAPABILITY_NAME);
 #ifdef FASTBN_WITH_CUDA
   PyModule_AddIntConstant(module, "with_cuda", 1);
 #else

@@ -13,33 +13,31 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loading it registers torch.ops.fastbn.*)
 
-_CPU_FLAGS_NEEDED = {
-    "DEFAULT": (),
-    "AVX2": ("avx2", "fma"),
-    "AVX512": ("avx512f", "avx512bw", "avx512vl", "avx512dq"),
-}
-
-
-def _check_cpu_capability() -> None:
-    """Fail at import, not with an illegal instruction, on a CPU older than the build's."""
-    needed = _CPU_FLAGS_NEEDED.get(_C.cpu_capability, ())
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:  # not Linux: trust the build
-        return
-    missing = [flag for flag in needed if flag not in flags]
-    if missing:
-        raise ImportError(
-            f"fastbn was compiled for {_C.cpu_capability} but this CPU lacks {', '.join(missing)}; "
-            "rebuild it here (pip install --no-build-isolation -e .) or with FASTBN_CPU_CAPABILITY=DEFAULT"
-        )
-
-
-_check_cpu_capability()
-
 WITH_CUDA = bool(_C.with_cuda)
-CPU_CAPABILITY = _C.cpu_capability
+
+# The CPU kernels are compiled for DEFAULT, AVX2 and AVX512 (x86-64; DEFAULT
+# only elsewhere). CPU_CAPABILITY names the one that runs: the best this CPU
+# supports, or FASTBN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 from the environment
+# (importing fails, naming what the CPU supports, when it cannot be honoured).
+# CPU_CAPABILITIES: every one this CPU and build can run, lowest first.
+CPU_CAPABILITY = _C._get_cpu_capability()
+CPU_CAPABILITIES = _C._cpu_capabilities()
+
+
+@contextlib.contextmanager
+def use_cpu_capability(name: str):
+    """Run the CPU kernels of `name` (one of CPU_CAPABILITIES) inside the block, with
+    CPU_CAPABILITY set to it; for tests comparing the ISAs in one process. Not for
+    use while other threads run fastbn ops (the choice is process-wide)."""
+    global CPU_CAPABILITY
+    previous = CPU_CAPABILITY
+    _C._set_cpu_capability(name)  # a ValueError, changing nothing, for an unsupported name
+    CPU_CAPABILITY = _C._get_cpu_capability()
+    try:
+        yield
+    finally:
+        _C._set_cpu_capability(previous)
+        CPU_CAPABILITY = previous
 
 # The CUDA kernels compile on every machine with a CUDA toolkit, but until the
 # test suite has passed on a GPU, fastbn's modules and functional API send CUDA
@@ -374,7 +372,8 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
 
 
 __all__: Sequence[str] = [
-    "WITH_CUDA", "CPU_CAPABILITY", "CUDA_KERNELS_VALIDATED", "use_cuda_kernels", "cuda_implementation",
+    "WITH_CUDA", "CPU_CAPABILITY", "CPU_CAPABILITIES", "use_cpu_capability", "CUDA_KERNELS_VALIDATED",
+    "use_cuda_kernels", "cuda_implementation",
     "ACTIVATIONS", "activation_code", "activation_forward", "activation_grad", "accumulate_dtype", "output_memory_format", "composite_backward",
     "batch_norm_train", "batch_norm_eval", "update_running_stats",
 ]

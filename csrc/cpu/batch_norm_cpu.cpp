@@ -1,7 +1,7 @@
-// CPU kernels of fastbn's batch-norm operators: argument checks, dtype and
-// activation dispatch, outputs; the passes over memory are in batch_norm_passes.h.
+// fastbn's batch-norm operators on CPU: argument checks and outputs, then the
+// kernels of the ISA chosen at run time (cpu_capability.h), which dispatch on
+// dtype and activation (per_isa/batch_norm_kernels.cpp).
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -11,8 +11,7 @@
 
 #include "bn_checks.h"
 #include "bn_math.h"
-#include "cpu/batch_norm_passes.h"
-#include "cpu/vec_kernels.h"
+#include "cpu/cpu_capability.h"
 
 namespace fastbn::cpu {
 namespace {
@@ -31,15 +30,7 @@ void train_into(const Tensor& x, const Tensor& residual, const Tensor& y, const 
     return;
   }
   const Tensor w = to_accumulate(weight, mean.scalar_type()), b = to_accumulate(bias, mean.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_batch_norm_train_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* r = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
-    FASTBN_ACTIVATION_SWITCH(act, A, [&] {
-      train_forward<A, scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), r, y.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(),
-                                        var.data_ptr<acc_t>(), channel_params<acc_t>(w, b), g, acc_t(eps),
-                                        acc_t(activation_param));
-    });
-  });
+  active_kernels().train(x, residual, y, mean, var, w, b, eps, act, activation_param, g);
 }
 
 // Evaluation forward of x (dense in g.format) into y, which may be x itself.
@@ -50,15 +41,7 @@ void eval_into(const Tensor& x, const Tensor& residual, const Tensor& y, const T
   const auto acc = accumulate_dtype(x.scalar_type());
   const Tensor w = to_accumulate(weight, acc), b = to_accumulate(bias, acc);
   const Tensor mean = to_accumulate(running_mean, acc), var = to_accumulate(running_var, acc);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_batch_norm_eval_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* r = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
-    FASTBN_ACTIVATION_SWITCH(act, A, [&] {
-      eval_forward<A, scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), r, y.data_ptr<scalar_t>(),
-                                       mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(),
-                                       channel_params<acc_t>(w, b), g, acc_t(eps), acc_t(activation_param));
-    });
-  });
+  active_kernels().eval(x, residual, y, mean, var, w, b, eps, act, activation_param, g);
 }
 
 // Writes `result` over `input` unless the kernels already wrote there.
@@ -126,15 +109,7 @@ BackwardCall backward_cpu(const Tensor& grad_output, const Tensor& input, const 
                           const char* op) {
   BackwardCall b = backward_call(grad_output, input, residual, weight, bias, mean, var, activation, op);
   if (b.empty()) return b;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto args = backward_args<scalar_t, acc_t>(b.o, eps, activation_param, b.residual);
-    const BackwardOutputs<scalar_t> out{
-        b.grad_input.data_ptr<scalar_t>(), b.grad_residual.defined() ? b.grad_residual.data_ptr<scalar_t>() : nullptr};
-    FASTBN_ACTIVATION_SWITCH(b.act, A, [&] {
-      backward<A>(args, out, b.grad_weight.data_ptr<acc_t>(), b.grad_bias.data_ptr<acc_t>(), train);
-    });
-  });
+  active_kernels().backward(b, eps, activation_param, train);
   return b;
 }
 
@@ -168,30 +143,7 @@ std::tuple<Tensor, Tensor> batch_norm_invert_output_cpu(const Tensor& grad_outpu
   const InvertCall call = invert_output_call(grad_output, output, weight, bias, var, activation, activation_param,
                                              "fastbn.batch_norm_invert_output");
   if (call.empty()) return {call.grad, call.centered};
-  const PhaseOperands& o = call.o;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, output.scalar_type(), "fastbn_invert_output_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    using Vec = typename Lanes<scalar_t>::Vec;
-    const auto coef = forward_arrays<acc_t>(nullptr, o.var.const_data_ptr<acc_t>(), channel_params<acc_t>(o.w, o.b),
-                                            o.g.C, acc_t(eps));
-    const scalar_t* dy = o.dy.const_data_ptr<scalar_t>();
-    const scalar_t* y = o.x.const_data_ptr<scalar_t>();
-    acc_t* grad_out = call.grad.data_ptr<acc_t>();
-    acc_t* centered_out = call.centered.data_ptr<acc_t>();
-    const Vec vparam{acc_t(activation_param)}, elu_floor{acc_t(elu_inverse_floor<scalar_t>())};
-    FASTBN_ACTIVATION_SWITCH(call.act, A, [&] {
-      for_each_block<scalar_t>(o.g, coef, [&](int64_t off, int64_t width, const ForwardVecs<Vec>& f0,
-                                              const ForwardVecs<Vec>& f1) {
-        Vec d0, d1, y0, y1;
-        load_values(dy + off, width, d0, d1);
-        load_values(y + off, width, y0, y1);
-        store_values(grad_out + off, width, d0 * vec_activation_grad_from_output<A>(y0, vparam),
-                     d1 * vec_activation_grad_from_output<A>(y1, vparam));
-        store_values(centered_out + off, width, (vec_activation_inverse<A>(y0, vparam, elu_floor) - f0.bias) / f0.scale,
-                     (vec_activation_inverse<A>(y1, vparam, elu_floor) - f1.bias) / f1.scale);
-      });
-    });
-  });
+  active_kernels().invert_output(call, eps, activation_param);
   return {call.grad, call.centered};
 }
 
@@ -210,14 +162,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
     var.fill_(std::numeric_limits<double>::quiet_NaN());
     return {mean, var};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_stats_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto moments = channel_moments(x.const_data_ptr<scalar_t>(), g);
-    for (int64_t c = 0; c < g.C; ++c) {
-      mean.data_ptr<acc_t>()[c] = acc_t(moments[c].mean);
-      var.data_ptr<acc_t>()[c] = acc_t(moments_biased_var(moments[c]));
-    }
-  });
+  active_kernels().stats(x, g, mean, var);
   return {mean, var};
 }
 
@@ -234,17 +179,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(const Tensor& grad_out
   Tensor sum_dy = at::zeros({o.g.C}, input.options().dtype(acc));
   Tensor sum_dy_xmu = at::zeros({o.g.C}, input.options().dtype(acc));
   if (o.g.count() == 0) return {sum_dy, sum_dy_xmu};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_backward_reduce_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto args = backward_args<scalar_t, acc_t>(o, eps, activation_param);
-    FASTBN_ACTIVATION_SWITCH(act, A, [&] {
-      const BackwardSums sums = backward_sums<A>(args);
-      for (int64_t c = 0; c < o.g.C; ++c) {
-        sum_dy.data_ptr<acc_t>()[c] = acc_t(sums.dy[c]);
-        sum_dy_xmu.data_ptr<acc_t>()[c] = acc_t(sums.dy_xmu[c]);
-      }
-    });
-  });
+  active_kernels().backward_reduce(o, act, eps, activation_param, sum_dy, sum_dy_xmu);
   return {sum_dy, sum_dy_xmu};
 }
 
@@ -262,14 +197,7 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& in
   Tensor dx = at::empty(input.sizes(), input.options().memory_format(o.g.format));
   if (o.g.count() == 0) return dx;
   const Tensor sdy = sum_dy.to(at::kDouble).contiguous(), sdx = sum_dy_xmu.to(at::kDouble).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_backward_elemt_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto args = backward_args<scalar_t, acc_t>(o, eps, activation_param);
-    FASTBN_ACTIVATION_SWITCH(act, A, [&] {
-      backward_apply_all<A>(args, BackwardOutputs<scalar_t>{dx.data_ptr<scalar_t>(), nullptr},
-                            sdy.const_data_ptr<double>(), sdx.const_data_ptr<double>(), count, true);
-    });
-  });
+  active_kernels().backward_elemt(o, act, eps, activation_param, sdy, sdx, count, dx);
   return dx;
 }
 

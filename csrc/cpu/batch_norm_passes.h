@@ -31,7 +31,12 @@
 #include "bn_math.h"
 #include "cpu/vec_kernels.h"
 
-namespace fastbn::cpu {
+#ifndef CPU_CAPABILITY
+#error "compiled once per ISA with CPU_CAPABILITY set: include only from csrc/cpu/per_isa/ (see setup.py)"
+#endif
+
+// One copy per ISA (see per_isa/batch_norm_kernels.cpp).
+namespace fastbn::cpu::CPU_CAPABILITY {
 
 // Values per statistics piece: 16 KiB of float, so its second pass hits L1.
 constexpr int64_t kPiece = 4096;
@@ -468,4 +473,4 @@ void backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> 
   backward_apply_all<A>(a, out, sums.dy.data(), sums.dy_xmu.data(), a.g.count(), train);
 }
 
-}  // namespace fastbn::cpu
+}  // namespace fastbn::cpu::CPU_CAPABILITY

@@ -21,7 +21,12 @@
 
 #include "bn_math.h"
 
-namespace fastbn::cpu {
+#ifndef CPU_CAPABILITY
+#error "compiled once per ISA with CPU_CAPABILITY set: include only from csrc/cpu/per_isa/ (see setup.py)"
+#endif
+
+// One copy per ISA (see per_isa/batch_norm_kernels.cpp).
+namespace fastbn::cpu::CPU_CAPABILITY {
 
 // Fully unrolls the loops over a block's reduction vectors, so that arrays of
 // accumulators live in registers (not unrolled, GCC keeps them on the stack and
@@ -508,16 +513,18 @@ inline void stream_fence(bool stream) {
 }
 
 // Calls block(i, count, streamed) over the span [0, n) in blocks of at most
-// kBlock values: a first short block up to the output's alignment when
-// streaming, then whole blocks (streamed) and a short tail.
+// kBlock values: when streaming, first the head up to the output's 64-byte
+// alignment in plain stores, then whole blocks (streamed) and a short tail.
 template <typename scalar_t, typename F>
 inline void for_each_span_block(const scalar_t* out, int64_t n, bool stream, const F& block) {
   constexpr int64_t kBlock = Lanes<scalar_t>::kBlock;
   // an output not aligned to its element size (a view of raw bytes) can never be
   // aligned for streaming stores: plain stores, in whole blocks, throughout
   stream = stream && reinterpret_cast<uintptr_t>(out) % sizeof(scalar_t) == 0;
-  const int64_t head = stream_head(out, n, stream);  // < kBlock: 64 bytes is at most one block
-  if (head > 0) block(int64_t(0), head, false);
+  // The head can span several blocks: 64 bytes are up to 31 half/bfloat16
+  // values, and a block of them is 16 values on AVX2 and DEFAULT.
+  const int64_t head = stream_head(out, n, stream);
+  for (int64_t i = 0; i < head; i += kBlock) block(i, std::min<int64_t>(kBlock, head - i), false);
   for (int64_t i = head; i < n; i += kBlock) block(i, std::min<int64_t>(kBlock, n - i), stream);
 }
 
@@ -736,4 +743,4 @@ inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, const sc
   }
 }
 
-}  // namespace fastbn::cpu
+}  // namespace fastbn::cpu::CPU_CAPABILITY
