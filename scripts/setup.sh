@@ -22,4 +22,4 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
 fi
 # Build against the torch installed above (an isolated build would fetch another).
 MAX_JOBS=${MAX_JOBS:-2} .venv/bin/pip install --quiet --no-build-isolation --no-deps -e .
-.venv/bin/python -c "import fastbn; print('fastbn', fastbn.__version__, 'CPU', fastbn.ops.CPU_CAPABILITY, 'CUDA kernels', fastbn.ops.WITH_CUDA)"
+.venv/bin/python -c "import fastbn; print('fastbn', fastbn.__version__, 'CPU kernels', fastbn.ops.CPU_CAPABILITY, 'of', fastbn.ops.CPU_CAPABILITIES, 'CUDA kernels', fastbn.ops.WITH_CUDA)"

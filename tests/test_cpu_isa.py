@@ -7,8 +7,11 @@ planes that start at every alignment and inputs that start one element into a
 larger buffer. .ci/run also reruns the kernel test files (small shapes) under
 FASTBN_CPU_CAPABILITY=DEFAULT and AVX2.
 """
+import bisect
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 
@@ -182,3 +185,60 @@ def test_environment_naming_no_supported_capability_fails_the_import():
         result = import_with(name)
         assert result.returncode != 0, f"{name}: imported"
         assert "ImportError: fastbn: FASTBN_CPU_CAPABILITY" in result.stderr and name in result.stderr, result.stderr
+
+
+def vector_code_reachable_outside_isa_code(library):
+    """Functions of `library` with VEX/EVEX (AVX, AVX-512) instructions that code outside
+    the AVX2/AVX512 namespaces can reach through direct calls, jumps and address loads.
+
+    setup.py links the per-ISA objects lowest ISA first so that an inline function of a
+    shared header resolves to a copy compiled for its caller's ISA or a lower one; with
+    the opposite order c10's message helpers of AT_DISPATCH, called from the DEFAULT
+    kernels, resolve to their AVX-512 copy (seen when this check was written)."""
+    disassembly = subprocess.run(["objdump", "-d", "--no-show-raw-insn", library], capture_output=True, text=True,
+                                 check=True).stdout
+    function_start = re.compile(r"^([0-9a-f]+) <(.+)>:$")
+    reference = re.compile(r"\b([0-9a-f]+) <([^>+]+?)(@plt)?(?:\+0x[0-9a-f]+)?>")
+    isa_named = re.compile(r"4AVX2|6AVX512")  # the mangled fastbn::cpu::AVX2 / at::vec::AVX512 ...
+    names, vector_code, references, current = {}, set(), [], None
+    for line in disassembly.splitlines():
+        match = function_start.match(line)
+        if match:
+            current = int(match.group(1), 16)
+            names[current] = match.group(2)
+        elif current is not None and "\t" in line:
+            instruction = line.split("\t", 1)[1].strip()
+            if instruction.startswith("v"):  # every VEX/EVEX mnemonic starts with v
+                vector_code.add(current)
+            references += [(current, int(address, 16), name, plt) for address, name, plt in reference.findall(instruction)]
+    starts = sorted(names)
+    by_name = {}
+    for address, name in names.items():
+        by_name.setdefault(name, []).append(address)
+    referrers = {address: set() for address in names}
+    for caller, address, name, plt in references:
+        # a call through the PLT: the definition of that name in the library; else the function holding address
+        targets = by_name.get(name, []) if plt else [starts[bisect.bisect_right(starts, address) - 1]]
+        for target in targets:
+            if target != caller:
+                referrers[target].add(caller)
+    # reached only from ISA code: the greatest set closed under "every referrer is in it"
+    isa_only = {f for f in names if isa_named.search(names[f]) or referrers[f]}
+    changed = True
+    while changed:
+        changed = False
+        for f in list(isa_only):
+            if not isa_named.search(names[f]) and not referrers[f] <= isa_only:
+                isa_only.discard(f)
+                changed = True
+    return sorted(names[f] for f in vector_code - isa_only)
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils, which building fastbn needs)")
+def test_no_vector_code_reachable_outside_isa_code():
+    """DEFAULT code (the operators, the checks, the DEFAULT kernels) runs no AVX/AVX-512
+    instruction: the build runs on any x86-64 CPU."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        assert ISAS == ("DEFAULT",)
+        return
+    assert vector_code_reachable_outside_isa_code(fastbn.ops._C.__file__) == []
