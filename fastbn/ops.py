@@ -109,6 +109,24 @@ def channel_shape(input: Tensor) -> list:
 
 
 # ---------------------------------------------------------------- fake kernels
+# A call whose tensors are all meta (or fake) tensors runs these; so does one mixing
+# meta with CPU tensors (the dispatcher picks the Meta kernel), which must then fail
+# as torch's own ops do rather than return uninitialized tensors.
+
+
+def _check_devices(op: str, reference: str, tensors: dict) -> None:
+    """Raise unless every tensor in ``tensors`` (name -> tensor or None) is on the device of
+    the one named ``reference``; the message names the op and the argument, as the kernels' do."""
+    if tensors[reference] is None:
+        raise RuntimeError(f"fastbn.{op}: {reference} is required, got None")
+    device = tensors[reference].device
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != device:
+            raise RuntimeError(f"fastbn.{op}: {name} is on {tensor.device} but {reference} is on {device}")
+
+
+def _check_input_devices(op: str, input, **tensors) -> None:
+    _check_devices(op, "input", {"input": input, **tensors})
 
 
 def _channel_stats_fake(input):
@@ -118,6 +136,7 @@ def _channel_stats_fake(input):
 
 @torch.library.register_fake("fastbn::batch_norm_train")
 def _batch_norm_train_fake(input, weight, bias, eps, activation=0, activation_param=0.0, residual=None):
+    _check_input_devices("batch_norm_train", input, weight=weight, bias=bias, residual=residual)
     output = torch.empty_like(input, memory_format=output_memory_format(input))
     return (output, *_channel_stats_fake(input))
 
@@ -125,23 +144,30 @@ def _batch_norm_train_fake(input, weight, bias, eps, activation=0, activation_pa
 @torch.library.register_fake("fastbn::batch_norm_eval")
 def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, eps, activation=0, activation_param=0.0,
                           residual=None):
+    _check_input_devices("batch_norm_eval", input, weight=weight, bias=bias, running_mean=running_mean,
+                         running_var=running_var, residual=residual)
     return torch.empty_like(input, memory_format=output_memory_format(input))
 
 
 @torch.library.register_fake("fastbn::batch_norm_train_")
 def _batch_norm_train_inplace_fake(input, weight, bias, eps, activation=0, activation_param=0.0):
+    _check_input_devices("batch_norm_train_", input, weight=weight, bias=bias)
     return _channel_stats_fake(input)
 
 
 @torch.library.register_fake("fastbn::batch_norm_eval_")
 def _batch_norm_eval_inplace_fake(input, weight, bias, running_mean, running_var, eps, activation=0,
                                   activation_param=0.0):
+    _check_input_devices("batch_norm_eval_", input, weight=weight, bias=bias, running_mean=running_mean,
+                         running_var=running_var)
     return None
 
 
 @torch.library.register_fake("fastbn::batch_norm_add_act_backward")
 def _batch_norm_add_act_backward_fake(grad_output, input, residual, weight, bias, mean, var, eps, train, activation,
                                       activation_param):
+    _check_input_devices("batch_norm_add_act_backward", input, grad_output=grad_output, residual=residual,
+                         weight=weight, bias=bias, mean=mean, var=var)
     layout = output_memory_format(input)
     return (torch.empty_like(input, memory_format=layout), torch.empty_like(input, memory_format=layout),
             *_channel_stats_fake(input))
@@ -149,6 +175,8 @@ def _batch_norm_add_act_backward_fake(grad_output, input, residual, weight, bias
 
 @torch.library.register_fake("fastbn::batch_norm_invert_output")
 def _batch_norm_invert_output_fake(grad_output, output, weight, bias, var, eps, activation, activation_param):
+    _check_devices("batch_norm_invert_output", "output",
+                   dict(output=output, grad_output=grad_output, weight=weight, bias=bias, var=var))
     acc, layout = accumulate_dtype(output.dtype), output_memory_format(output)
     return (torch.empty_like(output, dtype=acc, memory_format=layout),
             torch.empty_like(output, dtype=acc, memory_format=layout))
@@ -157,6 +185,8 @@ def _batch_norm_invert_output_fake(grad_output, output, weight, bias, var, eps, 
 @torch.library.register_fake("fastbn::batch_norm_backward")
 def _batch_norm_backward_fake(grad_output, input, weight, bias, mean, var, eps, train, activation=0,
                               activation_param=0.0):
+    _check_input_devices("batch_norm_backward", input, grad_output=grad_output, weight=weight, bias=bias, mean=mean,
+                         var=var)
     channels = input.shape[1]
     acc = accumulate_dtype(input.dtype)
     grad_input = torch.empty_like(input, memory_format=output_memory_format(input))
@@ -171,6 +201,8 @@ def _batch_norm_stats_fake(input):
 @torch.library.register_fake("fastbn::batch_norm_backward_reduce")
 def _batch_norm_backward_reduce_fake(grad_output, input, weight, bias, mean, var, eps, activation=0,
                                      activation_param=0.0):
+    _check_input_devices("batch_norm_backward_reduce", input, grad_output=grad_output, weight=weight, bias=bias,
+                         mean=mean, var=var)
     channels, acc = input.shape[1], accumulate_dtype(input.dtype)
     return input.new_empty((channels,), dtype=acc), input.new_empty((channels,), dtype=acc)
 
@@ -178,11 +210,15 @@ def _batch_norm_backward_reduce_fake(grad_output, input, weight, bias, mean, var
 @torch.library.register_fake("fastbn::batch_norm_backward_elemt")
 def _batch_norm_backward_elemt_fake(grad_output, input, weight, bias, mean, var, sum_dy, sum_dy_xmu, eps, count,
                                     activation=0, activation_param=0.0):
+    _check_input_devices("batch_norm_backward_elemt", input, grad_output=grad_output, weight=weight, bias=bias,
+                         mean=mean, var=var, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)
     return torch.empty_like(input, memory_format=output_memory_format(input))
 
 
 @torch.library.register_fake("fastbn::update_running_stats")
 def _update_running_stats_fake(running_mean, running_var, mean, var, factor, count):
+    _check_devices("update_running_stats", "mean",
+                   dict(mean=mean, running_mean=running_mean, running_var=running_var, var=var))
     return None
 
 
@@ -204,12 +240,13 @@ def activation_forward(z: Tensor, activation: int, param: float) -> Tensor:
 
 def activation_grad(z: Tensor, activation: int, param: float) -> Tensor:
     """d act / dz in differentiable torch ops; matches activation_grad in bn_math.h."""
+    # at a NaN z as torch: relu and elu pass the gradient (z <= 0 is false), leaky_relu scales it
     if activation == 1:
-        return (z > 0).to(z.dtype)
+        return (~(z <= 0)).to(z.dtype)
     if activation == 2:
         return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, param))
     if activation == 3:
-        return torch.where(z > 0, torch.ones_like(z), param * torch.exp(z))
+        return torch.where(z <= 0, param * torch.exp(z), torch.ones_like(z))
     if activation == 4:
         sigmoid = torch.sigmoid(z)
         return sigmoid * (1 + z * (1 - sigmoid))

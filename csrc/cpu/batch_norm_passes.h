@@ -415,15 +415,37 @@ BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
   return sums;
 }
 
+// Evaluation mode (the statistics are constants): dx = g * weight * invstd, which is the
+// forward coefficients' scale; x enters only through act'(z), so a NaN or infinite x
+// gives what torch gives, not (x - mean) * 0 = NaN.
+template <Activation A, typename scalar_t, typename acc_t>
+void eval_backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> out,
+                             const ForwardArrays<acc_t>& forward_k) {
+  using Vec = typename Lanes<scalar_t>::Vec;
+  const Vec vparam(a.act_param);
+  for_each_block<scalar_t>(a.g, forward_k, [&](int64_t off, int64_t width, const ForwardVecs<Vec>& f0,
+                                                const ForwardVecs<Vec>& f1) {
+    Vec d0, d1, x0, x1, r0, r1;
+    load_values(a.dy + off, width, d0, d1);
+    load_values(a.x + off, width, x0, x1);
+    load_residual<A>(a.residual, off, width, r0, r1);
+    const Vec g0 = grad_before_activation<A>(d0, x0, r0, f0, vparam);
+    const Vec g1 = grad_before_activation<A>(d1, x1, r1, f1, vparam);
+    store_values(out.dx + off, width, g0 * f0.scale, g1 * f1.scale);
+    if (out.grad_residual != nullptr) store_values(out.grad_residual + off, width, g0, g1);
+  });
+}
+
 // dx from the channel sums; `count` is the number of values the statistics
 // came from (the global batch under SyncBatchNorm).
 template <Activation A, typename scalar_t, typename acc_t>
 void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> out, const double* sum_dy,
                         const double* sum_dy_xmu, int64_t count, bool train) {
   const Geometry& g = a.g;
+  const ForwardArrays<acc_t> forward_k = forward_arrays(a.mean, a.var, a.params, g.C, a.eps);
+  if (!train) return eval_backward_apply_all<A>(a, out, forward_k);
   BackwardArrays<acc_t> coef(g.C);
   std::vector<BackwardCoefficients<acc_t>> channel_coef(g.C);
-  const ForwardArrays<acc_t> forward_k = forward_arrays(a.mean, a.var, a.params, g.C, a.eps);
   for (int64_t c = 0; c < g.C; ++c) {
     channel_coef[c] = backward_coefficients(a.mean[c], a.var[c], a.eps, a.params.w(c), acc_t(sum_dy[c]),
                                             acc_t(sum_dy_xmu[c]), count, train);
