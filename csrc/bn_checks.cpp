@@ -59,7 +59,8 @@ void check_channel_vector(const at::Tensor& input, const at::Tensor& vec, const 
   if (!vec.defined()) return;
   const int64_t channels = input.size(1);
   TORCH_CHECK(vec.dim() == 1, op, ": ", name, " must be 1-D with one value per channel, got size ", vec.sizes());
-  TORCH_CHECK(vec.numel() == channels, op, ": ", name, " should contain ", channels, " elements not ", vec.numel());
+  TORCH_CHECK(vec.numel() == channels, op, ": ", name, " should contain ", channels, " elements not ", vec.numel(),
+              " (one per channel of input, of size ", input.sizes(), ")");
   TORCH_CHECK(vec.device() == input.device(), op, ": ", name, " is on ", vec.device(), " but input is on ",
               input.device());
   const auto in = input.scalar_type();
@@ -171,7 +172,7 @@ void check_invertible(Activation act, double param, const char* op) {
   // the kernels divide by the parameter in float: it must not round to 0 there
   TORCH_CHECK(activation_invertible(act, param) && (act == Activation::Identity || float(param) > 0.0f), op,
               ": in-place activated batch norm needs an invertible activation (none, leaky_relu with a positive "
-              "slope, elu with a positive alpha), got activation ", static_cast<int>(act), " with parameter ", param);
+              "slope, elu with a positive alpha), got activation ", static_cast<int>(act), " with activation_param ", param);
 }
 
 at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {

@@ -41,7 +41,9 @@ FASTBN_HOST_DEVICE Moments<acc_t> moments_merge(const Moments<acc_t>& a, const M
   const acc_t b_share = acc_t(b.count) / acc_t(count);
   const acc_t delta = b.mean - a.mean;
   Moments<acc_t> out;
-  out.mean = a.mean + delta * b_share;
+  // With an infinite mean on one side (an infinite value in its data) a.mean + delta would
+  // be inf - inf: the weighted sum keeps it infinite, as torch's sum / n does (and NaN for +inf with -inf).
+  out.mean = delta - delta == acc_t(0) ? a.mean + delta * b_share : a.mean * (acc_t(1) - b_share) + b.mean * b_share;
   out.m2 = a.m2 + b.m2 + delta * delta * acc_t(a.count) * b_share;
   out.count = count;
   return out;

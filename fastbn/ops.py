@@ -222,6 +222,30 @@ def _update_running_stats_fake(running_mean, running_var, mean, var, factor, cou
     return None
 
 
+# A call whose tensor arguments are all None reaches no backend: without this kernel the
+# dispatcher raises NotImplementedError ("There were no tensor arguments to this function").
+_fallback_library = torch.library.Library("fastbn", "IMPL")
+
+
+def _no_backend_kernel(op: str):
+    arguments = getattr(torch.ops.fastbn, op).default._schema.arguments
+
+    def kernel(*args):
+        for argument, value in zip(arguments, args):
+            if value is None and str(argument.type) == "Tensor":
+                raise RuntimeError(f"fastbn.{op}: {argument.name} is required, got None")
+        devices = sorted({str(value.device) for value in args if isinstance(value, Tensor)})
+        raise RuntimeError(f"fastbn.{op}: this build of fastbn has no kernel for tensors on {', '.join(devices)}")
+
+    return kernel
+
+
+for _op in ("batch_norm_train", "batch_norm_eval", "batch_norm_train_", "batch_norm_eval_", "batch_norm_backward",
+            "batch_norm_add_act_backward", "batch_norm_invert_output", "batch_norm_stats",
+            "batch_norm_backward_reduce", "batch_norm_backward_elemt", "update_running_stats"):
+    _fallback_library.impl(_op, _no_backend_kernel(_op), "CompositeExplicitAutograd")
+
+
 # ---------------------------------------------------------------- autograd
 
 

@@ -382,3 +382,27 @@ def test_phase_and_backward_ops_reject_bad_arguments():
             ops.batch_norm_backward_elemt(dy, x, w, b, mean, var, args["sum_dy"], args["sum_dy_xmu"], 1e-5, 100)
     with pytest.raises(RuntimeError, match=r"fastbn\.batch_norm_backward: grad_output is required"):
         ops.batch_norm_backward(None, x, w, b, mean, var, 1e-5, True)
+
+
+@pytest.mark.parametrize("layout", ["planar", "channels_last", "2d"])
+@pytest.mark.parametrize("position", ["first", "middle", "last"])
+def test_infinite_value_gives_infinite_batch_mean_like_torch(position, layout):
+    """One +-inf in a channel makes its batch mean +-inf (torch: sum / n), not NaN from
+    inf - inf in the shifted sums or merges; its variance is NaN as torch's."""
+    shape = (40, 3) if layout == "2d" else (6, 3, 20, 20)
+    for value in (float("inf"), -float("inf")):
+        x = random_input(shape)
+        flat_channel0 = x.transpose(0, 1)[0].reshape(-1)  # a copy: channel 0's values in order
+        index = {"first": 0, "middle": flat_channel0.numel() // 2, "last": flat_channel0.numel() - 1}[position]
+        sample, rest = divmod(index, flat_channel0.numel() // shape[0])
+        x[(sample, 0) + tuple(torch.unravel_index(torch.tensor(rest), shape[2:])) if len(shape) > 2 else (sample, 0)] = value
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        mean, var = torch.ops.fastbn.batch_norm_stats(x)
+        dims = [0] + list(range(2, x.dim()))
+        torch.testing.assert_close(mean, x.mean(dims), equal_nan=True)
+        assert torch.isnan(var[0]) and torch.isfinite(var[1:]).all()
+        torch_bn, fast_bn = module_pair("BatchNorm1d" if layout == "2d" else "BatchNorm2d")
+        torch_bn(x), fast_bn(x)
+        torch.testing.assert_close(fast_bn.running_mean, torch_bn.running_mean, equal_nan=True)
+        torch.testing.assert_close(fast_bn.running_var, torch_bn.running_var, equal_nan=True)

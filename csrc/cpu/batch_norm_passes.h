@@ -137,11 +137,18 @@ inline bool stream_output(const Geometry& g, const scalar_t* out) {
 
 // ------------------------------------------------------------------ statistics
 
+// A shift for the shifted sums: `value` when finite, else 0. An infinite shift would make
+// x - shift NaN (inf - inf) for the infinite value itself, and the mean NaN instead of +-inf.
+template <typename red_t>
+inline red_t finite_shift(red_t value) {
+  return value - value == red_t(0) ? value : red_t(0);
+}
+
 // Moments of n contiguous values, kept in double.
 template <typename scalar_t>
 Moments<double> span_moments(const scalar_t* x, int64_t n) {
   using red_t = typename ReduceLanes<scalar_t>::red_t;
-  red_t shift = red_t(x[0]);  // the span's first value, then the running mean
+  red_t shift = finite_shift(red_t(x[0]));  // the span's first value, then the running mean
   Moments<double> total{0.0, 0.0, 0};
   LaneSums<scalar_t> sums, squares;
   for (int64_t p = 0; p < n; p += kPiece) {
@@ -153,7 +160,7 @@ Moments<double> span_moments(const scalar_t* x, int64_t n) {
       piece.m2 = squares.flush();
     }
     total = moments_merge(total, piece);
-    shift = red_t(total.mean);
+    shift = finite_shift(red_t(total.mean));
   }
   return total;
 }
@@ -182,7 +189,7 @@ std::vector<Moments<double>> planar_channel_moments(const scalar_t* x, const Geo
     std::vector<int64_t> counts(C, 0);
     LaneSums<scalar_t> lanes_sum, lanes_squares;
     for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
-      if (counts[c] == 0) shift[c] = red_t(x[offset]);
+      if (counts[c] == 0) shift[c] = finite_shift(red_t(x[offset]));
       span_sum_and_squares(x + offset, length, shift[c], lanes_sum, lanes_squares);
       sums[c] += lanes_sum.flush();
       squares[c] += lanes_squares.flush();
@@ -211,7 +218,7 @@ std::vector<Moments<double>> interleaved_channel_moments(const scalar_t* x, cons
   // Per-task moments, merged piece by piece (Chan).
   std::vector<Moments<double>> task_moments(tasks * C, Moments<double>{0.0, 0.0, 0});
   std::vector<red_t> first_row(padded, red_t(0));  // the first shift: keeps the sums small (see span_sum_and_squares)
-  for (int64_t c = 0; c < C; ++c) first_row[c] = red_t(x[c]);
+  for (int64_t c = 0; c < C; ++c) first_row[c] = finite_shift(red_t(x[c]));
   at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
     std::vector<red_t> piece_mean(padded, red_t(0)), piece_m2(padded, red_t(0));
     for (int64_t t = t_begin; t < t_end; ++t) {
@@ -235,7 +242,7 @@ std::vector<Moments<double>> interleaved_channel_moments(const scalar_t* x, cons
         });
         for (int64_t c = 0; c < C; ++c) {
           moments[c] = moments_merge(moments[c], Moments<double>{piece_mean[c], piece_m2[c], n});
-          shift[c] = red_t(moments[c].mean);  // the next piece sums about the running mean
+          shift[c] = finite_shift(red_t(moments[c].mean));  // the next piece sums about the running mean
         }
       }
     }
