@@ -105,12 +105,13 @@ def check_writable(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     Autograd checks a custom Function's in-place output only after its forward ran, when
     the input and running statistics would already be overwritten; these are its checks
     (torch's check_inplace), made first."""
-    if torch._debug_has_internal_overlap(input) == 1:  # MemOverlap::Yes: an expanded tensor
+    compiling = torch.compiler.is_compiling()  # dynamo cannot trace the overlap and view probes: autograd's own check
+    if not compiling and torch._debug_has_internal_overlap(input) == 1:  # MemOverlap::Yes: an expanded tensor
         raise RuntimeError(_OVERLAP_MESSAGE)
     records = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
     if not records:
         return
-    if input._is_view():
+    if not compiling and input._is_view():
         creation = torch._C._autograd._get_creation_meta(input)
         if creation == torch._C._autograd.CreationMeta.NO_GRAD_MODE:
             raise RuntimeError(_NO_GRAD_VIEW_MESSAGE)

@@ -127,6 +127,14 @@ def _check_devices(op: str, reference: str, tensors: dict) -> None:
 
 def _check_input_devices(op: str, input, **tensors) -> None:
     _check_devices(op, "input", {"input": input, **tensors})
+    _check_rank(op, "input", input)
+
+
+def _check_rank(op: str, name: str, input) -> None:
+    """check_input's rank rule (csrc/bn_checks.cpp), before the shapes below index dim 1."""
+    if input.dim() < 2:
+        raise RuntimeError(f"fastbn.{op}: expected {name} of shape (N, C, *) with at least 2 dims, got {input.dim()}-D "
+                           f"{name} of size {list(input.shape)}")
 
 
 def _channel_stats_fake(input):
@@ -177,6 +185,7 @@ def _batch_norm_add_act_backward_fake(grad_output, input, residual, weight, bias
 def _batch_norm_invert_output_fake(grad_output, output, weight, bias, var, eps, activation, activation_param):
     _check_devices("batch_norm_invert_output", "output",
                    dict(output=output, grad_output=grad_output, weight=weight, bias=bias, var=var))
+    _check_rank("batch_norm_invert_output", "output", output)
     acc, layout = accumulate_dtype(output.dtype), output_memory_format(output)
     return (torch.empty_like(output, dtype=acc, memory_format=layout),
             torch.empty_like(output, dtype=acc, memory_format=layout))
@@ -195,6 +204,7 @@ def _batch_norm_backward_fake(grad_output, input, weight, bias, mean, var, eps, 
 
 @torch.library.register_fake("fastbn::batch_norm_stats")
 def _batch_norm_stats_fake(input):
+    _check_input_devices("batch_norm_stats", input)
     return _channel_stats_fake(input)
 
 

@@ -97,8 +97,8 @@ def valid_call(op, draw):
     x64 = x.double()
     dims = [0] + list(range(2, x.dim()))
     values = n * math.prod(spatial)
-    batch_mean = x64.mean(dims) if values else torch.zeros(c, dtype=torch.float64)
-    batch_var = x64.var(dims, unbiased=False) if values else torch.ones(c, dtype=torch.float64)
+    batch_mean = x64.mean(dims) if x.numel() else torch.zeros(c, dtype=torch.float64)
+    batch_var = x64.var(dims, unbiased=False) if x.numel() else torch.ones(c, dtype=torch.float64)
     args = {}
     for name, kind, optional, _ in parse(SCHEMAS[op]):
         if optional and draw(st.booleans()) and kind != "x":
@@ -192,6 +192,8 @@ def hostile_tensor(args, name, value, template, draw):
         dtype = draw(st.sampled_from([torch.int32, torch.int64, torch.bool, torch.complex64, torch.uint8,
                                       *[f for f in FLOATS if f != value.dtype]]))
         return value.to(dtype) if dtype != torch.complex64 else value.to(torch.float32).to(dtype)
+    if value.dim() == 0:  # an earlier change made it a scalar
+        return value.reshape(1, 1) if change == "shape" else value
     if change == "shape":
         if value.dim() == 1:
             return draw(st.sampled_from([torch.ones(value.numel() + 1, dtype=value.dtype),
@@ -220,8 +222,8 @@ def hostile_tensor(args, name, value, template, draw):
         if value.numel() == 0 or not value.is_floating_point():
             return value
         changed = value.clone()
-        changed.view(-1)[draw(st.integers(0, value.numel() - 1))] = draw(
-            st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+        index = torch.unravel_index(torch.tensor(draw(st.integers(0, value.numel() - 1))), value.shape)
+        changed[tuple(index)] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
         return changed
     # "empty": no values (a batch of 0, or no channels for a vector)
     return value[:0]
@@ -253,6 +255,14 @@ def batch_stats(x):
     return f64(x).mean(dims), f64(x).var(dims, unbiased=False)
 
 
+# Training-mode grad_input is computed as dy * k + (x - mean) * k' + k'' with per-channel
+# coefficients; where weight * invstd is infinite (an infinite weight, or var + eps = 0) that
+# gives NaN in places where the grouped float64 formula gives +-inf. Accepted: both say the
+# channel's gradient is not a number one can use. LOOSE records those places per call.
+LOOSE = {}
+GRAD_INPUT_OPS = ("batch_norm_backward", "batch_norm_add_act_backward", "batch_norm_backward_elemt")
+
+
 def grads(args, x, dy, mean, var, train, count, sums=None):
     """(dx, grad_weight, grad_bias, g, sum(g * (x - mean))) of act(bn(x) [+ residual]) in float64."""
     xhat, z, scale = bn_parts(args, x, mean, var)
@@ -262,12 +272,14 @@ def grads(args, x, dy, mean, var, train, count, sums=None):
     dims = [0] + list(range(2, x.dim()))
     sum_g, sum_g_xmu = (g.sum(dims), (g * (f64(x) - view(f64(mean), x))).sum(dims)) if sums is None else sums
     invstd = torch.rsqrt(f64(var) + args["eps"])
+    grad_weight = (g * xhat).sum(dims)  # 0 for an empty batch, as torch gives
     if train:
+        LOOSE["dx"] = view(~torch.isfinite(scale) | ~torch.isfinite(invstd), x).expand(x.shape)
         dx = view(scale, x) * (g - view(sum_g / count, x) - (f64(x) - view(f64(mean), x)) * view(
             invstd * invstd * sum_g_xmu / count, x))
     else:
         dx = g * view(scale, x)
-    return dx, sum_g_xmu * invstd, sum_g, g, sum_g_xmu
+    return dx, grad_weight, sum_g, g, sum_g_xmu
 
 
 def reference(op, a, shared=()):
@@ -314,7 +326,7 @@ def reference(op, a, shared=()):
     y, code, param = f64(a["output"]), a["activation"], a["activation_param"]
     floor = math.log(torch.finfo(a["output"].dtype).eps / 4)
     if code == 2:
-        z, slope = torch.where(y > 0, y, y / param), torch.where(y > 0, 1.0, param)
+        z, slope = torch.where(y > 0, y, y / param), torch.where(y > 0, torch.ones_like(y), torch.full_like(y, param))
     elif code == 3:
         z = torch.where(y > 0, y, torch.log1p((y / param).clamp(min=-1.0)).clamp(min=floor))
         slope = torch.where(y > 0, 1.0, (y + param).clamp(min=0.0))
@@ -374,6 +386,7 @@ def check_call(op, args, changed, acc):
     if any(isinstance(v, torch.Tensor) and v.device.type == "meta" for v in args.values()):
         return "shapes only"  # every tensor on meta: nothing to compute
     outputs = result if isinstance(result, tuple) else (() if result is None else (result,))
+    LOOSE.clear()
     shared = {k for k, v in args.items() if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() > 1
               and v.stride(0) == 0}
     expected, expected_written = reference(op, {k: (before.get(k, v)) for k, v in args.items()}, shared)
@@ -382,7 +395,10 @@ def check_call(op, args, changed, acc):
     assert len(outputs) == len(expected), f"{op}: {len(outputs)} outputs, expected {len(expected)}"
     for i, (out, exp) in enumerate(zip(outputs, expected)):
         out_dtype = dtype if out.dtype in (torch.float16, torch.bfloat16) else out.dtype
-        assert_answer(out, exp.double(), out_dtype, f"{op} output {i} (changed {changed})")
+        exp = exp.to(out.dtype).double()  # the float64 answer rounded as the output must be (overflow: inf)
+        if i == 0 and op in GRAD_INPUT_OPS and "dx" in LOOSE and LOOSE["dx"].shape == exp.shape:
+            exp = torch.where(LOOSE["dx"] & torch.isinf(exp) & torch.isnan(out), float("nan"), exp)
+        assert_answer(out, exp, out_dtype, f"{op} output {i} (changed {changed})")
     for name, value in before.items():
         if name in expected_written:
             target = args[name]
