@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -169,8 +170,11 @@ Activation check_activation(int64_t activation, const char* op) {
 }
 
 void check_invertible(Activation act, double param, const char* op) {
-  // the kernels divide by the parameter in float: it must not round to 0 there
-  TORCH_CHECK(activation_invertible(act, param) && (act == Activation::Identity || float(param) > 0.0f), op,
+  // the kernels divide by the parameter in float: it must stay a normal float there (a subnormal
+  // slope turns y / slope into inf), the bound fastbn.inplace.check_invertible uses too
+  TORCH_CHECK(activation_invertible(act, param) &&
+                  (act == Activation::Identity || float(param) >= std::numeric_limits<float>::min()),
+              op,
               ": in-place activated batch norm needs an invertible activation (none, leaky_relu with a positive "
               "slope, elu with a positive alpha), got activation ", static_cast<int>(act), " with activation_param ", param);
 }

@@ -36,10 +36,11 @@ def _check_channel_vector(input: Tensor, vec: Optional[Tensor], name: str) -> No
 
 def _may_share_memory(a: Tensor, b: Tensor) -> bool:
     """Whether two 1-D tensors have a byte of memory in common (update_running_stats's check).
-    Under torch.compile (which cannot trace storage pointers) only the same tensor twice."""
+    Under torch.compile (which cannot trace storages) only the same tensor twice."""
     if torch.compiler.is_compiling():
         return a is b
-    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    # the same storage object (its address, not its data pointer: meta and fake tensors have none)
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage()._cdata != b.untyped_storage()._cdata:
         return False
 
     def byte_set(t):

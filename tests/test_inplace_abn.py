@@ -215,7 +215,7 @@ def test_inplace_module_in_no_grad_and_eval():
 
 
 @pytest.mark.parametrize("activation,param", [("relu", None), ("silu", None), ("leaky_relu", -0.1),
-                                              ("leaky_relu", 0.0), ("elu", -1.0)])
+                                              ("leaky_relu", 0.0), ("elu", -1.0), ("leaky_relu", 1e-40)])
 def test_inplace_rejects_non_invertible_activation(activation, param):
     with pytest.raises(ValueError, match="inplace=True needs an invertible activation"):
         fastbn.BatchNorm2d(4, activation=activation, activation_param=param, inplace=True)
