@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -169,6 +170,11 @@ Activation check_activation(int64_t activation, const char* op) {
   return static_cast<Activation>(activation);
 }
 
+void check_activation_param(Activation act, double param, const char* op) {
+  TORCH_CHECK((act != Activation::LeakyReLU && act != Activation::ELU) || std::isfinite(param), op,
+              ": activation_param must be a finite number for leaky_relu and elu, got ", param);
+}
+
 void check_invertible(Activation act, double param, const char* op) {
   // the kernels divide by the parameter in float: it must stay a normal float there (a subnormal
   // slope turns y / slope into inf), the bound fastbn.inplace.check_invertible uses too
@@ -262,6 +268,7 @@ InvertCall invert_output_call(const at::Tensor& grad_output, const at::Tensor& o
                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                               const at::Tensor& var, int64_t activation, double activation_param, const char* op) {
   const Activation act = check_activation(activation, op);
+  check_activation_param(act, activation_param, op);
   check_invertible(act, activation_param, op);
   check_input(output, op);
   // There is no mean argument: var stands in for it below, so check it under its own name first.

@@ -72,6 +72,10 @@ void check_backward_elemt_sums(const at::Tensor& input, const at::Tensor& sum_dy
 // The activation code of an op's `activation` argument (see Activation in bn_math.h).
 Activation check_activation(int64_t activation, const char* op);
 
+// The activation's parameter: finite for leaky_relu's slope and elu's alpha (a slope of
+// inf or NaN would also turn the CPU kernels' padding lanes, dy = 0, into NaN sums).
+void check_activation_param(Activation act, double param, const char* op);
+
 // An activation in-place activated BN can undo (activation_invertible in bn_math.h).
 void check_invertible(Activation act, double param, const char* op);
 

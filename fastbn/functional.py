@@ -3,6 +3,7 @@
 Every argument is checked before anything is computed or updated, so a rejected
 call leaves the running statistics as they were.
 """
+import math
 from typing import Optional
 
 import torch
@@ -157,6 +158,8 @@ def activation_arguments(activation: Optional[str], activation_param: Optional[f
         activation_param = ops.DEFAULT_ACTIVATION_PARAM[code]
     elif code not in (2, 3):
         raise ValueError(f"activation_param applies to 'leaky_relu' and 'elu' only, not {activation!r}")
+    elif not math.isfinite(activation_param):  # as the ops check (csrc/bn_checks.cpp, check_activation_param)
+        raise ValueError(f"activation_param must be a finite number, got {activation_param}")
     return code, float(activation_param)
 
 

@@ -406,3 +406,23 @@ def test_infinite_value_gives_infinite_batch_mean_like_torch(position, layout):
         torch_bn(x), fast_bn(x)
         torch.testing.assert_close(fast_bn.running_mean, torch_bn.running_mean, equal_nan=True)
         torch.testing.assert_close(fast_bn.running_var, torch_bn.running_var, equal_nan=True)
+
+
+@pytest.mark.parametrize("param", [float("inf"), -float("inf"), float("nan")])
+def test_non_finite_activation_param_is_refused(param):
+    """A slope or alpha of inf/NaN: refused by name (on CPU its padding lanes would turn the
+    backward sums into NaN where torch's are +-inf)."""
+    x = random_input((2, 3, 5, 5))
+    with pytest.raises(ValueError, match="activation_param must be a finite number"):
+        fastbn.BatchNorm2d(3, activation="leaky_relu", activation_param=param)
+    ops = torch.ops.fastbn
+    w, b, m, v = torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3)
+    for op, call in (("batch_norm_train", lambda: ops.batch_norm_train(x, w, b, 1e-5, 2, param)),
+                     ("batch_norm_eval", lambda: ops.batch_norm_eval(x, w, b, m, v, 1e-5, 3, param)),
+                     ("batch_norm_backward", lambda: ops.batch_norm_backward(x, x, w, b, m, v, 1e-5, False, 2, param)),
+                     ("batch_norm_add_act_backward",
+                      lambda: ops.batch_norm_add_act_backward(x, x, x, w, b, m, v, 1e-5, True, 2, param)),
+                     ("batch_norm_backward_reduce", lambda: ops.batch_norm_backward_reduce(x, x, w, b, m, v, 1e-5, 2, param)),
+                     ("batch_norm_invert_output", lambda: ops.batch_norm_invert_output(x, x, w, b, v, 1e-5, 2, param))):
+        with pytest.raises(RuntimeError, match=rf"fastbn\.{op}: activation_param must be a finite number"):
+            call()

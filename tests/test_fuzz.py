@@ -26,6 +26,7 @@ from fastbn import ops
 # FASTBN_FUZZ_EXAMPLES=2000 for a deeper run than CI's
 EXAMPLES_PER_OP = int(os.environ.get("FASTBN_FUZZ_EXAMPLES", "150"))
 HOSTILE_CALLS = collections.Counter()
+OUTCOMES = collections.Counter()  # (op, "rejected" | "answered" | "shapes only")
 ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # Generous tolerances (relative to the reference's largest magnitude): the fuzz looks for
@@ -413,6 +414,8 @@ def check_call(op, args, changed, acc):
 def _report_counts():
     yield
     print("\nhostile calls per op:", dict(sorted(HOSTILE_CALLS.items())), "total", sum(HOSTILE_CALLS.values()))
+    for op in sorted(HOSTILE_CALLS):
+        print(f"  {op}: " + ", ".join(f"{what} {OUTCOMES[op, what]}" for what in ("rejected", "answered", "shapes only")))
 
 
 @pytest.mark.parametrize("op", list(SCHEMAS))
@@ -426,7 +429,7 @@ def test_hostile_direct_calls(op, data):
     if data.draw(st.integers(0, 3)) == 0:  # now and then a second change
         changed.append(hostile_change(op, args, template, data.draw))
     try:
-        check_call(op, args, changed, acc)
+        OUTCOMES[op, check_call(op, args, changed, acc)] += 1
     except AssertionError as failure:
         failure.add_note("arguments: " + ", ".join(f"{k}={describe(v)}" for k, v in args.items()))
         raise

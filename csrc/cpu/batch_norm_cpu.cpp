@@ -72,6 +72,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(const Tensor& input, con
                                                         const std::optional<Tensor>& residual) {
   constexpr const char* op = "fastbn.batch_norm_train";
   const TrainOperands o = train_operands(input, weight, bias, activation, op);
+  check_activation_param(o.act, activation_param, op);
   const Tensor x = input.contiguous(o.g.format);
   const Tensor r = dense_residual(input, residual, o.g, op);
   Tensor y = at::empty(input.sizes(), input.options().memory_format(o.g.format));
@@ -84,6 +85,7 @@ std::tuple<Tensor, Tensor> batch_norm_train_inplace_cpu(const Tensor& input, con
                                                         int64_t activation, double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_train_";
   const TrainOperands o = train_operands(input, weight, bias, activation, op);
+  check_activation_param(o.act, activation_param, op);
   check_invertible(o.act, activation_param, op);
   check_writable_input(input, op);
   // The kernels overwrite each value after reading it: they write into input when
@@ -100,6 +102,7 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const std::optional<Tensor>& wei
   constexpr const char* op = "fastbn.batch_norm_eval";
   const Geometry g = eval_operands(input, weight, bias, running_mean, running_var, op);
   const Activation act = check_activation(activation, op);
+  check_activation_param(act, activation_param, op);
   const Tensor x = input.contiguous(g.format);
   const Tensor r = dense_residual(input, residual, g, op);
   Tensor y = at::empty(input.sizes(), input.options().memory_format(g.format));
@@ -113,6 +116,7 @@ void batch_norm_eval_inplace_cpu(const Tensor& input, const std::optional<Tensor
   constexpr const char* op = "fastbn.batch_norm_eval_";
   const Geometry g = eval_operands(input, weight, bias, running_mean, running_var, op);
   const Activation act = check_activation(activation, op);
+  check_activation_param(act, activation_param, op);
   check_invertible(act, activation_param, op);
   check_writable_input(input, op);
   const Tensor x = input.contiguous(g.format);  // as in batch_norm_train_inplace_cpu
@@ -127,6 +131,7 @@ BackwardCall backward_cpu(const Tensor& grad_output, const Tensor& input, const 
                           const Tensor& var, double eps, bool train, int64_t activation, double activation_param,
                           const char* op) {
   BackwardCall b = backward_call(grad_output, input, residual, weight, bias, mean, var, activation, op);
+  check_activation_param(b.act, activation_param, op);
   if (b.empty()) return b;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -233,6 +238,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(const Tensor& grad_out
                                                           double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_backward_reduce";
   const Activation act = check_activation(activation, op);
+  check_activation_param(act, activation_param, op);
   const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
   const auto acc = accumulate_dtype(input.scalar_type());
   Tensor sum_dy = at::zeros({o.g.C}, input.options().dtype(acc));
@@ -259,6 +265,7 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& in
                                      double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_backward_elemt";
   const Activation act = check_activation(activation, op);
+  check_activation_param(act, activation_param, op);
   TORCH_CHECK(count >= 0, op, ": count must be non-negative, got ", count);
   const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
   check_backward_elemt_sums(input, sum_dy, sum_dy_xmu, count, o.g, op);
