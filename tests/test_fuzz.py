@@ -190,6 +190,7 @@ def hostile_tensor(args, name, value, template, draw):
     if value is None:  # an absent optional tensor: change a plausible one instead
         value = torch.ones_like(template) if name == "residual" else torch.ones(template.shape[1])
     if change == "dtype":
+        value = value.real if value.is_complex() else value  # an earlier change made it complex
         dtype = draw(st.sampled_from([torch.int32, torch.int64, torch.bool, torch.complex64, torch.uint8,
                                       *[f for f in FLOATS if f != value.dtype]]))
         return value.to(dtype) if dtype != torch.complex64 else value.to(torch.float32).to(dtype)
