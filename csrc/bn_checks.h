@@ -32,8 +32,15 @@ c10::MemoryFormat output_memory_format(const at::Tensor& input);
 // Sizes and layout of `input` once made dense in output_memory_format(input).
 Geometry describe(const at::Tensor& input);
 
+// A tensor argument the op needs: given, not None.
+void check_defined(const at::Tensor& tensor, const char* name, const char* op);
+
 // Float dtypes only, rank >= 2. `op` names the caller in messages.
 void check_input(const at::Tensor& input, const char* op);
+
+// An input the op writes over: no two of its elements may share memory (an expanded
+// tensor); refused with torch's own message for in-place writes.
+void check_writable_input(const at::Tensor& input, const char* op);
 
 // A per-channel vector (weight, bias, mean, var, running stats): 1-D, C values,
 // same device as input, dtype equal to input's or float32 for half/bfloat16 input.
@@ -50,13 +57,24 @@ void check_like_input(const at::Tensor& input, const at::Tensor& other, const ch
 at::Tensor dense_residual(const at::Tensor& input, const std::optional<at::Tensor>& residual, const Geometry& g,
                           const char* op);
 
-// update_running_stats's arguments: count >= 0; 1-D vectors of one size; mean and
-// var float32 or float64 alike; all on mean's device.
+// update_running_stats's arguments: count 0 (no update) or more than 1 (the unbiased
+// variance divides by count - 1); 1-D vectors of one size; running statistics of a
+// floating dtype that share no memory with each other; mean and var float32 or float64
+// alike; all on mean's device.
 void check_running_stats_update(const at::Tensor& running_mean, const at::Tensor& running_var,
                                 const at::Tensor& mean, const at::Tensor& var, int64_t count, const char* op);
 
+// batch_norm_backward_elemt's sums (given, per channel) and count: the values per channel
+// over all processes, so at least those of this input (g.count()).
+void check_backward_elemt_sums(const at::Tensor& input, const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                               int64_t count, const Geometry& g, const char* op);
+
 // The activation code of an op's `activation` argument (see Activation in bn_math.h).
 Activation check_activation(int64_t activation, const char* op);
+
+// The activation's parameter: finite for leaky_relu's slope and elu's alpha (a slope of
+// inf or NaN would also turn the CPU kernels' padding lanes, dy = 0, into NaN sums).
+void check_activation_param(Activation act, double param, const char* op);
 
 // An activation in-place activated BN can undo (activation_invertible in bn_math.h).
 void check_invertible(Activation act, double param, const char* op);

@@ -41,7 +41,9 @@ FASTBN_HOST_DEVICE Moments<acc_t> moments_merge(const Moments<acc_t>& a, const M
   const acc_t b_share = acc_t(b.count) / acc_t(count);
   const acc_t delta = b.mean - a.mean;
   Moments<acc_t> out;
-  out.mean = a.mean + delta * b_share;
+  // With an infinite mean on one side (an infinite value in its data) a.mean + delta would
+  // be inf - inf: the weighted sum keeps it infinite, as torch's sum / n does (and NaN for +inf with -inf).
+  out.mean = delta - delta == acc_t(0) ? a.mean + delta * b_share : a.mean * (acc_t(1) - b_share) + b.mean * b_share;
   out.m2 = a.m2 + b.m2 + delta * delta * acc_t(a.count) * b_share;
   out.count = count;
   return out;
@@ -106,7 +108,8 @@ FASTBN_HOST_DEVICE ForwardCoefficients<acc_t> forward_coefficients(
     mean_t mean, acc_t var, acc_t eps, acc_t weight, acc_t bias) {
   ForwardCoefficients<acc_t> c;
   c.mean_hi = acc_t(mean);
-  c.mean_lo = acc_t(mean - mean_t(c.mean_hi));
+  // an infinite (or NaN) mean_hi has no low part: inf - inf would turn x - mean's +-inf into NaN
+  c.mean_lo = c.mean_hi - c.mean_hi == acc_t(0) ? acc_t(mean - mean_t(c.mean_hi)) : acc_t(0);
   c.scale = weight * invstd_from_var(var, eps);
   c.bias = bias;
   return c;
@@ -149,9 +152,12 @@ FASTBN_HOST_DEVICE BackwardCoefficients<acc_t> backward_coefficients(
   return c;
 }
 
+// k_xmu is 0 in evaluation mode: x then takes no part, so a NaN or infinite x leaves
+// dx = dy * k_dy as in torch (not (x - mean) * 0 = NaN). The select is uniform per channel.
 template <typename acc_t>
 FASTBN_HOST_DEVICE acc_t backward_apply(const BackwardCoefficients<acc_t>& c, acc_t dy, acc_t x) {
-  return dy * c.k_dy + (x - c.mean) * c.k_xmu + c.k_const;
+  const acc_t xmu_term = c.k_xmu == acc_t(0) ? acc_t(0) : (x - c.mean) * c.k_xmu;
+  return dy * c.k_dy + xmu_term + c.k_const;
 }
 
 // grad_weight = sum(dy * xhat) = sum(dy * (x - mean)) * invstd; grad_bias = sum(dy).
@@ -188,16 +194,17 @@ FASTBN_HOST_DEVICE acc_t activation_forward(Activation act, acc_t z, acc_t param
   }
 }
 
-// d act / dz at z.
+// d act / dz at z. At a NaN z (an infinite or NaN statistic) as torch's backward:
+// relu and elu pass the gradient (their test is z <= 0), leaky_relu scales it (z > 0).
 template <typename acc_t>
 FASTBN_HOST_DEVICE acc_t activation_grad(Activation act, acc_t z, acc_t param) {
   switch (act) {
     case Activation::ReLU:
-      return z > acc_t(0) ? acc_t(1) : acc_t(0);
+      return z <= acc_t(0) ? acc_t(0) : acc_t(1);
     case Activation::LeakyReLU:
       return z > acc_t(0) ? acc_t(1) : param;
     case Activation::ELU:
-      return z > acc_t(0) ? acc_t(1) : param * exp_acc(z);
+      return z <= acc_t(0) ? param * exp_acc(z) : acc_t(1);
     case Activation::SiLU: {
       const acc_t sigmoid = acc_t(1) / (acc_t(1) + exp_acc(-z));
       return sigmoid * (acc_t(1) + z * (acc_t(1) - sigmoid));

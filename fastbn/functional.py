@@ -3,6 +3,7 @@
 Every argument is checked before anything is computed or updated, so a rejected
 call leaves the running statistics as they were.
 """
+import math
 from typing import Optional
 
 import torch
@@ -34,6 +35,22 @@ def _check_channel_vector(input: Tensor, vec: Optional[Tensor], name: str) -> No
             f"fastbn.batch_norm: {name} has dtype {vec.dtype} but input has dtype {input.dtype}; expected {expected}")
 
 
+def _may_share_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether two 1-D tensors have a byte of memory in common (update_running_stats's check).
+    Under torch.compile (which cannot trace storages) only the same tensor twice."""
+    if torch.compiler.is_compiling():
+        return a is b
+    # the same storage object (its address, not its data pointer: meta and fake tensors have none)
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage()._cdata != b.untyped_storage()._cdata:
+        return False
+
+    def byte_set(t):
+        start, size = t.storage_offset() * t.element_size(), t.element_size()
+        return {start + i * t.stride(0) * size + k for i in range(t.numel()) for k in range(size)}
+
+    return not byte_set(a).isdisjoint(byte_set(b))
+
+
 def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                           weight: Optional[Tensor], bias: Optional[Tensor], training: bool, eps: float) -> None:
     """Raise, with torch's exception type and a message naming the problem, for anything torch's BN rejects."""
@@ -48,6 +65,9 @@ def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], running
         _check_channel_vector(input, vec, name)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if training and running_mean is not None and _may_share_memory(running_mean, running_var):
+        # torch would update the one buffer twice, in an order of its kernels' choosing
+        raise ValueError("fastbn.batch_norm: running_mean and running_var share memory; pass separate buffers")
     if training:
         values_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
         if values_per_channel == 1:
@@ -138,6 +158,8 @@ def activation_arguments(activation: Optional[str], activation_param: Optional[f
         activation_param = ops.DEFAULT_ACTIVATION_PARAM[code]
     elif code not in (2, 3):
         raise ValueError(f"activation_param applies to 'leaky_relu' and 'elu' only, not {activation!r}")
+    elif not math.isfinite(activation_param):  # as the ops check (csrc/bn_checks.cpp, check_activation_param)
+        raise ValueError(f"activation_param must be a finite number, got {activation_param}")
     return code, float(activation_param)
 
 
@@ -160,7 +182,7 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     if inplace:
         _inplace.check_invertible(code, param)
-        _inplace.check_recoverable(input, weight, bias)
+        _inplace.check_inplace_call(input, weight, bias)
     return batch_norm_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps, code, param,
                                 inplace=inplace)
 

@@ -90,6 +90,46 @@ class InPlaceBatchNormAct(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
+_OVERLAP_MESSAGE = ("unsupported operation: more than one element of the written-to tensor refers to a single memory "
+                    "location. Please clone() the tensor before performing the operation.")
+_NO_GRAD_VIEW_MESSAGE = (
+    "A view was created in no_grad mode and is being modified inplace with grad mode enabled. Given that this use "
+    "case is ambiguous and error-prone, it is forbidden. You can clarify your code by moving both the view and the "
+    "inplace either both inside the no_grad block (if you don't want the inplace to be tracked) or both outside (if "
+    "you want the inplace to be tracked).")
+
+
+def check_writable(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> None:
+    """Raise, with torch's own error, where torch would refuse the in-place write over ``input``.
+
+    Autograd checks a custom Function's in-place output only after its forward ran, when
+    the input and running statistics would already be overwritten; these are its checks
+    (torch's check_inplace), made first."""
+    compiling = torch.compiler.is_compiling()  # dynamo cannot trace the overlap and view probes: autograd's own check
+    if not compiling and torch._debug_has_internal_overlap(input) == 1:  # MemOverlap::Yes: an expanded tensor
+        raise RuntimeError(_OVERLAP_MESSAGE)
+    records = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    if not records:
+        return
+    if not compiling and input._is_view():
+        creation = torch._C._autograd._get_creation_meta(input)
+        if creation == torch._C._autograd.CreationMeta.NO_GRAD_MODE:
+            raise RuntimeError(_NO_GRAD_VIEW_MESSAGE)
+        if creation != torch._C._autograd.CreationMeta.DEFAULT:
+            raise RuntimeError(f"fastbn: inplace=True cannot write over this view of a tensor ({creation.name}: "
+                               "autograd forbids modifying it in place); clone it or use inplace=False")
+        if input.requires_grad and input._base.is_leaf:
+            raise RuntimeError("a view of a leaf Variable that requires grad is being used in an in-place operation.")
+    elif input.requires_grad and input.is_leaf:
+        raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
+
+
+def check_inplace_call(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> None:
+    """Everything an in-place call checks beyond batch norm's arguments: check_writable, check_recoverable."""
+    check_writable(input, weight, bias)
+    check_recoverable(input, weight, bias)
+
+
 def check_recoverable(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> None:
     """Raise ValueError when backward will be needed and a channel's weight is 0
     (its input cannot be recovered from the output). Reads the weight (a device sync on CUDA)."""
@@ -104,7 +144,7 @@ def check_recoverable(input: Tensor, weight: Optional[Tensor], bias: Optional[Te
 def batch_norm_act_inplace(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                            weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
                            eps: float, activation: int, activation_param: float) -> Tensor:
-    """In-place activated BN after the arguments (check_invertible, check_recoverable too)
+    """In-place activated BN after the arguments (check_invertible, check_inplace_call too)
     have been checked; returns ``input``, overwritten."""
     return InPlaceBatchNormAct.apply(input, weight, bias, running_mean, running_var, training, momentum, eps,
                                      activation, activation_param)

@@ -401,6 +401,15 @@ def load_checkpoint(path: Path, config: dict) -> dict:
     if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT
             and isinstance(ckpt.get("config"), dict)):
         raise UsageError(f"{path} is not a {PROG} checkpoint (format {CHECKPOINT_FORMAT})")
+    epoch, history = ckpt.get("epoch"), ckpt.get("history")
+    problems = [f"no {key!r}" for key in ("model", "optimizer", "rng") if not isinstance(ckpt.get(key), dict)]
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
+        problems.append(f"epoch {epoch!r} is not a count of epochs")
+    if not (isinstance(history, list) and all(isinstance(row, dict) for row in history)):
+        problems.append("its history is not a list of epochs")
+    if problems:
+        raise UsageError(f"cannot --resume {path}: inconsistent checkpoint ({'; '.join(problems)}); "
+                         "delete it or use another --out")
     for key in RESUME_KEYS:
         if ckpt["config"].get(key) != config.get(key):
             flag = "--" + key.replace("_", "-")
@@ -409,6 +418,37 @@ def load_checkpoint(path: Path, config: dict) -> dict:
                 f"not {config.get(key)} (use the same settings or another --out)"
             )
     return ckpt
+
+
+def _one_line(error: Exception, limit: int = 300) -> str:
+    """An exception as one line of at most `limit` characters (load_state_dict's span several)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def restore_checkpoint(ckpt: dict, path: Path, model, optimizer, device: torch.device) -> None:
+    """Load a checkpoint that load_checkpoint accepted into the model, optimizer and RNGs;
+    one that does not fit them (missing keys, other shapes, a damaged RNG state) is a UsageError."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"], device)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise UsageError(f"cannot --resume {path}: inconsistent checkpoint ({_one_line(e)}); "
+                         "delete it or use another --out") from e
+
+
+def check_out_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Before any training: --out must be writable, and a checkpoint already there is
+    continued (--resume) or replaced on request (--overwrite), never silently."""
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.exists() and not (resume or overwrite):
+        raise UsageError(f"{ckpt_path} exists: pass --resume to continue it, --overwrite to replace it, "
+                         "or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    # a byte written and synced, as the outputs will be (a read-only folder, a full disk, a size limit)
+    mnist_data._atomic_write(out / ".write-test", lambda f: f.write(b"\n"))
+    (out / ".write-test").unlink()
 
 
 # ---------------------------------------------------------------------- runs
@@ -448,9 +488,7 @@ def fit(model, data: Data, config: dict, out: Path, device: torch.device, resume
     if resume:
         ckpt = from_main_rank(world, lambda: load_checkpoint(ckpt_path, config) if ckpt_path.is_file() else None)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"], device)
+        restore_checkpoint(ckpt, ckpt_path, model, optimizer, device)
         history = list(ckpt["history"])
         done = ckpt["epoch"]
         log(f"[{bn}] resuming from {ckpt_path} after epoch {done}")
@@ -644,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "normalises its own share. A single process needs nothing to synchronise")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint in --out (same settings; --epochs may grow)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a checkpoint already in --out (without it, or --resume, such a run stops)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (also off when stderr is not a terminal)")
     parser.add_argument("--threads", type=_int_at_least(1), default=None,
@@ -776,6 +816,10 @@ def _run(args, log: Callable[[str], None], world: World, device: torch.device) -
             if not getattr(getattr(fastbn, "ops", None), "WITH_CUDA", True):
                 raise UsageError("this fastbn build has no CUDA kernels; rebuild it where nvcc is "
                                  "available, or use --device cpu")
+    # Every output folder checked before the data and any training (rank 0 writes them).
+    for bn in variants:
+        from_main_rank(world, lambda: check_out_folder(out / bn if args.compare else out, args.resume,
+                                                       args.overwrite))
     if args.sync_bn and world.size == 1:
         log("--sync-bn: a single process (not launched by torchrun with several), so plain batch norm, "
             "which is what SyncBatchNorm computes for one process")
@@ -807,8 +851,6 @@ def _run(args, log: Callable[[str], None], world: World, device: torch.device) -
     histories: Dict[str, List[dict]] = {}
     for bn in variants:
         variant_out = out / bn if args.compare else out
-        if world.is_main:
-            variant_out.mkdir(parents=True, exist_ok=True)
         seed_everything(args.seed)
         model = make_model(bn, args.seed)
         if sync_bn:

@@ -117,9 +117,11 @@ def _atomic_write(path: Path, write: Callable) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; data files should be readable by all
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name `path`
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
 
 
@@ -341,9 +343,11 @@ def load_dataset(
         try:
             ds = cls(str(data_dir), train=train, download=False)
         except Exception as e:  # a truncated or foreign file fails torchvision's asserts
+            # (a bare assert says nothing: name what it checks)
+            reason = f"{type(e).__name__}: {e}" if str(e) else "its IDX header or size does not match the data"
             raise DataUnavailable(
                 f"cannot read {DATASETS[dataset]} from {raw_dir(data_dir, dataset)} "
-                f"({type(e).__name__}: {e}); delete the folder to prepare it again"
+                f"({' '.join(reason.split())}); delete the folder to prepare it again"
             ) from e
         images, labels = ds.data, ds.targets.long()
         if images.dim() != 3 or images.shape[0] != labels.shape[0] or images.dtype != torch.uint8:
@@ -351,6 +355,11 @@ def load_dataset(
                 f"{raw_dir(data_dir, dataset)}: {'train' if train else 'test'} images "
                 f"{tuple(images.shape)} ({images.dtype}) do not match {labels.shape[0]} labels; "
                 "delete the folder to prepare it again"
+            )
+        if tuple(images.shape[1:]) != (28, 28):
+            raise DataUnavailable(
+                f"{raw_dir(data_dir, dataset)}: {'train' if train else 'test'} images are "
+                f"{images.shape[1]}x{images.shape[2]}, not 28x28; delete the folder to prepare it again"
             )
         if labels.numel() and (labels.min() < 0 or labels.max() > 9):
             raise DataUnavailable(f"{raw_dir(data_dir, dataset)}: labels outside 0..9")

@@ -60,16 +60,18 @@ class _FastBatchNorm:
         functional.check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
                                          self.eps)
         if self.inplace:
-            _inplace.check_recoverable(input, self.weight, self.bias)
+            _inplace.check_inplace_call(input, self.weight, self.bias)
 
+        counts_batch = self.training and self.track_running_stats and self.num_batches_tracked is not None
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        if counts_batch and self.momentum is None:  # cumulative moving average, this batch included
+            factor = 1.0 / float(self.num_batches_tracked + 1)
+        output = functional.batch_norm_unchecked(input, running_mean, running_var, self.weight, self.bias,
+                                                 use_batch_stats, factor, self.eps, self._activation_code,
+                                                 self._activation_param, residual, self.inplace)
+        if counts_batch:  # counted once the batch went through (torch counts it before, even if it then fails)
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
-        return functional.batch_norm_unchecked(input, running_mean, running_var, self.weight, self.bias,
-                                               use_batch_stats, factor, self.eps, self._activation_code,
-                                               self._activation_param, residual, self.inplace)
+        return output
 
 
 class BatchNorm1d(_FastBatchNorm, nn.BatchNorm1d):

@@ -107,6 +107,32 @@ def channel_shape(input: Tensor) -> list:
 
 
 # ---------------------------------------------------------------- fake kernels
+# A call whose tensors are all meta (or fake) tensors runs these; so does one mixing
+# meta with CPU tensors (the dispatcher picks the Meta kernel), which must then fail
+# as torch's own ops do rather than return uninitialized tensors.
+
+
+def _check_devices(op: str, reference: str, tensors: dict) -> None:
+    """Raise unless every tensor in ``tensors`` (name -> tensor or None) is on the device of
+    the one named ``reference``; the message names the op and the argument, as the kernels' do."""
+    if tensors[reference] is None:
+        raise RuntimeError(f"fastbn.{op}: {reference} is required, got None")
+    device = tensors[reference].device
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != device:
+            raise RuntimeError(f"fastbn.{op}: {name} is on {tensor.device} but {reference} is on {device}")
+
+
+def _check_input_devices(op: str, input, **tensors) -> None:
+    _check_devices(op, "input", {"input": input, **tensors})
+    _check_rank(op, "input", input)
+
+
+def _check_rank(op: str, name: str, input) -> None:
+    """check_input's rank rule (csrc/bn_checks.cpp), before the shapes below index dim 1."""
+    if input.dim() < 2:
+        raise RuntimeError(f"fastbn.{op}: expected {name} of shape (N, C, *) with at least 2 dims, got {input.dim()}-D "
+                           f"{name} of size {list(input.shape)}")
 
 
 def _channel_stats_fake(input):
@@ -116,6 +142,7 @@ def _channel_stats_fake(input):
 
 @torch.library.register_fake("fastbn::batch_norm_train")
 def _batch_norm_train_fake(input, weight, bias, eps, activation=0, activation_param=0.0, residual=None):
+    _check_input_devices("batch_norm_train", input, weight=weight, bias=bias, residual=residual)
     output = torch.empty_like(input, memory_format=output_memory_format(input))
     return (output, *_channel_stats_fake(input))
 
@@ -123,23 +150,30 @@ def _batch_norm_train_fake(input, weight, bias, eps, activation=0, activation_pa
 @torch.library.register_fake("fastbn::batch_norm_eval")
 def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, eps, activation=0, activation_param=0.0,
                           residual=None):
+    _check_input_devices("batch_norm_eval", input, weight=weight, bias=bias, running_mean=running_mean,
+                         running_var=running_var, residual=residual)
     return torch.empty_like(input, memory_format=output_memory_format(input))
 
 
 @torch.library.register_fake("fastbn::batch_norm_train_")
 def _batch_norm_train_inplace_fake(input, weight, bias, eps, activation=0, activation_param=0.0):
+    _check_input_devices("batch_norm_train_", input, weight=weight, bias=bias)
     return _channel_stats_fake(input)
 
 
 @torch.library.register_fake("fastbn::batch_norm_eval_")
 def _batch_norm_eval_inplace_fake(input, weight, bias, running_mean, running_var, eps, activation=0,
                                   activation_param=0.0):
+    _check_input_devices("batch_norm_eval_", input, weight=weight, bias=bias, running_mean=running_mean,
+                         running_var=running_var)
     return None
 
 
 @torch.library.register_fake("fastbn::batch_norm_add_act_backward")
 def _batch_norm_add_act_backward_fake(grad_output, input, residual, weight, bias, mean, var, eps, train, activation,
                                       activation_param):
+    _check_input_devices("batch_norm_add_act_backward", input, grad_output=grad_output, residual=residual,
+                         weight=weight, bias=bias, mean=mean, var=var)
     layout = output_memory_format(input)
     return (torch.empty_like(input, memory_format=layout), torch.empty_like(input, memory_format=layout),
             *_channel_stats_fake(input))
@@ -147,6 +181,9 @@ def _batch_norm_add_act_backward_fake(grad_output, input, residual, weight, bias
 
 @torch.library.register_fake("fastbn::batch_norm_invert_output")
 def _batch_norm_invert_output_fake(grad_output, output, weight, bias, var, eps, activation, activation_param):
+    _check_devices("batch_norm_invert_output", "output",
+                   dict(output=output, grad_output=grad_output, weight=weight, bias=bias, var=var))
+    _check_rank("batch_norm_invert_output", "output", output)
     acc, layout = accumulate_dtype(output.dtype), output_memory_format(output)
     return (torch.empty_like(output, dtype=acc, memory_format=layout),
             torch.empty_like(output, dtype=acc, memory_format=layout))
@@ -155,6 +192,8 @@ def _batch_norm_invert_output_fake(grad_output, output, weight, bias, var, eps, 
 @torch.library.register_fake("fastbn::batch_norm_backward")
 def _batch_norm_backward_fake(grad_output, input, weight, bias, mean, var, eps, train, activation=0,
                               activation_param=0.0):
+    _check_input_devices("batch_norm_backward", input, grad_output=grad_output, weight=weight, bias=bias, mean=mean,
+                         var=var)
     channels = input.shape[1]
     acc = accumulate_dtype(input.dtype)
     grad_input = torch.empty_like(input, memory_format=output_memory_format(input))
@@ -163,12 +202,15 @@ def _batch_norm_backward_fake(grad_output, input, weight, bias, mean, var, eps, 
 
 @torch.library.register_fake("fastbn::batch_norm_stats")
 def _batch_norm_stats_fake(input):
+    _check_input_devices("batch_norm_stats", input)
     return _channel_stats_fake(input)
 
 
 @torch.library.register_fake("fastbn::batch_norm_backward_reduce")
 def _batch_norm_backward_reduce_fake(grad_output, input, weight, bias, mean, var, eps, activation=0,
                                      activation_param=0.0):
+    _check_input_devices("batch_norm_backward_reduce", input, grad_output=grad_output, weight=weight, bias=bias,
+                         mean=mean, var=var)
     channels, acc = input.shape[1], accumulate_dtype(input.dtype)
     return input.new_empty((channels,), dtype=acc), input.new_empty((channels,), dtype=acc)
 
@@ -176,12 +218,40 @@ def _batch_norm_backward_reduce_fake(grad_output, input, weight, bias, mean, var
 @torch.library.register_fake("fastbn::batch_norm_backward_elemt")
 def _batch_norm_backward_elemt_fake(grad_output, input, weight, bias, mean, var, sum_dy, sum_dy_xmu, eps, count,
                                     activation=0, activation_param=0.0):
+    _check_input_devices("batch_norm_backward_elemt", input, grad_output=grad_output, weight=weight, bias=bias,
+                         mean=mean, var=var, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu)
     return torch.empty_like(input, memory_format=output_memory_format(input))
 
 
 @torch.library.register_fake("fastbn::update_running_stats")
 def _update_running_stats_fake(running_mean, running_var, mean, var, factor, count):
+    _check_devices("update_running_stats", "mean",
+                   dict(mean=mean, running_mean=running_mean, running_var=running_var, var=var))
     return None
+
+
+# A call whose tensor arguments are all None reaches no backend: without this kernel the
+# dispatcher raises NotImplementedError ("There were no tensor arguments to this function").
+_fallback_library = torch.library.Library("fastbn", "IMPL")
+
+
+def _no_backend_kernel(op: str):
+    arguments = getattr(torch.ops.fastbn, op).default._schema.arguments
+
+    def kernel(*args):
+        for argument, value in zip(arguments, args):
+            if value is None and str(argument.type) == "Tensor":
+                raise RuntimeError(f"fastbn.{op}: {argument.name} is required, got None")
+        devices = sorted({str(value.device) for value in args if isinstance(value, Tensor)})
+        raise RuntimeError(f"fastbn.{op}: this build of fastbn has no kernel for tensors on {', '.join(devices)}")
+
+    return kernel
+
+
+for _op in ("batch_norm_train", "batch_norm_eval", "batch_norm_train_", "batch_norm_eval_", "batch_norm_backward",
+            "batch_norm_add_act_backward", "batch_norm_invert_output", "batch_norm_stats",
+            "batch_norm_backward_reduce", "batch_norm_backward_elemt", "update_running_stats"):
+    _fallback_library.impl(_op, _no_backend_kernel(_op), "CompositeExplicitAutograd")
 
 
 # ---------------------------------------------------------------- autograd
@@ -202,12 +272,13 @@ def activation_forward(z: Tensor, activation: int, param: float) -> Tensor:
 
 def activation_grad(z: Tensor, activation: int, param: float) -> Tensor:
     """d act / dz in differentiable torch ops; matches activation_grad in bn_math.h."""
+    # at a NaN z as torch: relu and elu pass the gradient (z <= 0 is false), leaky_relu scales it
     if activation == 1:
-        return (z > 0).to(z.dtype)
+        return (~(z <= 0)).to(z.dtype)
     if activation == 2:
         return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, param))
     if activation == 3:
-        return torch.where(z > 0, torch.ones_like(z), param * torch.exp(z))
+        return torch.where(z <= 0, param * torch.exp(z), torch.ones_like(z))
     if activation == 4:
         sigmoid = torch.sigmoid(z)
         return sigmoid * (1 + z * (1 - sigmoid))

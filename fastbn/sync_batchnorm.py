@@ -121,11 +121,10 @@ class SyncBatchNorm(modules._FastBatchNorm, nn.modules.batchnorm._BatchNorm):
         functional.check_residual(input, residual)
         # With a residual the activation comes after the add, outside the synced op.
         code, param = (0, 0.0) if residual is not None else (self._activation_code, self._activation_param)
+        counts_batch = self.track_running_stats and self.num_batches_tracked is not None
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+        if counts_batch and self.momentum is None:
+            factor = 1.0 / float(self.num_batches_tracked + 1)
         if input.is_cuda and not ops.use_cuda_kernels():
             # fastbn's CUDA kernels are not validated on a GPU yet (fastbn.ops.CUDA_KERNELS_VALIDATED):
             # torch's own CUDA SyncBatchNorm function, then the activation.
@@ -136,6 +135,10 @@ class SyncBatchNorm(modules._FastBatchNorm, nn.modules.batchnorm._BatchNorm):
         else:
             output = _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
                                                   factor, group, world_size, code, param)
+        # Counted only once every process got through the gathered checks, so that a batch one
+        # process refused (or one value in total) leaves every process's count as it was.
+        if counts_batch:
+            self.num_batches_tracked.add_(1)
         if residual is not None:
             output = output + residual
         if code != self._activation_code:

@@ -1,5 +1,6 @@
 """In-place activated batch norm (inplace=True) against torch's batch norm followed by the activation."""
 import math
+import re
 
 import pytest
 import torch
@@ -214,7 +215,7 @@ def test_inplace_module_in_no_grad_and_eval():
 
 
 @pytest.mark.parametrize("activation,param", [("relu", None), ("silu", None), ("leaky_relu", -0.1),
-                                              ("leaky_relu", 0.0), ("elu", -1.0)])
+                                              ("leaky_relu", 0.0), ("elu", -1.0), ("leaky_relu", 1e-40)])
 def test_inplace_rejects_non_invertible_activation(activation, param):
     with pytest.raises(ValueError, match="inplace=True needs an invertible activation"):
         fastbn.BatchNorm2d(4, activation=activation, activation_param=param, inplace=True)
@@ -249,11 +250,61 @@ def test_inplace_rejects_residual_and_sync():
         fastbn.SyncBatchNorm(4, activation="leaky_relu", inplace=True)
 
 
+def _leaf(x):
+    return x
+
+
+def _view_of_leaf(x):
+    return x[1:]
+
+
+def _no_grad_view_of_leaf(x):
+    with torch.no_grad():
+        return x[:, 1:]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("make_target", [_leaf, _view_of_leaf, _no_grad_view_of_leaf], ids=lambda f: f.__name__[1:])
+def test_inplace_refuses_leaf_before_writing(make_target, training):
+    """Writing over a leaf that requires grad (or a view of one) is refused with autograd's
+    own error, before the kernel runs: input, running statistics and num_batches_tracked kept."""
+    leaf = random_input((3, 4, 3, 3)).requires_grad_()
+    target = make_target(leaf)
+    with pytest.raises(RuntimeError) as theirs:
+        target.mul_(1.0)  # torch's verdict and message for an in-place write on this tensor
+    channels = target.shape[1]
+    bn = fastbn.BatchNorm2d(channels, activation="leaky_relu", inplace=True).train(training)
+    calls = [lambda: bn(target),
+             lambda: fastbn.functional.batch_norm_act(target, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                                      training, activation="leaky_relu", inplace=True)]
+    before_x, before_state = leaf.detach().clone(), {k: v.clone() for k, v in bn.state_dict().items()}
+    for call in calls:
+        with pytest.raises(RuntimeError, match=re.escape(str(theirs.value))):
+            call()
+        assert torch.equal(leaf.detach(), before_x), "the input was overwritten before the refusal"
+        for key, value in bn.state_dict().items():
+            assert torch.equal(value, before_state[key]), f"{key} changed by a refused call"
+
+
+def test_inplace_refuses_expanded_input_before_writing():
+    """An expanded input cannot hold a value per element: torch's in-place error, nothing moved."""
+    bn = fastbn.BatchNorm2d(4, activation="leaky_relu", inplace=True)
+    x = random_input((1, 4, 1, 1)).expand(2, 4, 3, 3)
+    with pytest.raises(RuntimeError) as theirs:
+        x.mul_(1.0)
+    before_x, before_state = x.clone(), {k: v.clone() for k, v in bn.state_dict().items()}
+    for call in (lambda: bn(x), lambda: torch.ops.fastbn.batch_norm_train_(x, None, None, 1e-5, 2, 0.01),
+                 lambda: torch.ops.fastbn.batch_norm_eval_(x, None, None, torch.zeros(4), torch.ones(4), 1e-5, 0, 0.)):
+        with pytest.raises(RuntimeError, match=re.escape(str(theirs.value))):
+            call()
+        assert torch.equal(x, before_x)
+        for key, value in bn.state_dict().items():
+            assert torch.equal(value, before_state[key]), f"{key} changed by a refused call"
+
+
 def test_inplace_on_leaf_and_modified_output_follow_torch():
     bn = fastbn.BatchNorm2d(4, activation="leaky_relu", inplace=True)
     leaf = random_input((2, 4, 3, 3)).requires_grad_()
-    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
-        bn(leaf)
     y = bn(leaf * 1)
     y.mul_(2)  # changes what backward would recover from: torch's version check refuses
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):

@@ -610,3 +610,96 @@ def test_torchrun_usage_errors_before_joining(unset, args, message, tiny_data, t
     with pytest.raises(SystemExit) as exc:
         run_cli("--data-dir", tiny_data, "--out", tmp_path / "x", *args)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------- inconsistent checkpoints, odd IDX files, outputs
+
+
+def _assert_one_line_exit_2(capsys, *args):
+    """run_cli(*args) ends in exit status 2 with one line on stderr and no traceback; returns it."""
+    with pytest.raises(SystemExit) as exc:
+        run_cli(*args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and ": )" not in err, err
+    return err
+
+
+def _first_key(d):
+    return next(iter(d))
+
+
+CHECKPOINT_DAMAGE = {
+    "missing model key": lambda c: c["model"].pop(_first_key(c["model"])),
+    "missing optimizer": lambda c: c.pop("optimizer"),
+    "wrong shape": lambda c: c["model"].__setitem__(_first_key(c["model"]), torch.zeros(3, 3)),
+    "string epoch": lambda c: c.__setitem__("epoch", "1"),
+    "negative epoch": lambda c: c.__setitem__("epoch", -1),
+    "history not a list": lambda c: c.__setitem__("history", 5),
+    "bad torch rng state": lambda c: c["rng"].__setitem__("torch", torch.zeros(3, dtype=torch.uint8)),
+    "bad numpy rng state": lambda c: c["rng"]["numpy"].__setitem__("keys", torch.zeros(2, dtype=torch.int64)),
+    "optimizer of other parameters": lambda c: c["optimizer"].__setitem__("param_groups", []),
+}
+
+
+@pytest.mark.parametrize("damage", CHECKPOINT_DAMAGE, ids=str)
+def test_resume_refuses_inconsistent_checkpoint(damage, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data-dir", tiny_data, "--out", out, "--batch-size", 100, "--bn", "torch"]
+    run_cli(*common, "--epochs", 1)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    CHECKPOINT_DAMAGE[damage](ckpt)
+    torch.save(ckpt, out / "checkpoint.pt")
+    capsys.readouterr()
+    err = _assert_one_line_exit_2(capsys, *common, "--epochs", 2, "--resume")
+    assert str(out / "checkpoint.pt") in err
+
+
+@pytest.mark.parametrize("side", [30, 1])
+def test_idx_images_of_another_size_exit_2(side, tmp_path, capsys):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    write_tiny_dataset(raw, n_train=100, n_test=50)
+    images = np.zeros((100, side, side), dtype=np.uint8)
+    (raw / "train-images-idx3-ubyte").write_bytes(idx_bytes(images))
+    err = _assert_one_line_exit_2(capsys, "--data-dir", tmp_path / "data", "--out", tmp_path / "out", "--no-download")
+    assert f"{side}x{side}" in err and "28x28" in err and str(raw) in err
+
+
+def test_unreadable_idx_file_names_the_problem(tmp_path, capsys):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    write_tiny_dataset(raw, n_train=100, n_test=50)
+    images = (raw / "train-images-idx3-ubyte").read_bytes()
+    (raw / "train-images-idx3-ubyte").write_bytes(b"\xff\xff" + images[2:])  # a foreign magic: a bare assert
+    err = _assert_one_line_exit_2(capsys, "--data-dir", tmp_path / "data", "--out", tmp_path / "out", "--no-download")
+    assert str(raw) in err and "IDX header" in err
+
+
+def test_existing_checkpoint_is_not_replaced_without_resume(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data-dir", tiny_data, "--out", out, "--batch-size", 100, "--epochs", 1]
+    run_cli(*common, "--bn", "torch")
+    before = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    for bn in ("torch", "none"):  # the same run again, or another variant into the same folder
+        err = _assert_one_line_exit_2(capsys, *common, "--bn", bn)
+        assert str(out / "checkpoint.pt") in err and "--resume" in err and "--overwrite" in err
+        assert (out / "checkpoint.pt").read_bytes() == before
+    run_cli(*common, "--bn", "none", "--overwrite")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["bn"] == "none"
+
+
+def test_unwritable_out_found_before_training(tiny_data, tmp_path):
+    """Writes that fail (here: a file-size limit of 0 bytes, so "File too large", which root
+    cannot ignore as it does permissions) stop the run before its first epoch, naming the path."""
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY)); "
+            "from fastbn import mnist; sys.exit(mnist.main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "--data-dir", str(tiny_data), "--out", str(out),
+                           "--epochs", "1", "--batch-size", "100", "--no-progress", "--threads", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert str(out) in proc.stderr and "File too large" in proc.stderr
+    assert "epoch 1/1" not in proc.stdout, "the run trained an epoch before finding --out unwritable"

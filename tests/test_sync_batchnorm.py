@@ -228,3 +228,38 @@ def test_opcheck_phase_ops():
         dx = torch.ops.fastbn.batch_norm_backward_elemt(grad, x, weight, bias, mean, var, *sums, 1e-5, 36)
         dx_fused, _, _ = torch.ops.fastbn.batch_norm_backward(grad, x, weight, bias, mean, var, 1e-5, True)
         torch.testing.assert_close(dx, dx_fused)
+
+
+def _refused_batch_worker(rank, world, init_file, out_dir, case):
+    _init(rank, world, init_file)
+    bn = fastbn.SyncBatchNorm(3)
+    if case == "one value in total":  # each process's batch is fine alone; the global one is not
+        x = torch.randn(1 - rank, 3, 1, 1)
+    else:  # "refused on one process": rank 1's input is an integer tensor
+        x = torch.randn(2, 3, 2, 2) if rank == 0 else torch.ones(2, 3, 2, 2, dtype=torch.long)
+    try:
+        bn(x)
+        message = "no error"
+    except (RuntimeError, ValueError, TypeError) as error:
+        message = f"{type(error).__name__}: {error}"
+    finally:
+        if rank == 1 and case != "one value in total":
+            dist.destroy_process_group()  # rank 0 waits in a collective: leave it, as a failed process would
+    with open(os.path.join(out_dir, f"rank{rank}.msg"), "w") as f:
+        f.write(message)
+    torch.save({k: v.clone() for k, v in bn.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("case", ["one value in total", "refused on one process"])
+def test_refused_batch_leaves_every_process_unchanged(case, tmp_path):
+    """No process counts (num_batches_tracked) or averages a batch that some process refused."""
+    run_processes(_refused_batch_worker, 2, tmp_path, case)
+    fresh = fastbn.SyncBatchNorm(3).state_dict()
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.msg").read_text()
+        assert message != "no error", f"rank {rank} accepted the batch"
+        if case == "one value in total":
+            assert "more than 1 value per channel" in message
+        state = torch.load(tmp_path / f"rank{rank}.pt")
+        for key, value in fresh.items():
+            assert torch.equal(state[key], value), f"rank {rank}: {key} changed by a refused batch"

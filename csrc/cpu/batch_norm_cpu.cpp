@@ -55,6 +55,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(const Tensor& input, con
                                                         const std::optional<Tensor>& residual) {
   constexpr const char* op = "fastbn.batch_norm_train";
   const TrainOperands o = train_operands(input, weight, bias, activation, op);
+  check_activation_param(o.act, activation_param, op);
   const Tensor x = input.contiguous(o.g.format);
   const Tensor r = dense_residual(input, residual, o.g, op);
   Tensor y = at::empty(input.sizes(), input.options().memory_format(o.g.format));
@@ -67,7 +68,9 @@ std::tuple<Tensor, Tensor> batch_norm_train_inplace_cpu(const Tensor& input, con
                                                         int64_t activation, double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_train_";
   const TrainOperands o = train_operands(input, weight, bias, activation, op);
+  check_activation_param(o.act, activation_param, op);
   check_invertible(o.act, activation_param, op);
+  check_writable_input(input, op);
   // The kernels overwrite each value after reading it: they write into input when
   // it is dense, else into its dense copy, which then goes back into input.
   const Tensor x = input.contiguous(o.g.format);
@@ -82,6 +85,7 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const std::optional<Tensor>& wei
   constexpr const char* op = "fastbn.batch_norm_eval";
   const Geometry g = eval_operands(input, weight, bias, running_mean, running_var, op);
   const Activation act = check_activation(activation, op);
+  check_activation_param(act, activation_param, op);
   const Tensor x = input.contiguous(g.format);
   const Tensor r = dense_residual(input, residual, g, op);
   Tensor y = at::empty(input.sizes(), input.options().memory_format(g.format));
@@ -95,7 +99,9 @@ void batch_norm_eval_inplace_cpu(const Tensor& input, const std::optional<Tensor
   constexpr const char* op = "fastbn.batch_norm_eval_";
   const Geometry g = eval_operands(input, weight, bias, running_mean, running_var, op);
   const Activation act = check_activation(activation, op);
+  check_activation_param(act, activation_param, op);
   check_invertible(act, activation_param, op);
+  check_writable_input(input, op);
   const Tensor x = input.contiguous(g.format);  // as in batch_norm_train_inplace_cpu
   eval_into(x, Tensor(), x, running_mean, running_var, weight, bias, eps, act, activation_param, g);
   store_in_place(input, x);
@@ -108,6 +114,7 @@ BackwardCall backward_cpu(const Tensor& grad_output, const Tensor& input, const 
                           const Tensor& var, double eps, bool train, int64_t activation, double activation_param,
                           const char* op) {
   BackwardCall b = backward_call(grad_output, input, residual, weight, bias, mean, var, activation, op);
+  check_activation_param(b.act, activation_param, op);
   if (b.empty()) return b;
   active_kernels().backward(b, eps, activation_param, train);
   return b;
@@ -128,8 +135,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_act_backward_cpu(
     const Tensor& grad_output, const Tensor& input, const Tensor& residual, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps, bool train,
     int64_t activation, double activation_param) {
+  constexpr const char* op = "fastbn.batch_norm_add_act_backward";
+  check_defined(residual, "residual", op);  // None would pass as "no residual"
   const BackwardCall b = backward_cpu(grad_output, input, residual, weight, bias, mean, var, eps, train, activation,
-                                      activation_param, "fastbn.batch_norm_add_act_backward");
+                                      activation_param, op);
   return {b.grad_input, b.grad_residual, b.grad_weight, b.grad_bias};
 }
 
@@ -174,6 +183,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(const Tensor& grad_out
                                                           double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_backward_reduce";
   const Activation act = check_activation(activation, op);
+  check_activation_param(act, activation_param, op);
   const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
   const auto acc = accumulate_dtype(input.scalar_type());
   Tensor sum_dy = at::zeros({o.g.C}, input.options().dtype(acc));
@@ -190,10 +200,10 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& in
                                      double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_backward_elemt";
   const Activation act = check_activation(activation, op);
+  check_activation_param(act, activation_param, op);
   TORCH_CHECK(count >= 0, op, ": count must be non-negative, got ", count);
   const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
-  check_channel_vector(input, sum_dy, "sum_dy", op);
-  check_channel_vector(input, sum_dy_xmu, "sum_dy_xmu", op);
+  check_backward_elemt_sums(input, sum_dy, sum_dy_xmu, count, o.g, op);
   Tensor dx = at::empty(input.sizes(), input.options().memory_format(o.g.format));
   if (o.g.count() == 0) return dx;
   const Tensor sdy = sum_dy.to(at::kDouble).contiguous(), sdx = sum_dy_xmu.to(at::kDouble).contiguous();
@@ -201,25 +211,35 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& in
   return dx;
 }
 
+// One running statistic updated in double, channel after channel, and rounded once
+// into the buffer's dtype. A statistic expanded from one value (stride 0, which torch
+// accepts) takes every channel's update in turn, as torch's kernel does on one thread,
+// and is written back through its one element.
+void update_running_stat(const Tensor& running, const Tensor& batch, bool is_var, double factor, int64_t count) {
+  const int64_t C = running.numel();
+  const bool shared = C > 1 && running.stride(0) == 0;
+  Tensor values = running.to(at::kDouble).contiguous().clone();
+  const Tensor batch_values = batch.to(at::kDouble).contiguous();
+  double* r = values.data_ptr<double>();
+  const double* b = batch_values.const_data_ptr<double>();
+  for (int64_t c = 0; c < C; ++c) {
+    const double old = shared && c > 0 ? r[c - 1] : r[c];
+    r[c] = is_var ? running_var_update(old, b[c], factor, count) : running_mean_update(old, b[c], factor);
+  }
+  if (shared) {
+    running.narrow(0, 0, 1).copy_(values.narrow(0, C - 1, 1));
+  } else {
+    running.copy_(values);
+  }
+}
+
 void update_running_stats_cpu(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean, const Tensor& var,
                               double factor, int64_t count) {
   constexpr const char* op = "fastbn.update_running_stats";
   check_running_stats_update(running_mean, running_var, mean, var, count, op);
   if (count == 0) return;  // an empty batch leaves the running statistics as they are (as torch does)
-  // C values: computed in double and rounded once into the buffers' dtype.
-  Tensor new_mean = running_mean.to(at::kDouble).contiguous().clone();
-  Tensor new_var = running_var.to(at::kDouble).contiguous().clone();
-  const Tensor batch_mean = mean.to(at::kDouble).contiguous(), batch_var = var.to(at::kDouble).contiguous();
-  double* rm = new_mean.data_ptr<double>();
-  double* rv = new_var.data_ptr<double>();
-  const double* bm = batch_mean.const_data_ptr<double>();
-  const double* bv = batch_var.const_data_ptr<double>();
-  for (int64_t c = 0; c < mean.numel(); ++c) {
-    rm[c] = running_mean_update(rm[c], bm[c], factor);
-    rv[c] = running_var_update(rv[c], bv[c], factor, count);
-  }
-  running_mean.copy_(new_mean);
-  running_var.copy_(new_var);
+  update_running_stat(running_mean, mean, false, factor, count);
+  update_running_stat(running_var, var, true, factor, count);
 }
 
 }  // namespace

@@ -142,11 +142,18 @@ inline bool stream_output(const Geometry& g, const scalar_t* out) {
 
 // ------------------------------------------------------------------ statistics
 
+// A shift for the shifted sums: `value` when finite, else 0. An infinite shift would make
+// x - shift NaN (inf - inf) for the infinite value itself, and the mean NaN instead of +-inf.
+template <typename red_t>
+inline red_t finite_shift(red_t value) {
+  return value - value == red_t(0) ? value : red_t(0);
+}
+
 // Moments of n contiguous values, kept in double.
 template <typename scalar_t>
 Moments<double> span_moments(const scalar_t* x, int64_t n) {
   using red_t = typename ReduceLanes<scalar_t>::red_t;
-  red_t shift = red_t(x[0]);  // the span's first value, then the running mean
+  red_t shift = finite_shift(red_t(x[0]));  // the span's first value, then the running mean
   Moments<double> total{0.0, 0.0, 0};
   LaneSums<scalar_t> sums, squares;
   for (int64_t p = 0; p < n; p += kPiece) {
@@ -158,7 +165,7 @@ Moments<double> span_moments(const scalar_t* x, int64_t n) {
       piece.m2 = squares.flush();
     }
     total = moments_merge(total, piece);
-    shift = red_t(total.mean);
+    shift = finite_shift(red_t(total.mean));
   }
   return total;
 }
@@ -187,7 +194,7 @@ std::vector<Moments<double>> planar_channel_moments(const scalar_t* x, const Geo
     std::vector<int64_t> counts(C, 0);
     LaneSums<scalar_t> lanes_sum, lanes_squares;
     for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
-      if (counts[c] == 0) shift[c] = red_t(x[offset]);
+      if (counts[c] == 0) shift[c] = finite_shift(red_t(x[offset]));
       span_sum_and_squares(x + offset, length, shift[c], lanes_sum, lanes_squares);
       sums[c] += lanes_sum.flush();
       squares[c] += lanes_squares.flush();
@@ -216,7 +223,7 @@ std::vector<Moments<double>> interleaved_channel_moments(const scalar_t* x, cons
   // Per-task moments, merged piece by piece (Chan).
   std::vector<Moments<double>> task_moments(tasks * C, Moments<double>{0.0, 0.0, 0});
   std::vector<red_t> first_row(padded, red_t(0));  // the first shift: keeps the sums small (see span_sum_and_squares)
-  for (int64_t c = 0; c < C; ++c) first_row[c] = red_t(x[c]);
+  for (int64_t c = 0; c < C; ++c) first_row[c] = finite_shift(red_t(x[c]));
   at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
     std::vector<red_t> piece_mean(padded, red_t(0)), piece_m2(padded, red_t(0));
     for (int64_t t = t_begin; t < t_end; ++t) {
@@ -240,7 +247,7 @@ std::vector<Moments<double>> interleaved_channel_moments(const scalar_t* x, cons
         });
         for (int64_t c = 0; c < C; ++c) {
           moments[c] = moments_merge(moments[c], Moments<double>{piece_mean[c], piece_m2[c], n});
-          shift[c] = red_t(moments[c].mean);  // the next piece sums about the running mean
+          shift[c] = finite_shift(red_t(moments[c].mean));  // the next piece sums about the running mean
         }
       }
     }
@@ -420,15 +427,37 @@ BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
   return sums;
 }
 
+// Evaluation mode (the statistics are constants): dx = g * weight * invstd, which is the
+// forward coefficients' scale; x enters only through act'(z), so a NaN or infinite x
+// gives what torch gives, not (x - mean) * 0 = NaN.
+template <Activation A, typename scalar_t, typename acc_t>
+void eval_backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> out,
+                             const ForwardArrays<acc_t>& forward_k) {
+  using Vec = typename Lanes<scalar_t>::Vec;
+  const Vec vparam(a.act_param);
+  for_each_block<scalar_t>(a.g, forward_k, [&](int64_t off, int64_t width, const ForwardVecs<Vec>& f0,
+                                                const ForwardVecs<Vec>& f1) {
+    Vec d0, d1, x0, x1, r0, r1;
+    load_values(a.dy + off, width, d0, d1);
+    load_values(a.x + off, width, x0, x1);
+    load_residual<A>(a.residual, off, width, r0, r1);
+    const Vec g0 = grad_before_activation<A>(d0, x0, r0, f0, vparam);
+    const Vec g1 = grad_before_activation<A>(d1, x1, r1, f1, vparam);
+    store_values(out.dx + off, width, g0 * f0.scale, g1 * f1.scale);
+    if (out.grad_residual != nullptr) store_values(out.grad_residual + off, width, g0, g1);
+  });
+}
+
 // dx from the channel sums; `count` is the number of values the statistics
 // came from (the global batch under SyncBatchNorm).
 template <Activation A, typename scalar_t, typename acc_t>
 void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> out, const double* sum_dy,
                         const double* sum_dy_xmu, int64_t count, bool train) {
   const Geometry& g = a.g;
+  const ForwardArrays<acc_t> forward_k = forward_arrays(a.mean, a.var, a.params, g.C, a.eps);
+  if (!train) return eval_backward_apply_all<A>(a, out, forward_k);
   BackwardArrays<acc_t> coef(g.C);
   std::vector<BackwardCoefficients<acc_t>> channel_coef(g.C);
-  const ForwardArrays<acc_t> forward_k = forward_arrays(a.mean, a.var, a.params, g.C, a.eps);
   for (int64_t c = 0; c < g.C; ++c) {
     channel_coef[c] = backward_coefficients(a.mean[c], a.var[c], a.eps, a.params.w(c), acc_t(sum_dy[c]),
                                             acc_t(sum_dy_xmu[c]), count, train);

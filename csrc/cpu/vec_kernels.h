@@ -302,12 +302,13 @@ template <Activation A, typename Vec>
 C10_ALWAYS_INLINE Vec vec_activation_grad(const Vec& z, const Vec& param) {
   using T = typename Vec::value_type;
   const Vec zero(T(0)), one(T(1));
+  // at a NaN z, torch's relu/elu backward pass the gradient (z <= 0 is false), leaky_relu's scales it
   if constexpr (A == Activation::ReLU) {
-    return Vec::blendv(zero, one, z > zero);
+    return Vec::blendv(one, zero, z <= zero);
   } else if constexpr (A == Activation::LeakyReLU) {
     return Vec::blendv(param, one, z > zero);
   } else if constexpr (A == Activation::ELU) {
-    return Vec::blendv(param * z.exp(), one, z > zero);
+    return Vec::blendv(one, param * z.exp(), z <= zero);
   } else if constexpr (A == Activation::SiLU) {
     const Vec sigmoid = one / (one + z.neg().exp());
     return sigmoid * (one + z * (one - sigmoid));

@@ -367,6 +367,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_act_backward_cuda(
     const Tensor& grad_output, const Tensor& input, const Tensor& residual, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var, double eps, bool train,
     int64_t activation, double activation_param) {
+  check_defined(residual, "residual", "fastbn.batch_norm_add_act_backward");  // None would pass as "no residual"
   const BackwardCall b = backward_cuda(grad_output, input, residual, weight, bias, mean, var, eps, train, activation,
                                        activation_param, "fastbn.batch_norm_add_act_backward");
   return {b.grad_input, b.grad_residual, b.grad_weight, b.grad_bias};
@@ -535,8 +536,7 @@ Tensor batch_norm_backward_elemt_cuda(const Tensor& grad_output, const Tensor& i
   TORCH_CHECK(count >= 0, op, ": count must be non-negative, got ", count);
   c10::cuda::CUDAGuard guard(input.device());
   const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
-  check_channel_vector(input, sum_dy, "sum_dy", op);
-  check_channel_vector(input, sum_dy_xmu, "sum_dy_xmu", op);
+  check_backward_elemt_sums(input, sum_dy, sum_dy_xmu, count, o.g, op);
   const Geometry& g = o.g;
   const auto acc = accumulate_dtype(input.scalar_type());
   Tensor dx = at::empty(input.sizes(), input.options().memory_format(g.format));
