@@ -15,6 +15,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# torch.utils.cpp_extension builds with ninja; pip installs it next to the interpreter
+export PATH="$(cd "$(dirname "$PYTHON")" && pwd):$PATH"
 library=$(MAX_JOBS=${MAX_JOBS:-2} "$PYTHON" tests/cuemu/build.py | tail -n 1)
 [ -f "$library" ] || { echo "test-cuda-emulated: no library at '$library'" >&2; exit 1; }
 [ $# -eq 0 ] && set -- -q tests

@@ -25,6 +25,17 @@ if CUDA_EMULATED:
     if torch.ops.fastbn_cuemu.launches() == _launches:
         raise RuntimeError(f"{os.environ['FASTBN_CUDA_EMULATED']} is loaded but fastbn's CPU ops do not run it")
 
+if CUDA_EMULATED:
+    # gradcheck and gradgradcheck in fast mode (random projections of the Jacobian,
+    # which a wrong gradient fails too): the full Jacobian costs two emulated calls per
+    # input value, minutes per test. Patched before the test modules import them.
+    import functools  # noqa: E402
+
+    import torch.autograd  # noqa: E402
+
+    torch.autograd.gradcheck = functools.partial(torch.autograd.gradcheck, fast_mode=True)
+    torch.autograd.gradgradcheck = functools.partial(torch.autograd.gradgradcheck, fast_mode=True)
+
 # Where test_cuda.py runs fastbn's CUDA kernels: the CPU under emulation, else a GPU.
 CUDA_KERNEL_DEVICE = "cpu" if CUDA_EMULATED else "cuda"
 
