@@ -40,6 +40,19 @@ if CUDA_EMULATED:
 CUDA_KERNEL_DEVICE = "cpu" if CUDA_EMULATED else "cuda"
 
 
+def pytest_collection_modifyitems(config, items):
+    if not CUDA_EMULATED:
+        return
+    # MNIST training runs batch norm on batches of 0.3-5 million values per call, each a
+    # few seconds of emulated kernel time: tens of minutes per test. Its layer shapes
+    # (planar 26x26 and 11x11 maps, (N, C) activations) are covered by the other tests.
+    skip_mnist = pytest.mark.skip(reason="under emulation MNIST training takes tens of minutes of emulated kernel "
+                                         "time per test (millions of values per batch-norm call)")
+    for item in items:
+        if item.path.name == "test_mnist.py":
+            item.add_marker(skip_mnist)
+
+
 def pytest_report_header(config):
     if CUDA_EMULATED:
         return f"fastbn: CUDA kernels emulated on the CPU ({os.environ['FASTBN_CUDA_EMULATED']})"
@@ -110,6 +123,15 @@ def max_error(actual, reference):
 EMULATED_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5,
                       torch.float16: 2 * torch.finfo(torch.float16).eps,
                       torch.bfloat16: 2 * torch.finfo(torch.bfloat16).eps}
+
+
+def emulated_tolerance_far_from_zero(dtype, mean, std):
+    """EMULATED_TOLERANCE for data of mean `mean` and spread `std`. The CUDA kernels
+    accumulate float32 and half input in float32 (as torch's CUDA kernels do), so a
+    channel mean is only known to about float32's eps * |mean|: an error of
+    eps * |mean| / std in the normalized output (1.2e-3 of it for 1e4 + randn)."""
+    accumulate_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    return max(EMULATED_TOLERANCE[dtype], accumulate_eps * abs(mean) / std)
 
 
 def assert_within_budget(actual, torch_result, reference, what="", emulated_tolerance=None):

@@ -208,12 +208,15 @@ cuemu_fiber_entry:
 #endif
 #endif
 
-struct Fiber {
+// A saved execution context: a stack pointer (the register switch) or a ucontext.
 #ifdef CUEMU_FAST_SWITCH
-  void* sp = nullptr;
+using Context = void*;
 #else
-  ucontext_t ctx;
+using Context = ucontext_t;
 #endif
+
+struct Fiber {
+  Context ctx{};
   char* stack = nullptr;
   uint3 tid{0, 0, 0};
   int linear = 0, warp = 0, lane = 0;
@@ -222,9 +225,7 @@ struct Fiber {
   const char* file = nullptr;
   int line = 0;
   const char* op = nullptr;
-#ifdef CUEMU_ASAN
-  void* fake_stack = nullptr;
-#endif
+  void* fake_stack = nullptr;  // AddressSanitizer's record of the fiber's stack while it is switched out
 };
 
 struct Warp {
@@ -248,16 +249,10 @@ struct Worker {
   std::vector<int> order;
   char* stacks = nullptr;
   size_t stack_bytes = 0, stack_count = 0;
-#ifdef CUEMU_FAST_SWITCH
-  void* sched_sp = nullptr;
-#else
-  ucontext_t sched;
-#endif
-#ifdef CUEMU_ASAN
+  Context sched{};  // the scheduler's context (the OS thread's own stack)
   void* sched_fake_stack = nullptr;
   const void* sched_stack_bottom = nullptr;
   size_t sched_stack_size = 0;
-#endif
   int current = -1;
   int live = 0;  // threads not exited
   int bar_arrived = 0;
@@ -297,21 +292,31 @@ inline std::string where() {
   return buf;
 }
 
+// Saves the running context in `from` and continues `to`, whose stack is
+// [to_stack, to_stack + to_stack_size) (told to AddressSanitizer, which also keeps
+// the leaving stack's record in *fake_stack).
+inline void switch_context(Context* from, Context* to, void** fake_stack, const void* to_stack,
+                           size_t to_stack_size) {
+#ifdef CUEMU_ASAN
+  __sanitizer_start_switch_fiber(fake_stack, to_stack, to_stack_size);
+#else
+  (void)fake_stack, (void)to_stack, (void)to_stack_size;
+#endif
+#ifdef CUEMU_FAST_SWITCH
+  cuemu_switch(from, *to);
+#else
+  swapcontext(from, to);
+#endif
+#ifdef CUEMU_ASAN
+  __sanitizer_finish_switch_fiber(*fake_stack, nullptr, nullptr);
+#endif
+}
+
 // Back to the scheduler from the running fiber.
 inline void yield_to_scheduler() {
   Worker& w = *tl_worker;
   Fiber& f = w.fibers[w.current];
-#ifdef CUEMU_ASAN
-  __sanitizer_start_switch_fiber(&f.fake_stack, w.sched_stack_bottom, w.sched_stack_size);
-#endif
-#ifdef CUEMU_FAST_SWITCH
-  cuemu_switch(&f.sp, w.sched_sp);
-#else
-  swapcontext(&f.ctx, &w.sched);
-#endif
-#ifdef CUEMU_ASAN
-  __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
-#endif
+  switch_context(&f.ctx, &w.sched, &f.fake_stack, w.sched_stack_bottom, w.sched_stack_size);
 }
 
 // A fiber's first frame: run the kernel body, then report done.
@@ -347,7 +352,7 @@ inline void fiber_main(void*) {
 #endif
 #ifdef CUEMU_FAST_SWITCH
   void* dummy;
-  cuemu_switch(&dummy, w.sched_sp);
+  cuemu_switch(&dummy, w.sched);
 #else
   setcontext(&w.sched);
 #endif
@@ -423,7 +428,7 @@ inline void run_block(Worker& w, Body body, void* arg) {
     asm volatile("fnstcw %0" : "=m"(fpucw));
     memcpy(sp, &mxcsr, 4);
     memcpy(reinterpret_cast<char*>(sp) + 4, &fpucw, 2);
-    f.sp = sp;
+    f.ctx = sp;
 #else
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack;
@@ -446,17 +451,7 @@ inline void run_block(Worker& w, Body body, void* arg) {
       ++resumes;
       w.current = i;
       threadIdx = f.tid;
-#ifdef CUEMU_ASAN
-      __sanitizer_start_switch_fiber(&w.sched_fake_stack, f.stack, w.stack_bytes);
-#endif
-#ifdef CUEMU_FAST_SWITCH
-      cuemu_switch(&w.sched_sp, f.sp);
-#else
-      swapcontext(&w.sched, &f.ctx);
-#endif
-#ifdef CUEMU_ASAN
-      __sanitizer_finish_switch_fiber(w.sched_fake_stack, nullptr, nullptr);
-#endif
+      switch_context(&w.sched, &f.ctx, &w.sched_fake_stack, f.stack, w.stack_bytes);
       if (f.state == State::Done) ++done;
       return true;
     };
