@@ -40,7 +40,7 @@ def build(verbose=False):
         extra_include_paths=INCLUDE_PATHS,
         # hidden: the kernels bind to this library's own definitions, never to the same-named
         # host stubs of a CUDA build of fastbn/_C
-        extra_cflags=["-O2", *CFLAGS],
+        extra_cflags=["-O2", "-fvisibility=hidden", *CFLAGS],
         extra_ldflags=[f"-L{os.path.dirname(extension)}", f"-l:{os.path.basename(extension)}",
                        f"-Wl,-rpath,{os.path.dirname(extension)}"],
         build_directory=BUILD_DIR,
