@@ -1,4 +1,5 @@
 """Shared test helpers: devices, float64 references, error budgets."""
+import functools
 import os
 
 # On a GPU the tests exercise fastbn's CUDA kernels, not the torch fallback that
@@ -7,6 +8,7 @@ os.environ["FASTBN_CUDA_KERNELS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.autograd  # noqa: E402
 
 import fastbn  # noqa: E402
 
@@ -24,15 +26,9 @@ if CUDA_EMULATED:
     torch.ops.fastbn.batch_norm_train(torch.randn(2, 3, 4), None, None, 1e-5)
     if torch.ops.fastbn_cuemu.launches() == _launches:
         raise RuntimeError(f"{os.environ['FASTBN_CUDA_EMULATED']} is loaded but fastbn's CPU ops do not run it")
-
-if CUDA_EMULATED:
     # gradcheck and gradgradcheck in fast mode (random projections of the Jacobian,
     # which a wrong gradient fails too): the full Jacobian costs two emulated calls per
     # input value, minutes per test. Patched before the test modules import them.
-    import functools  # noqa: E402
-
-    import torch.autograd  # noqa: E402
-
     torch.autograd.gradcheck = functools.partial(torch.autograd.gradcheck, fast_mode=True)
     torch.autograd.gradgradcheck = functools.partial(torch.autograd.gradgradcheck, fast_mode=True)
 
@@ -145,15 +141,14 @@ def assert_within_budget(actual, torch_result, reference, what="", emulated_tole
     if actual.numel() == 0:
         return
     err_fastbn = max_error(actual, reference)
+    scale = max(1.0, reference.double().abs().max().item())
     if CUDA_EMULATED:
-        scale = max(1.0, reference.double().abs().max().item())
         relative = emulated_tolerance or EMULATED_TOLERANCE[actual.dtype]
         assert err_fastbn <= relative * scale, (
             f"{what}: fastbn (emulated CUDA kernels) error {err_fastbn:.3g} > {relative * scale:.3g}, "
             f"{relative:.3g} of the reference's scale {scale:.3g}")
         return
     err_torch = max_error(torch_result, reference)
-    scale = max(1.0, reference.double().abs().max().item())
     if actual.dtype == torch.float64:
         # In float64 torch's own result is the reference (its error is 0): allow a
         # relative 1e-12 for another, equally valid order of summation.
