@@ -2,9 +2,14 @@
 # One script for a short GPU loan: build fastbn with CUDA in place, run the tests,
 # run the CUDA benchmark. Needs torch (>= 2.5) with CUDA, and nvcc matching its CUDA.
 #
-#   bench/gpu_run.sh                 # build, test, bench
+#   bench/gpu_run.sh                 # build, test, sanitize, bench
 #   bench/gpu_run.sh build test      # only some steps (e.g. to split across calls
 #   bench/gpu_run.sh bench           #  that each have a time limit)
+#
+# sanitize: tests/test_cuda.py under compute-sanitizer --tool memcheck and --tool
+# racecheck, checking fastbn's kernels only: the out-of-bounds accesses and
+# shared-memory races on real hardware that CPU emulation (scripts/test-cuda-emulated.sh)
+# cannot see. Its logs are sanitizer-memcheck.log and sanitizer-racecheck.log.
 #
 # Everything (logs, JSON, PNG, markdown) goes to ${OUT:-bench/results}.
 # A failed build stops the script; failing tests do not stop the benchmark, their
@@ -18,6 +23,8 @@
 #   FASTBN_BUILD=inplace|pip  `setup.py build_ext --inplace` (default) or `pip install -e .`
 #   PYTEST_ARGS="-q"          arguments for pytest (after the tests folder)
 #   BENCH_ARGS=""             extra arguments for `python -m bench` (e.g. --quick)
+#   SANITIZE_PYTEST_ARGS      pytest selection for the sanitizer runs
+#                             (default: tests/test_cuda.py without the >2^31-element case)
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -27,7 +34,7 @@ PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export PATH="$CUDA_HOME/bin:$PATH"
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(build test bench)
+[ ${#steps[@]} -eq 0 ] && steps=(build test sanitize bench)
 
 wants() { local step; for step in "${steps[@]}"; do [ "$step" = "$1" ] && return 0; done; return 1; }
 say() { echo "== gpu_run: $*" | tee -a "$OUT/gpu_run.log"; }
@@ -97,6 +104,32 @@ if wants test; then
     say "pytest exit code: $pytest_rc"
 fi
 
+sanitize_rc="not run"
+if wants sanitize; then
+    sanitizer="$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")"
+    if [ -n "${SANITIZE_PYTEST_ARGS:-}" ]; then
+        # shellcheck disable=SC2206  # SANITIZE_PYTEST_ARGS is meant to split into words
+        sanitize_args=($SANITIZE_PYTEST_ARGS)
+    else
+        sanitize_args=(tests/test_cuda.py -k "not more_than_2_31")
+    fi
+    if [ ! -x "$sanitizer" ]; then
+        say "compute-sanitizer not found (PATH, $CUDA_HOME/bin)"
+        sanitize_rc="no compute-sanitizer"
+    else
+        sanitize_rc=0
+        for tool in memcheck racecheck; do
+            say "compute-sanitizer --tool $tool, pytest -q ${sanitize_args[*]}, log: $OUT/sanitizer-$tool.log"
+            # kns=fastbn: only fastbn's kernels (namespace fastbn::cuda), not torch's references
+            "$sanitizer" --tool "$tool" --kernel-name kns=fastbn --error-exitcode 97 --target-processes all \
+                "$PYTHON" -m pytest -q "${sanitize_args[@]}" 2>&1 | tee "$OUT/sanitizer-$tool.log"
+            rc=${PIPESTATUS[0]}
+            say "compute-sanitizer $tool exit code: $rc"
+            [ "$rc" = 0 ] || sanitize_rc=$rc
+        done
+    fi
+fi
+
 bench_rc="not run"
 if wants bench; then
     say "benchmark, tables: $OUT/bench-cuda.md, progress: $OUT/bench-cuda.log"
@@ -108,9 +141,10 @@ if wants bench; then
     say "benchmark exit code: $bench_rc"
 fi
 
-say "summary: build $build_status, pytest exit code $pytest_rc, benchmark exit code $bench_rc" \
-    | tee "$OUT/summary.txt"
-for rc in "$pytest_rc" "$bench_rc"; do
+say "summary: build $build_status, pytest exit code $pytest_rc, compute-sanitizer exit code $sanitize_rc," \
+    "benchmark exit code $bench_rc" | tee "$OUT/summary.txt"
+for rc in "$pytest_rc" "$sanitize_rc" "$bench_rc"; do
+    [ "$rc" = "no compute-sanitizer" ] && rc=1
     if [ "$rc" != "not run" ] && [ "$rc" != 0 ]; then exit "$rc"; fi
 done
 exit 0

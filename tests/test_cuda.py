@@ -1,17 +1,35 @@
 """CUDA-only cases: both implementations on the same inputs, sizes around the
 chooser's threshold, layouts the vector paths must handle, very large tensors.
-Skipped, with the reason, on machines without a GPU."""
+Run on a GPU, or on CPU tensors with the CUDA kernels emulated
+(scripts/test-cuda-emulated.sh); otherwise skipped, with the reason."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastbn
-from conftest import HAS_CUDA, assert_within_budget, random_input, reference_batch_norm
+from conftest import (CUDA_EMULATED, CUDA_KERNEL_DEVICE, HAS_CUDA, assert_within_budget,
+                      emulated_tolerance_far_from_zero, random_input, reference_batch_norm)
 
-pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and a CUDA build of fastbn (none here)")
+pytestmark = pytest.mark.skipif(
+    not (HAS_CUDA or CUDA_EMULATED),
+    reason="needs a CUDA GPU and a CUDA build of fastbn, or scripts/test-cuda-emulated.sh (neither here)")
 
+DEVICE = CUDA_KERNEL_DEVICE
 ON_CHIP_THREADS = 512  # kOnChipThreads in csrc/cuda/batch_norm_kernels.cuh
-ON_CHIP_MAX_ITEMS = 16
+ON_CHIP_MAX_ITEMS = 16  # kOnChipMaxItems in csrc/cuda/batch_norm_cuda.cu
+WARP_SIZE = 32
+
+
+def onchip_capacity(channels_last):
+    """Values of one channel an on-chip block holds: a contiguous channel gets a whole
+    block, a channels_last one the block's threads / 32 (one warp spans 32 channels)."""
+    threads = ON_CHIP_THREADS // WARP_SIZE if channels_last else ON_CHIP_THREADS
+    return threads * ON_CHIP_MAX_ITEMS
+
+
+def synchronize():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def run_train_step(impl, x, weight, bias, grad):
@@ -21,11 +39,11 @@ def run_train_step(impl, x, weight, bias, grad):
         running = torch.zeros_like(weight), torch.ones_like(weight)
         y = fastbn.functional.batch_norm(xi, *running, wi, bi, True, 0.1, 1e-5)
         y.backward(grad)
-        torch.cuda.synchronize()
+        synchronize()
     return y, xi.grad, wi.grad, bi.grad, running
 
 
-def compare_all(x, weight, bias, impls):
+def compare_all(x, weight, bias, impls, emulated_tolerance=None):
     grad = torch.randn_like(x)
     xr = x.detach().double().requires_grad_()
     wr, br = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
@@ -39,29 +57,51 @@ def compare_all(x, weight, bias, impls):
     y_t.backward(grad)
     for impl in impls:
         y, gx, gw, gb, running = run_train_step(impl, x, weight, bias, grad)
-        assert_within_budget(y, y_t, y_ref, f"{impl} output")
-        assert_within_budget(gx, xt.grad, xr.grad, f"{impl} grad_input")
-        assert_within_budget(gw, wt.grad, wr.grad, f"{impl} grad_weight")
-        assert_within_budget(gb, bt.grad, br.grad, f"{impl} grad_bias")
-        assert_within_budget(running[0], running_torch[0], rm_ref, f"{impl} running_mean")
-        assert_within_budget(running[1], running_torch[1], rv_ref, f"{impl} running_var")
+        assert_within_budget(y, y_t, y_ref, f"{impl} output", emulated_tolerance)
+        assert_within_budget(gx, xt.grad, xr.grad, f"{impl} grad_input", emulated_tolerance)
+        assert_within_budget(gw, wt.grad, wr.grad, f"{impl} grad_weight", emulated_tolerance)
+        assert_within_budget(gb, bt.grad, br.grad, f"{impl} grad_bias", emulated_tolerance)
+        assert_within_budget(running[0], running_torch[0], rm_ref, f"{impl} running_mean", emulated_tolerance)
+        assert_within_budget(running[1], running_torch[1], rv_ref, f"{impl} running_var", emulated_tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(4, 3, 5, 5), (2, 37, 9, 9), (64, 8, 8, 8), (3, 64, 3, 7)])
 def test_general_and_onchip_agree(shape, channels_last, dtype):
-    x = random_input(shape, dtype, "cuda", channels_last)
-    weight, bias = torch.randn(shape[1], device="cuda"), torch.randn(shape[1], device="cuda")
-    compare_all(x, weight, bias, ["general", "onchip", "auto"])
+    """Both implementations where the on-chip one holds a channel; where it cannot
+    ((64, 8, 8, 8) channels_last: 4096 rows, over its 256), forcing it is refused."""
+    x = random_input(shape, dtype, DEVICE, channels_last)
+    weight, bias = torch.randn(shape[1], device=DEVICE), torch.randn(shape[1], device=DEVICE)
+    onchip_fits = x.numel() // shape[1] <= onchip_capacity(channels_last)
+    compare_all(x, weight, bias, ["general", "auto"] + (["onchip"] if onchip_fits else []))
+    if not onchip_fits:
+        layout = "channels_last" if channels_last else "contiguous"
+        with fastbn.ops.cuda_implementation("onchip"), pytest.raises(
+                RuntimeError, match=f"on-chip .* limit of {onchip_capacity(channels_last)} .* {layout} layout"):
+            torch.ops.fastbn.batch_norm_train(x, weight, bias, 1e-5)
+
+
+def test_onchip_capacity_bounds():
+    """The on-chip implementation holds a channel of exactly its capacity, and not one more,
+    in both layouts."""
+    for channels_last, shape in ((False, (2, 3, 64, 64)), (True, (4, 40, 8, 8))):
+        capacity = onchip_capacity(channels_last)
+        assert shape[0] * shape[2] * shape[3] == capacity
+        x = random_input(shape, torch.float32, DEVICE, channels_last)
+        weight, bias = torch.randn(shape[1], device=DEVICE), torch.randn(shape[1], device=DEVICE)
+        compare_all(x, weight, bias, ["onchip"])
+        bigger = random_input((shape[0] + 1,) + shape[1:], torch.float32, DEVICE, channels_last)
+        with fastbn.ops.cuda_implementation("onchip"), pytest.raises(RuntimeError, match="on-chip"):
+            torch.ops.fastbn.batch_norm_train(bigger, weight, bias, 1e-5)
 
 
 @pytest.mark.parametrize("delta", [-1, 0, 1])
 def test_sizes_around_the_onchip_threshold(delta):
     """Planar: a channel of exactly 512 * 16 values fits one block; one more does not."""
     count = ON_CHIP_THREADS * ON_CHIP_MAX_ITEMS + delta
-    x = random_input((1, 3, count), torch.float32, "cuda")
-    weight, bias = torch.randn(3, device="cuda"), torch.randn(3, device="cuda")
+    x = random_input((1, 3, count), torch.float32, DEVICE)
+    weight, bias = torch.randn(3, device=DEVICE), torch.randn(3, device=DEVICE)
     compare_all(x, weight, bias, ["general", "auto"] + (["onchip"] if delta <= 0 else []))
     if delta > 0:
         with fastbn.ops.cuda_implementation("onchip"), pytest.raises(RuntimeError, match="on-chip"):
@@ -70,32 +110,36 @@ def test_sizes_around_the_onchip_threshold(delta):
 
 @pytest.mark.parametrize("channels", [1, 3, 33, 130])
 def test_channels_last_any_channel_count(channels):
-    x = random_input((6, channels, 7, 5), torch.float16, "cuda", channels_last=True)
-    weight, bias = torch.randn(channels, device="cuda"), torch.randn(channels, device="cuda")
+    x = random_input((6, channels, 7, 5), torch.float16, DEVICE, channels_last=True)
+    weight, bias = torch.randn(channels, device=DEVICE), torch.randn(channels, device=DEVICE)
     compare_all(x, weight, bias, ["general", "auto"])
 
 
 def test_non_contiguous_input():
-    x = random_input((8, 12, 10, 9), torch.float32, "cuda")[:, 1::2, :, 1:]
-    weight, bias = torch.randn(6, device="cuda"), torch.randn(6, device="cuda")
+    x = random_input((8, 12, 10, 9), torch.float32, DEVICE)[:, 1::2, :, 1:]
+    weight, bias = torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE)
     compare_all(x, weight, bias, ["general", "auto"])
 
 
 def test_large_spatial_general_path_far_from_zero():
-    x = random_input((32, 4, 64, 64), torch.float32, "cuda", mean=1e4, std=1.0)
-    weight, bias = torch.randn(4, device="cuda"), torch.randn(4, device="cuda")
-    compare_all(x, weight, bias, ["general", "auto"])
+    x = random_input((32, 4, 64, 64), torch.float32, DEVICE, mean=1e4, std=1.0)
+    weight, bias = torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE)
+    compare_all(x, weight, bias, ["general", "auto"],
+                emulated_tolerance=emulated_tolerance_far_from_zero(torch.float32, 1e4, 1.0))
 
 
 def test_more_than_2_31_elements_fp16():
     """64-bit indexing: 2^31 + a bit elements in float16 (about 4 GiB per tensor)."""
+    if CUDA_EMULATED:
+        pytest.skip("under emulation 2^31 float16 values need about 9 GiB of host memory and minutes of emulated "
+                    "kernel time; the int64-index kernels run in tests/cuemu's sanitizer harness instead")
     channels, spatial = 2, 2 ** 15
     batch = (2 ** 31) // (channels * spatial) + 1
     needed = batch * channels * spatial * 2 * 4  # x, y, grad, dx in fp16
     free, _ = torch.cuda.mem_get_info()
     if free < 2 * needed:
         pytest.skip(f"needs about {2 * needed / 2**30:.0f} GiB of free GPU memory, has {free / 2**30:.0f}")
-    x = torch.randn(batch, channels, spatial, device="cuda", dtype=torch.float16).add_(3)
+    x = torch.randn(batch, channels, spatial, device=DEVICE, dtype=torch.float16).add_(3)
     assert x.numel() > 2 ** 31
     y, mean, var = torch.ops.fastbn.batch_norm_train(x, None, None, 1e-5)
     # check the statistics against a float64 reduction done in chunks, and the last values' output

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fastbn
-from conftest import DEVICES, assert_within_budget, random_input, reference_batch_norm
+from conftest import DEVICES, assert_within_budget, emulated_tolerance_far_from_zero, random_input, reference_batch_norm
 
 
 def test_signature_matches_torch():
@@ -38,9 +38,10 @@ def test_far_from_zero_keeps_variance(shape, channels_last, dtype, device):
     running_var = torch.ones(channels, dtype=dtype, device=device)
     y_fast, y_torch, y_ref, stats_fast, stats_torch, stats_ref = run_both(
         x, None, None, running_mean, running_var, True, momentum=1.0)
-    assert_within_budget(y_fast, y_torch, y_ref, "output")
+    emulated_tolerance = emulated_tolerance_far_from_zero(dtype, 1e4, 1.0)
+    assert_within_budget(y_fast, y_torch, y_ref, "output", emulated_tolerance)
     # momentum 1 makes running_var the unbiased batch variance: about 1, to float precision.
-    assert_within_budget(stats_fast[1], stats_torch[1], stats_ref[1], "running_var")
+    assert_within_budget(stats_fast[1], stats_torch[1], stats_ref[1], "running_var", emulated_tolerance)
     torch.testing.assert_close(stats_fast[1].double(), stats_ref[1], rtol=1e-4, atol=0)
 
 

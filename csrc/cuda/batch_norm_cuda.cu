@@ -6,7 +6,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -17,6 +16,7 @@
 #include "bn_checks.h"
 #include "bn_math.h"
 #include "cuda/batch_norm_kernels.cuh"
+#include "cuda/launch.cuh"
 #include "impl_switch.h"
 
 namespace fastbn::cuda {
@@ -37,11 +37,18 @@ int64_t target_blocks(const Tensor& t) { return 4 * int64_t(multiprocessor_count
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Defines index_t as int32_t when every offset of tensor `t` fits with room for
-// a grid-stride step past the end (a loop index must not wrap), int64_t otherwise.
+// Most values a tensor may have for int32 indexing: every offset fits with room
+// for a grid-stride step past the end (a loop index must not wrap). The sanitizer
+// harness (tests/cuemu) lowers it to run the int64 kernels on small tensors.
+#ifndef FASTBN_INT32_INDEX_LIMIT
+#define FASTBN_INT32_INDEX_LIMIT (std::numeric_limits<int32_t>::max() / 2)
+#endif
+
+// Defines index_t as int32_t when tensor `t` has at most FASTBN_INT32_INDEX_LIMIT
+// values, int64_t otherwise.
 #define FASTBN_INDEX_SWITCH(t, ...)                                  \
   [&] {                                                              \
-    if ((t).numel() <= std::numeric_limits<int32_t>::max() / 2) {    \
+    if ((t).numel() <= FASTBN_INT32_INDEX_LIMIT) {                   \
       using index_t = int32_t;                                       \
       return __VA_ARGS__();                                          \
     } else {                                                         \
@@ -50,27 +57,39 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
     }                                                                \
   }()
 
+// Most values a thread of an on-chip block holds (its ITEMS template argument).
+constexpr int kOnChipMaxItems = 16;
+
+// Values of one channel that one on-chip block can hold: each thread holds up to
+// kOnChipMaxItems of them; a planar block gives all its threads to one channel, an
+// interleaved block kOnChipThreads / 32 threads to each of its 32 channels.
+int64_t onchip_capacity(const Geometry& g) {
+  return int64_t(kOnChipMaxItems) * (g.layout == Layout::Planar ? kOnChipThreads : kOnChipThreads / kWarpSize);
+}
+
 // The per-channel values each thread of an on-chip block holds (1, 2, 4, 8 or
 // 16), or 0 when the channel is too large for one block.
 int onchip_items(const Geometry& g) {
-  const int64_t per_thread = g.layout == Layout::Planar ? ceil_div(g.count(), kOnChipThreads)
-                                                        : ceil_div(g.count(), kOnChipThreads / kWarpSize);
-  for (int items : {1, 2, 4, 8, 16}) {
+  const int64_t per_thread = ceil_div(g.count(), onchip_capacity(g) / kOnChipMaxItems);
+  for (int items = 1; items <= kOnChipMaxItems; items *= 2) {
     if (per_thread <= items) return items;
   }
   return 0;
 }
 
 // The one place that picks the implementation; tests force either through
-// fastbn.ops.cuda_implementation(...).
+// fastbn.ops.cuda_implementation(...). Forcing the on-chip implementation on a
+// channel it cannot hold is refused (not silently turned into the general one:
+// a test that forces it must know it ran).
 bool use_onchip(const Geometry& g) {
   const int items = onchip_items(g);
   switch (cuda_impl_override()) {
     case CudaImpl::General:
       return false;
     case CudaImpl::OnChip:
-      TORCH_CHECK(items > 0, "fastbn: the on-chip implementation was forced but a channel holds ", g.count(),
-                  " values, more than one block can keep");
+      TORCH_CHECK(items > 0, "fastbn: the on-chip implementation was forced, but a channel of ", g.count(),
+                  " values is over its limit of ", onchip_capacity(g), " values per channel for the ",
+                  g.layout == Layout::Planar ? "contiguous" : "channels_last", " layout");
       return true;
     default:
       return items > 0;
@@ -85,7 +104,7 @@ bool use_onchip(const Geometry& g) {
       case 2: { constexpr int ITEMS = 2; return __VA_ARGS__(); }   \
       case 4: { constexpr int ITEMS = 4; return __VA_ARGS__(); }   \
       case 8: { constexpr int ITEMS = 8; return __VA_ARGS__(); }   \
-      default: { constexpr int ITEMS = 16; return __VA_ARGS__(); } \
+      default: { constexpr int ITEMS = kOnChipMaxItems; return __VA_ARGS__(); } \
     }                                           \
   }()
 
@@ -193,11 +212,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(const Tensor& input, co
       if (use_onchip(g)) {
         FASTBN_BOOL_SWITCH(g.layout == Layout::Interleaved, kInterleaved, [&] {
           FASTBN_ITEMS_SWITCH(onchip_items(g), ITEMS, [&] {
-            onchip_forward_kernel<scalar_t, acc_t, index_t, kInterleaved, ITEMS>
-                <<<onchip_grid(g), onchip_block(g), 0, stream>>>(xp, rp, yp, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
-                                                                 params, acc_t(eps), act, index_t(g.C),
-                                                                 index_t(g.S), index_t(g.count()));
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            launch_kernel(onchip_forward_kernel<scalar_t, acc_t, index_t, kInterleaved, ITEMS>, onchip_grid(g),
+                onchip_block(g), 0, stream, xp, rp, yp, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), params,
+                acc_t(eps), act, index_t(g.C), index_t(g.S), index_t(g.count()));
           });
         });
         return;
@@ -208,24 +225,21 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(const Tensor& input, co
       auto* partial_p = reinterpret_cast<Moments<acc_t>*>(partial.data_ptr());
       auto* coef_p = reinterpret_cast<ForwardCoefficients<acc_t>*>(coef.data_ptr());
       if (g.layout == Layout::Planar) {
-        planar_moments_kernel<scalar_t, acc_t, index_t>
-            <<<l.grid, l.block, 0, stream>>>(xp, partial_p, index_t(g.N), index_t(g.C), index_t(g.S));
+        launch_kernel(planar_moments_kernel<scalar_t, acc_t, index_t>, l.grid, l.block, 0, stream, xp, partial_p,
+            index_t(g.N), index_t(g.C), index_t(g.S));
       } else {
-        interleaved_moments_kernel<scalar_t, acc_t, index_t>
-            <<<l.grid, l.block, 0, stream>>>(xp, partial_p, index_t(g.count()), index_t(g.C));
+        launch_kernel(interleaved_moments_kernel<scalar_t, acc_t, index_t>, l.grid, l.block, 0, stream, xp, partial_p,
+            index_t(g.count()), index_t(g.C));
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      finalize_moments_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
-          partial_p, l.splits, g.C, params, acc_t(eps), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), coef_p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(finalize_moments_kernel<acc_t>, unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream, partial_p,
+          l.splits, g.C, params, acc_t(eps), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(), coef_p);
       if (g.layout == Layout::Planar) {
-        planar_forward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
-            xp, rp, yp, coef_p, act, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
+        launch_kernel(planar_forward_kernel<scalar_t, acc_t, index_t>, elementwise_grid(g, x), kThreads, 0, stream, xp,
+            rp, yp, coef_p, act, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
       } else {
-        interleaved_forward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
+        launch_kernel(interleaved_forward_kernel<scalar_t, acc_t, index_t>, elementwise_grid(g, x), kThreads, 0, stream,
             xp, rp, yp, coef_p, act, index_t(x.numel()), index_t(g.C));
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return {y, mean, var};
@@ -252,21 +266,19 @@ Tensor batch_norm_eval_cuda(const Tensor& input, const std::optional<Tensor>& we
     const ActivationArgs<acc_t> act{act_code, acc_t(activation_param)};
     Tensor coef = workspace(int64_t(sizeof(ForwardCoefficients<acc_t>)) * g.C, x);
     auto* coef_p = reinterpret_cast<ForwardCoefficients<acc_t>*>(coef.data_ptr());
-    eval_coefficients_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
+    launch_kernel(eval_coefficients_kernel<acc_t>, unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream,
         mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(), g.C, channel_params<acc_t>(w, b), acc_t(eps),
         coef_p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     FASTBN_INDEX_SWITCH(x, [&] {
       if (g.layout == Layout::Planar) {
-        planar_forward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
+        launch_kernel(planar_forward_kernel<scalar_t, acc_t, index_t>, elementwise_grid(g, x), kThreads, 0, stream,
             x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(r), y.data_ptr<scalar_t>(), coef_p, act,
             index_t(g.N * g.C), index_t(g.C), index_t(g.S));
       } else {
-        interleaved_forward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
+        launch_kernel(interleaved_forward_kernel<scalar_t, acc_t, index_t>, elementwise_grid(g, x), kThreads, 0, stream,
             x.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(r), y.data_ptr<scalar_t>(), coef_p, act,
             index_t(x.numel()), index_t(g.C));
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return y;
@@ -299,11 +311,10 @@ void backward_into(const BackwardCall& call, double eps, bool train, double acti
       if (use_onchip(g)) {
         FASTBN_BOOL_SWITCH(g.layout == Layout::Interleaved, kInterleaved, [&] {
           FASTBN_ITEMS_SWITCH(onchip_items(g), ITEMS, [&] {
-            onchip_backward_kernel<scalar_t, acc_t, index_t, kInterleaved, ITEMS>
-                <<<onchip_grid(g), onchip_block(g), 0, stream>>>(
-                    dyp, xp, rp, dxp, grp, mp, vp, params, acc_t(eps), train, act, grad_weight.data_ptr<acc_t>(),
-                    grad_bias.data_ptr<acc_t>(), index_t(g.C), index_t(g.S), index_t(g.count()));
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            launch_kernel(onchip_backward_kernel<scalar_t, acc_t, index_t, kInterleaved, ITEMS>, onchip_grid(g),
+                onchip_block(g), 0, stream, dyp, xp, rp, dxp, grp, mp, vp, params, acc_t(eps), train, act,
+                grad_weight.data_ptr<acc_t>(), grad_bias.data_ptr<acc_t>(), index_t(g.C), index_t(g.S),
+                index_t(g.count()));
           });
         });
         return;
@@ -316,29 +327,25 @@ void backward_into(const BackwardCall& call, double eps, bool train, double acti
       auto* coef_p = reinterpret_cast<BackwardCoefficients<acc_t>*>(coef.data_ptr());
       // The forward coefficients recompute the pre-activation output from x.
       auto* fcoef_p = reinterpret_cast<ForwardCoefficients<acc_t>*>(fcoef.data_ptr());
-      eval_coefficients_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
-          mp, vp, g.C, params, acc_t(eps), fcoef_p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(eval_coefficients_kernel<acc_t>, unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream, mp, vp,
+          g.C, params, acc_t(eps), fcoef_p);
       if (g.layout == Layout::Planar) {
-        planar_backward_sums_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, stream>>>(
-            dyp, xp, rp, mp, fcoef_p, act, partial_p, index_t(g.N), index_t(g.C), index_t(g.S));
+        launch_kernel(planar_backward_sums_kernel<scalar_t, acc_t, index_t>, l.grid, l.block, 0, stream, dyp, xp, rp,
+            mp, fcoef_p, act, partial_p, index_t(g.N), index_t(g.C), index_t(g.S));
       } else {
-        interleaved_backward_sums_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, stream>>>(
-            dyp, xp, rp, mp, fcoef_p, act, partial_p, index_t(g.count()), index_t(g.C));
+        launch_kernel(interleaved_backward_sums_kernel<scalar_t, acc_t, index_t>, l.grid, l.block, 0, stream, dyp, xp,
+            rp, mp, fcoef_p, act, partial_p, index_t(g.count()), index_t(g.C));
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      finalize_backward_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
-          partial_p, l.splits, g.C, mp, vp, params, acc_t(eps), g.count(), train, grad_weight.data_ptr<acc_t>(),
+      launch_kernel(finalize_backward_kernel<acc_t>, unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream, partial_p,
+          l.splits, g.C, mp, vp, params, acc_t(eps), g.count(), train, grad_weight.data_ptr<acc_t>(),
           grad_bias.data_ptr<acc_t>(), coef_p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (g.layout == Layout::Planar) {
-        planar_backward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
+        launch_kernel(planar_backward_kernel<scalar_t, acc_t, index_t>, elementwise_grid(g, x), kThreads, 0, stream,
             dyp, xp, rp, dxp, grp, fcoef_p, coef_p, act, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
       } else {
-        interleaved_backward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, x), kThreads, 0, stream>>>(
-            dyp, xp, rp, dxp, grp, fcoef_p, coef_p, act, index_t(x.numel()), index_t(g.C));
+        launch_kernel(interleaved_backward_kernel<scalar_t, acc_t, index_t>, elementwise_grid(g, x), kThreads, 0,
+            stream, dyp, xp, rp, dxp, grp, fcoef_p, coef_p, act, index_t(x.numel()), index_t(g.C));
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }
@@ -400,13 +407,12 @@ void batch_norm_eval_inplace_cuda(const Tensor& input, const std::optional<Tenso
 template <typename index_t, typename Op>
 void launch_map(const Op& op, const Geometry& g, const Tensor& like, cudaStream_t stream) {
   if (g.layout == Layout::Planar) {
-    planar_map_kernel<index_t><<<elementwise_grid(g, like), kThreads, 0, stream>>>(op, index_t(g.N * g.C),
-                                                                                   index_t(g.C), index_t(g.S));
+    launch_kernel(planar_map_kernel<index_t, Op>, elementwise_grid(g, like), kThreads, 0, stream, op,
+        index_t(g.N * g.C), index_t(g.C), index_t(g.S));
   } else {
-    interleaved_map_kernel<index_t><<<elementwise_grid(g, like), kThreads, 0, stream>>>(op, index_t(like.numel()),
-                                                                                        index_t(g.C));
+    launch_kernel(interleaved_map_kernel<index_t, Op>, elementwise_grid(g, like), kThreads, 0, stream, op,
+        index_t(like.numel()), index_t(g.C));
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<Tensor, Tensor> batch_norm_invert_output_cuda(const Tensor& grad_output, const Tensor& output,
@@ -424,10 +430,9 @@ std::tuple<Tensor, Tensor> batch_norm_invert_output_cuda(const Tensor& grad_outp
     using acc_t = at::opmath_type<scalar_t>;
     Tensor coef = workspace(int64_t(sizeof(ForwardCoefficients<acc_t>)) * o.g.C, o.x);
     auto* coef_p = reinterpret_cast<ForwardCoefficients<acc_t>*>(coef.data_ptr());
-    eval_coefficients_kernel<acc_t><<<unsigned(ceil_div(o.g.C, kThreads)), kThreads, 0, stream>>>(
+    launch_kernel(eval_coefficients_kernel<acc_t>, unsigned(ceil_div(o.g.C, kThreads)), kThreads, 0, stream,
         zero_mean.const_data_ptr<acc_t>(), o.var.const_data_ptr<acc_t>(), o.g.C, channel_params<acc_t>(o.w, o.b),
         acc_t(eps), coef_p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const InvertOutputOp<scalar_t, acc_t> map{o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), coef_p,
                                               ActivationArgs<acc_t>{call.act, acc_t(activation_param)},
                                               acc_t(elu_inverse_floor<scalar_t>()), call.grad.data_ptr<acc_t>(),
@@ -462,17 +467,15 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input) {
       Tensor coef = workspace(int64_t(sizeof(ForwardCoefficients<acc_t>)) * g.C, x);
       auto* partial_p = reinterpret_cast<Moments<acc_t>*>(partial.data_ptr());
       if (g.layout == Layout::Planar) {
-        planar_moments_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, stream>>>(
+        launch_kernel(planar_moments_kernel<scalar_t, acc_t, index_t>, l.grid, l.block, 0, stream,
             x.const_data_ptr<scalar_t>(), partial_p, index_t(g.N), index_t(g.C), index_t(g.S));
       } else {
-        interleaved_moments_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, stream>>>(
+        launch_kernel(interleaved_moments_kernel<scalar_t, acc_t, index_t>, l.grid, l.block, 0, stream,
             x.const_data_ptr<scalar_t>(), partial_p, index_t(g.count()), index_t(g.C));
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      finalize_moments_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
-          partial_p, l.splits, g.C, ChannelParams<acc_t>{nullptr, nullptr}, acc_t(0), mean.data_ptr<acc_t>(),
+      launch_kernel(finalize_moments_kernel<acc_t>, unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream, partial_p,
+          l.splits, g.C, ChannelParams<acc_t>{nullptr, nullptr}, acc_t(0), mean.data_ptr<acc_t>(),
           var.data_ptr<acc_t>(), reinterpret_cast<ForwardCoefficients<acc_t>*>(coef.data_ptr()));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return {mean, var};
@@ -505,22 +508,19 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(const Tensor& grad_ou
       Tensor fcoef = workspace(int64_t(sizeof(ForwardCoefficients<acc_t>)) * g.C, o.x);
       auto* partial_p = reinterpret_cast<SumPair<acc_t>*>(partial.data_ptr());
       auto* fcoef_p = reinterpret_cast<ForwardCoefficients<acc_t>*>(fcoef.data_ptr());
-      eval_coefficients_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
-          mp, o.var.const_data_ptr<acc_t>(), g.C, params, acc_t(eps), fcoef_p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(eval_coefficients_kernel<acc_t>, unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream, mp,
+          o.var.const_data_ptr<acc_t>(), g.C, params, acc_t(eps), fcoef_p);
       if (g.layout == Layout::Planar) {
-        planar_backward_sums_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, stream>>>(
+        launch_kernel(planar_backward_sums_kernel<scalar_t, acc_t, index_t>, l.grid, l.block, 0, stream,
             o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), nullptr, mp, fcoef_p, act, partial_p,
             index_t(g.N), index_t(g.C), index_t(g.S));
       } else {
-        interleaved_backward_sums_kernel<scalar_t, acc_t, index_t><<<l.grid, l.block, 0, stream>>>(
+        launch_kernel(interleaved_backward_sums_kernel<scalar_t, acc_t, index_t>, l.grid, l.block, 0, stream,
             o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), nullptr, mp, fcoef_p, act, partial_p,
             index_t(g.count()), index_t(g.C));
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      finalize_sums_kernel<acc_t><<<unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
-          partial_p, l.splits, g.C, sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(finalize_sums_kernel<acc_t>, unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream, partial_p,
+          l.splits, g.C, sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>());
     });
   });
   return {sum_dy, sum_dy_xmu};
@@ -554,22 +554,20 @@ Tensor batch_norm_backward_elemt_cuda(const Tensor& grad_output, const Tensor& i
     auto* coef_p = reinterpret_cast<BackwardCoefficients<acc_t>*>(coef.data_ptr());
     auto* fcoef_p = reinterpret_cast<ForwardCoefficients<acc_t>*>(fcoef.data_ptr());
     const unsigned channel_blocks = unsigned(ceil_div(g.C, kThreads));
-    eval_coefficients_kernel<acc_t><<<channel_blocks, kThreads, 0, stream>>>(mp, vp, g.C, params, acc_t(eps), fcoef_p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    backward_coefficients_kernel<acc_t><<<channel_blocks, kThreads, 0, stream>>>(
-        mp, vp, sdy.const_data_ptr<acc_t>(), sdx.const_data_ptr<acc_t>(), g.C, params, acc_t(eps), count, coef_p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(eval_coefficients_kernel<acc_t>, channel_blocks, kThreads, 0, stream, mp, vp, g.C, params, acc_t(eps),
+        fcoef_p);
+    launch_kernel(backward_coefficients_kernel<acc_t>, channel_blocks, kThreads, 0, stream, mp, vp,
+        sdy.const_data_ptr<acc_t>(), sdx.const_data_ptr<acc_t>(), g.C, params, acc_t(eps), count, coef_p);
     FASTBN_INDEX_SWITCH(o.x, [&] {
       if (g.layout == Layout::Planar) {
-        planar_backward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, o.x), kThreads, 0, stream>>>(
+        launch_kernel(planar_backward_kernel<scalar_t, acc_t, index_t>, elementwise_grid(g, o.x), kThreads, 0, stream,
             o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), nullptr, dx.data_ptr<scalar_t>(), nullptr,
             fcoef_p, coef_p, act, index_t(g.N * g.C), index_t(g.C), index_t(g.S));
       } else {
-        interleaved_backward_kernel<scalar_t, acc_t, index_t><<<elementwise_grid(g, o.x), kThreads, 0, stream>>>(
-            o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), nullptr, dx.data_ptr<scalar_t>(), nullptr,
-            fcoef_p, coef_p, act, index_t(o.x.numel()), index_t(g.C));
+        launch_kernel(interleaved_backward_kernel<scalar_t, acc_t, index_t>, elementwise_grid(g, o.x), kThreads, 0,
+            stream, o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(), nullptr, dx.data_ptr<scalar_t>(),
+            nullptr, fcoef_p, coef_p, act, index_t(o.x.numel()), index_t(g.C));
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return dx;
@@ -592,10 +590,9 @@ void update_running_stats_cuda(const Tensor& running_mean, const Tensor& running
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rm.scalar_type(), "fastbn_update_running_stats_cuda", [&] {
     using stat_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "fastbn_update_running_stats_cuda_acc", [&] {
-      update_running_stats_kernel<stat_t, scalar_t><<<unsigned(ceil_div(C, kThreads)), kThreads, 0, stream>>>(
+      launch_kernel(update_running_stats_kernel<stat_t, scalar_t>, unsigned(ceil_div(C, kThreads)), kThreads, 0, stream,
           rm.data_ptr<stat_t>(), rv.data_ptr<stat_t>(), m.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
           factor, count, C);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   if (!rm.is_same(running_mean)) running_mean.copy_(rm);
@@ -604,7 +601,7 @@ void update_running_stats_cuda(const Tensor& running_mean, const Tensor& running
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastbn, CUDA, m) {
+TORCH_LIBRARY_IMPL(fastbn, FASTBN_CUDA_DISPATCH_KEY, m) {
   m.impl("batch_norm_train", &batch_norm_train_cuda);
   m.impl("batch_norm_eval", &batch_norm_eval_cuda);
   m.impl("batch_norm_train_", &batch_norm_train_inplace_cuda);

@@ -91,8 +91,7 @@ __global__ void finalize_moments_kernel(const Moments<acc_t>* __restrict__ parti
                                         acc_t* __restrict__ var_out, ForwardCoefficients<acc_t>* __restrict__ coef) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  Moments<acc_t> m{acc_t(0), acc_t(0), 0};
-  for (int j = 0; j < splits; ++j) m = moments_merge(m, partial[c * splits + j]);
+  const Moments<acc_t> m = combine_pairwise(partial + c * splits, splits, Moments<acc_t>{acc_t(0), acc_t(0), 0});
   const acc_t var = moments_biased_var(m);
   mean_out[c] = m.mean;
   var_out[c] = var;
@@ -164,11 +163,8 @@ __global__ void finalize_backward_kernel(const SumPair<acc_t>* __restrict__ part
                                          BackwardCoefficients<acc_t>* __restrict__ coef) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  acc_t sum_dy = 0, sum_dy_xmu = 0;
-  for (int j = 0; j < splits; ++j) {
-    sum_dy += partial[c * splits + j].a;
-    sum_dy_xmu += partial[c * splits + j].b;
-  }
+  const SumPair<acc_t> sums = combine_pairwise(partial + c * splits, splits, SumPair<acc_t>{acc_t(0), acc_t(0)});
+  const acc_t sum_dy = sums.a, sum_dy_xmu = sums.b;
   grad_bias[c] = sum_dy;
   grad_weight[c] = grad_weight_from_sums(sum_dy_xmu, var[c], eps);
   coef[c] = backward_coefficients(mean[c], var[c], eps, params.w(c), sum_dy, sum_dy_xmu, count, train);
@@ -181,13 +177,9 @@ __global__ void finalize_sums_kernel(const SumPair<acc_t>* __restrict__ partial,
                                      acc_t* __restrict__ sum_dy, acc_t* __restrict__ sum_dy_xmu) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  acc_t a = 0, b = 0;
-  for (int j = 0; j < splits; ++j) {
-    a += partial[c * splits + j].a;
-    b += partial[c * splits + j].b;
-  }
-  sum_dy[c] = a;
-  sum_dy_xmu[c] = b;
+  const SumPair<acc_t> sums = combine_pairwise(partial + c * splits, splits, SumPair<acc_t>{acc_t(0), acc_t(0)});
+  sum_dy[c] = sums.a;
+  sum_dy_xmu[c] = sums.b;
 }
 
 template <typename acc_t>
