@@ -155,13 +155,10 @@ def load_fastbn_module_factory(stand_in: bool) -> Tuple[Callable[..., torch.nn.M
             raise NotAvailable(str(error)) from error
 
     description = f"fastbn {getattr(fastbn, '__version__', '?')} ({os.path.dirname(fastbn.__file__)})"
-    # Report the vector ISA the CPU kernels were built for, where the package exposes it.
-    for attribute in ("cpu_capability", "CPU_CAPABILITY"):
-        capability = getattr(fastbn, attribute, None)
-        if capability is not None:
-            capability = capability() if callable(capability) else capability
-            description += f", CPU kernels: {capability}"
-            break
+    # The vector ISA the CPU kernels run with (chosen at import; FASTBN_CPU_CAPABILITY lowers it).
+    capability = getattr(getattr(fastbn, "ops", None), "CPU_CAPABILITY", None)
+    if capability is not None:
+        description += f", CPU kernels: {capability}"
     return make_fastbn, description
 
 
