@@ -185,6 +185,12 @@ void check_invertible(Activation act, double param, const char* op) {
               "slope, elu with a positive alpha), got activation ", static_cast<int>(act), " with activation_param ", param);
 }
 
+Activation check_activation(int64_t activation, double param, const char* op) {
+  const Activation act = check_activation(activation, op);
+  check_activation_param(act, param, op);
+  return act;
+}
+
 at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -195,20 +201,32 @@ at::Tensor to_accumulate(const std::optional<at::Tensor>& vec, at::ScalarType ac
 }
 
 TrainOperands train_operands(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                             const std::optional<at::Tensor>& bias, int64_t activation, const char* op) {
+                             const std::optional<at::Tensor>& bias, int64_t activation, double activation_param,
+                             const char* op) {
   check_input(input, op);
   TrainOperands o{describe(input), check_activation(activation, op)};
   check_channel_vector(input, weight, "weight", op);
   check_channel_vector(input, bias, "bias", op);
+  check_activation_param(o.act, activation_param, op);
   const auto acc = accumulate_dtype(input.scalar_type());
   o.mean = at::empty({o.g.C}, input.options().dtype(acc));
   o.var = at::empty({o.g.C}, input.options().dtype(acc));
   return o;
 }
 
-Geometry eval_operands(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                       const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                       const at::Tensor& running_var, const char* op) {
+TrainOperands train_inplace_operands(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias, int64_t activation,
+                                     double activation_param, const char* op) {
+  TrainOperands o = train_operands(input, weight, bias, activation, activation_param, op);
+  check_invertible(o.act, activation_param, op);
+  check_writable_input(input, op);
+  return o;
+}
+
+EvalOperands eval_operands(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                           const at::Tensor& running_var, int64_t activation, double activation_param,
+                           const char* op) {
   check_input(input, op);
   check_channel_vector(input, weight, "weight", op);
   check_channel_vector(input, bias, "bias", op);
@@ -216,7 +234,18 @@ Geometry eval_operands(const at::Tensor& input, const std::optional<at::Tensor>&
   check_defined(running_var, "running_var", op);
   check_channel_vector(input, running_mean, "running_mean", op);
   check_channel_vector(input, running_var, "running_var", op);
-  return describe(input);
+  return {describe(input), check_activation(activation, activation_param, op)};
+}
+
+EvalOperands eval_inplace_operands(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                                   const at::Tensor& running_var, int64_t activation, double activation_param,
+                                   const char* op) {
+  const EvalOperands o =
+      eval_operands(input, weight, bias, running_mean, running_var, activation, activation_param, op);
+  check_invertible(o.act, activation_param, op);
+  check_writable_input(input, op);
+  return o;
 }
 
 PhaseOperands backward_phase_operands(const at::Tensor& grad_output, const at::Tensor& input,
@@ -250,7 +279,7 @@ PhaseOperands backward_phase_operands(const at::Tensor& grad_output, const at::T
 BackwardCall backward_call(const at::Tensor& grad_output, const at::Tensor& input,
                            const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
-                           int64_t activation, const char* op) {
+                           int64_t activation, double activation_param, const char* op) {
   const Activation act = check_activation(activation, op);
   BackwardCall b{backward_phase_operands(grad_output, input, weight, bias, mean, var, op)};
   b.act = act;
@@ -261,6 +290,7 @@ BackwardCall backward_call(const at::Tensor& grad_output, const at::Tensor& inpu
   const auto acc = input.options().dtype(accumulate_dtype(input.scalar_type()));
   b.grad_weight = at::zeros({b.o.g.C}, acc);
   b.grad_bias = at::zeros({b.o.g.C}, acc);
+  check_activation_param(act, activation_param, op);
   return b;
 }
 

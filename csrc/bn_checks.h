@@ -79,6 +79,9 @@ void check_activation_param(Activation act, double param, const char* op);
 // An activation in-place activated BN can undo (activation_invertible in bn_math.h).
 void check_invertible(Activation act, double param, const char* op);
 
+// check_activation, then check_activation_param: the activation code and its parameter.
+Activation check_activation(int64_t activation, double param, const char* op);
+
 // Runs __VA_ARGS__ (a lambda) with `constexpr Activation NAME` set to `act`.
 #define FASTBN_ACTIVATION_SWITCH(act, NAME, ...)                                                        \
   [&] {                                                                                              \
@@ -105,13 +108,33 @@ struct TrainOperands {
   at::Tensor mean, var;
 };
 
+// Every backend's training forwards run these checks, in this order, before any write.
 TrainOperands train_operands(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                             const std::optional<at::Tensor>& bias, int64_t activation, const char* op);
+                             const std::optional<at::Tensor>& bias, int64_t activation, double activation_param,
+                             const char* op);
 
-// The evaluation forwards' checks; returns describe(input).
-Geometry eval_operands(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                       const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                       const at::Tensor& running_var, const char* op);
+// batch_norm_train_'s: train_operands's checks, then an invertible activation and an input
+// it can write over.
+TrainOperands train_inplace_operands(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias, int64_t activation,
+                                     double activation_param, const char* op);
+
+// The evaluation forwards' checked arguments: describe(input) and the activation.
+struct EvalOperands {
+  Geometry g;
+  Activation act;
+};
+
+EvalOperands eval_operands(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                           const at::Tensor& running_var, int64_t activation, double activation_param,
+                           const char* op);
+
+// batch_norm_eval_'s: eval_operands's checks, then as train_inplace_operands.
+EvalOperands eval_inplace_operands(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                                   const at::Tensor& running_var, int64_t activation, double activation_param,
+                                   const char* op);
 
 // The operands of the backward ops (fused and SyncBatchNorm's phases), checked and made dense:
 // x and dy in the layout of describe(input), the vectors in the accumulation dtype.
@@ -138,7 +161,7 @@ struct BackwardCall {
 BackwardCall backward_call(const at::Tensor& grad_output, const at::Tensor& input,
                            const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
-                           int64_t activation, const char* op);
+                           int64_t activation, double activation_param, const char* op);
 
 // batch_norm_invert_output's checked operands (o.x is the output y; o.mean is
 // unused: in-place activated BN's backward works on centered values) and its

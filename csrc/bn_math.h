@@ -50,11 +50,16 @@ FASTBN_HOST_DEVICE Moments<acc_t> moments_merge(const Moments<acc_t>& a, const M
 }
 
 // One more value into the moments (Welford's update).
+// Once the mean is infinite (an infinite value came) mean + delta / count would be
+// inf - inf = NaN at the next finite value; torch's sum / n stays infinite. The mean then
+// takes mean + x instead: still +-inf, NaN for the opposite infinity or a NaN, as the sum.
+// A select, not a branch (no divergence in the kernels' hot loops); M2 is NaN by then.
 template <typename acc_t>
 FASTBN_HOST_DEVICE void moments_push(Moments<acc_t>& m, acc_t x) {
   m.count += 1;
   const acc_t delta = x - m.mean;
-  m.mean += delta / acc_t(m.count);
+  const acc_t finite_step = m.mean + delta / acc_t(m.count);
+  m.mean = m.mean - m.mean == acc_t(0) ? finite_step : m.mean + x;
   m.m2 += delta * (x - m.mean);
 }
 
@@ -287,6 +292,12 @@ template <typename acc_t>
 FASTBN_HOST_DEVICE acc_t running_var_update(acc_t running_var, acc_t batch_var, acc_t factor, int64_t count) {
   const acc_t unbiased = count > 1 ? batch_var * (acc_t(count) / acc_t(count - 1)) : batch_var;
   return (acc_t(1) - factor) * running_var + factor * unbiased;
+}
+
+// running_var_update for the variance, running_mean_update for the mean.
+template <typename acc_t>
+FASTBN_HOST_DEVICE acc_t running_stat_update(acc_t running, acc_t batch, bool is_var, acc_t factor, int64_t count) {
+  return is_var ? running_var_update(running, batch, factor, count) : running_mean_update(running, batch, factor);
 }
 
 }  // namespace fastbn

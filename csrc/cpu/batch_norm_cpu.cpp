@@ -54,8 +54,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(const Tensor& input, con
                                                         int64_t activation, double activation_param,
                                                         const std::optional<Tensor>& residual) {
   constexpr const char* op = "fastbn.batch_norm_train";
-  const TrainOperands o = train_operands(input, weight, bias, activation, op);
-  check_activation_param(o.act, activation_param, op);
+  const TrainOperands o = train_operands(input, weight, bias, activation, activation_param, op);
   const Tensor x = input.contiguous(o.g.format);
   const Tensor r = dense_residual(input, residual, o.g, op);
   Tensor y = at::empty(input.sizes(), input.options().memory_format(o.g.format));
@@ -67,10 +66,7 @@ std::tuple<Tensor, Tensor> batch_norm_train_inplace_cpu(const Tensor& input, con
                                                         const std::optional<Tensor>& bias, double eps,
                                                         int64_t activation, double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_train_";
-  const TrainOperands o = train_operands(input, weight, bias, activation, op);
-  check_activation_param(o.act, activation_param, op);
-  check_invertible(o.act, activation_param, op);
-  check_writable_input(input, op);
+  const TrainOperands o = train_inplace_operands(input, weight, bias, activation, activation_param, op);
   // The kernels overwrite each value after reading it: they write into input when
   // it is dense, else into its dense copy, which then goes back into input.
   const Tensor x = input.contiguous(o.g.format);
@@ -83,9 +79,7 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const std::optional<Tensor>& wei
                            const Tensor& running_mean, const Tensor& running_var, double eps, int64_t activation,
                            double activation_param, const std::optional<Tensor>& residual) {
   constexpr const char* op = "fastbn.batch_norm_eval";
-  const Geometry g = eval_operands(input, weight, bias, running_mean, running_var, op);
-  const Activation act = check_activation(activation, op);
-  check_activation_param(act, activation_param, op);
+  const auto [g, act] = eval_operands(input, weight, bias, running_mean, running_var, activation, activation_param, op);
   const Tensor x = input.contiguous(g.format);
   const Tensor r = dense_residual(input, residual, g, op);
   Tensor y = at::empty(input.sizes(), input.options().memory_format(g.format));
@@ -97,11 +91,8 @@ void batch_norm_eval_inplace_cpu(const Tensor& input, const std::optional<Tensor
                                  const std::optional<Tensor>& bias, const Tensor& running_mean,
                                  const Tensor& running_var, double eps, int64_t activation, double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_eval_";
-  const Geometry g = eval_operands(input, weight, bias, running_mean, running_var, op);
-  const Activation act = check_activation(activation, op);
-  check_activation_param(act, activation_param, op);
-  check_invertible(act, activation_param, op);
-  check_writable_input(input, op);
+  const auto [g, act] =
+      eval_inplace_operands(input, weight, bias, running_mean, running_var, activation, activation_param, op);
   const Tensor x = input.contiguous(g.format);  // as in batch_norm_train_inplace_cpu
   eval_into(x, Tensor(), x, running_mean, running_var, weight, bias, eps, act, activation_param, g);
   store_in_place(input, x);
@@ -113,8 +104,7 @@ BackwardCall backward_cpu(const Tensor& grad_output, const Tensor& input, const 
                           const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const Tensor& mean,
                           const Tensor& var, double eps, bool train, int64_t activation, double activation_param,
                           const char* op) {
-  BackwardCall b = backward_call(grad_output, input, residual, weight, bias, mean, var, activation, op);
-  check_activation_param(b.act, activation_param, op);
+  BackwardCall b = backward_call(grad_output, input, residual, weight, bias, mean, var, activation, activation_param, op);
   if (b.empty()) return b;
   active_kernels().backward(b, eps, activation_param, train);
   return b;
@@ -182,8 +172,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cpu(const Tensor& grad_out
                                                           const Tensor& var, double eps, int64_t activation,
                                                           double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_backward_reduce";
-  const Activation act = check_activation(activation, op);
-  check_activation_param(act, activation_param, op);
+  const Activation act = check_activation(activation, activation_param, op);
   const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
   const auto acc = accumulate_dtype(input.scalar_type());
   Tensor sum_dy = at::zeros({o.g.C}, input.options().dtype(acc));
@@ -199,8 +188,7 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& in
                                      const Tensor& sum_dy_xmu, double eps, int64_t count, int64_t activation,
                                      double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_backward_elemt";
-  const Activation act = check_activation(activation, op);
-  check_activation_param(act, activation_param, op);
+  const Activation act = check_activation(activation, activation_param, op);
   TORCH_CHECK(count >= 0, op, ": count must be non-negative, got ", count);
   const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
   check_backward_elemt_sums(input, sum_dy, sum_dy_xmu, count, o.g, op);
@@ -224,7 +212,7 @@ void update_running_stat(const Tensor& running, const Tensor& batch, bool is_var
   const double* b = batch_values.const_data_ptr<double>();
   for (int64_t c = 0; c < C; ++c) {
     const double old = shared && c > 0 ? r[c - 1] : r[c];
-    r[c] = is_var ? running_var_update(old, b[c], factor, count) : running_mean_update(old, b[c], factor);
+    r[c] = running_stat_update(old, b[c], is_var, factor, count);
   }
   if (shared) {
     running.narrow(0, 0, 1).copy_(values.narrow(0, C - 1, 1));

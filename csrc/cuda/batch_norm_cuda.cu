@@ -180,28 +180,23 @@ const scalar_t* data_or_null(const Tensor& t) {
   return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(const Tensor& input, const std::optional<Tensor>& weight,
-                                                         const std::optional<Tensor>& bias, double eps,
-                                                         int64_t activation, double activation_param,
-                                                         const std::optional<Tensor>& residual) {
-  constexpr const char* op = "fastbn.batch_norm_train";
-  const TrainOperands o = train_operands(input, weight, bias, activation, op);
+// Training forward of x (dense in o.g.format) into y, a tensor apart (the kernels take
+// __restrict__ pointers); the statistics go into o.mean and o.var.
+void train_into(const Tensor& x, const Tensor& r, const Tensor& y, const TrainOperands& o,
+                const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, double eps,
+                double activation_param) {
   const Activation act_code = o.act;
-  c10::cuda::CUDAGuard guard(input.device());
   const Geometry& g = o.g;
-  const auto acc = accumulate_dtype(input.scalar_type());
-  const Tensor x = input.contiguous(g.format);
-  const Tensor r = dense_residual(input, residual, g, op);
-  Tensor y = at::empty(input.sizes(), input.options().memory_format(g.format));
-  Tensor mean = o.mean, var = o.var;
+  const Tensor &mean = o.mean, &var = o.var;
   if (g.count() == 0 || g.C == 0) {
     mean.fill_(std::numeric_limits<double>::quiet_NaN());
     var.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {y, mean, var};
+    return;
   }
+  const auto acc = accumulate_dtype(x.scalar_type());
   const Tensor w = to_accumulate(weight, acc), b = to_accumulate(bias, acc);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_train_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_batch_norm_train_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto params = channel_params<acc_t>(w, b);
     const ActivationArgs<acc_t> act{act_code, acc_t(activation_param)};
@@ -242,26 +237,34 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(const Tensor& input, co
       }
     });
   });
-  return {y, mean, var};
 }
 
-Tensor batch_norm_eval_cuda(const Tensor& input, const std::optional<Tensor>& weight,
-                            const std::optional<Tensor>& bias, const Tensor& running_mean, const Tensor& running_var,
-                            double eps, int64_t activation, double activation_param,
-                            const std::optional<Tensor>& residual) {
-  constexpr const char* op = "fastbn.batch_norm_eval";
-  const Geometry g = eval_operands(input, weight, bias, running_mean, running_var, op);
-  const Activation act_code = check_activation(activation, op);
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cuda(const Tensor& input, const std::optional<Tensor>& weight,
+                                                         const std::optional<Tensor>& bias, double eps,
+                                                         int64_t activation, double activation_param,
+                                                         const std::optional<Tensor>& residual) {
+  constexpr const char* op = "fastbn.batch_norm_train";
+  const TrainOperands o = train_operands(input, weight, bias, activation, activation_param, op);
+  const Tensor r = dense_residual(input, residual, o.g, op);
   c10::cuda::CUDAGuard guard(input.device());
-  const auto acc = accumulate_dtype(input.scalar_type());
-  const Tensor x = input.contiguous(g.format);
-  const Tensor r = dense_residual(input, residual, g, op);
-  Tensor y = at::empty(input.sizes(), input.options().memory_format(g.format));
-  if (x.numel() == 0) return y;
+  const Tensor x = input.contiguous(o.g.format);
+  Tensor y = at::empty(input.sizes(), input.options().memory_format(o.g.format));
+  train_into(x, r, y, o, weight, bias, eps, activation_param);
+  return {y, o.mean, o.var};
+}
+
+// Evaluation forward of x (dense in g.format) into y, a tensor apart.
+void eval_into(const Tensor& x, const Tensor& r, const Tensor& y, const EvalOperands& o,
+               const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const Tensor& running_mean,
+               const Tensor& running_var, double eps, double activation_param) {
+  const Geometry& g = o.g;
+  const Activation act_code = o.act;
+  if (x.numel() == 0) return;
+  const auto acc = accumulate_dtype(x.scalar_type());
   const Tensor w = to_accumulate(weight, acc), b = to_accumulate(bias, acc);
   const Tensor mean = to_accumulate(running_mean, acc), var = to_accumulate(running_var, acc);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastbn_batch_norm_eval_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_batch_norm_eval_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ActivationArgs<acc_t> act{act_code, acc_t(activation_param)};
     Tensor coef = workspace(int64_t(sizeof(ForwardCoefficients<acc_t>)) * g.C, x);
@@ -281,6 +284,20 @@ Tensor batch_norm_eval_cuda(const Tensor& input, const std::optional<Tensor>& we
       }
     });
   });
+}
+
+Tensor batch_norm_eval_cuda(const Tensor& input, const std::optional<Tensor>& weight,
+                            const std::optional<Tensor>& bias, const Tensor& running_mean, const Tensor& running_var,
+                            double eps, int64_t activation, double activation_param,
+                            const std::optional<Tensor>& residual) {
+  constexpr const char* op = "fastbn.batch_norm_eval";
+  const EvalOperands o =
+      eval_operands(input, weight, bias, running_mean, running_var, activation, activation_param, op);
+  const Tensor r = dense_residual(input, residual, o.g, op);
+  c10::cuda::CUDAGuard guard(input.device());
+  const Tensor x = input.contiguous(o.g.format);
+  Tensor y = at::empty(input.sizes(), input.options().memory_format(o.g.format));
+  eval_into(x, r, y, o, weight, bias, running_mean, running_var, eps, activation_param);
   return y;
 }
 
@@ -354,8 +371,8 @@ BackwardCall backward_cuda(const Tensor& grad_output, const Tensor& input, const
                            const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                            const Tensor& mean, const Tensor& var, double eps, bool train, int64_t activation,
                            double activation_param, const char* op) {
+  BackwardCall b = backward_call(grad_output, input, residual, weight, bias, mean, var, activation, activation_param, op);
   c10::cuda::CUDAGuard guard(input.device());
-  BackwardCall b = backward_call(grad_output, input, residual, weight, bias, mean, var, activation, op);
   backward_into(b, eps, train, activation_param);
   return b;
 }
@@ -387,20 +404,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_act_backward_cuda(
 std::tuple<Tensor, Tensor> batch_norm_train_inplace_cuda(const Tensor& input, const std::optional<Tensor>& weight,
                                                          const std::optional<Tensor>& bias, double eps,
                                                          int64_t activation, double activation_param) {
-  check_invertible(check_activation(activation, "fastbn.batch_norm_train_"), activation_param,
-                   "fastbn.batch_norm_train_");
-  auto [y, mean, var] = batch_norm_train_cuda(input, weight, bias, eps, activation, activation_param, std::nullopt);
+  const TrainOperands o =
+      train_inplace_operands(input, weight, bias, activation, activation_param, "fastbn.batch_norm_train_");
+  c10::cuda::CUDAGuard guard(input.device());
+  const Tensor x = input.contiguous(o.g.format);
+  Tensor y = at::empty(input.sizes(), input.options().memory_format(o.g.format));
+  train_into(x, Tensor(), y, o, weight, bias, eps, activation_param);
   input.copy_(y);
-  return {mean, var};
+  return {o.mean, o.var};
 }
 
 void batch_norm_eval_inplace_cuda(const Tensor& input, const std::optional<Tensor>& weight,
                                   const std::optional<Tensor>& bias, const Tensor& running_mean,
                                   const Tensor& running_var, double eps, int64_t activation, double activation_param) {
-  check_invertible(check_activation(activation, "fastbn.batch_norm_eval_"), activation_param,
-                   "fastbn.batch_norm_eval_");
-  input.copy_(batch_norm_eval_cuda(input, weight, bias, running_mean, running_var, eps, activation, activation_param,
-                                   std::nullopt));
+  const EvalOperands o = eval_inplace_operands(input, weight, bias, running_mean, running_var, activation,
+                                              activation_param, "fastbn.batch_norm_eval_");
+  c10::cuda::CUDAGuard guard(input.device());
+  const Tensor x = input.contiguous(o.g.format);
+  Tensor y = at::empty(input.sizes(), input.options().memory_format(o.g.format));
+  eval_into(x, Tensor(), y, o, weight, bias, running_mean, running_var, eps, activation_param);
+  input.copy_(y);
 }
 
 // Launches op over every value of a tensor of geometry g (planar or interleaved).
@@ -419,9 +442,9 @@ std::tuple<Tensor, Tensor> batch_norm_invert_output_cuda(const Tensor& grad_outp
                                                          const std::optional<Tensor>& weight,
                                                          const std::optional<Tensor>& bias, const Tensor& var,
                                                          double eps, int64_t activation, double activation_param) {
-  c10::cuda::CUDAGuard guard(output.device());
   const InvertCall call = invert_output_call(grad_output, output, weight, bias, var, activation, activation_param,
                                              "fastbn.batch_norm_invert_output");
+  c10::cuda::CUDAGuard guard(output.device());
   if (call.empty()) return {call.grad, call.centered};
   const PhaseOperands& o = call.o;
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -488,9 +511,9 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(const Tensor& grad_ou
                                                            const Tensor& var, double eps, int64_t activation,
                                                            double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_backward_reduce";
-  const Activation act_code = check_activation(activation, op);
-  c10::cuda::CUDAGuard guard(input.device());
+  const Activation act_code = check_activation(activation, activation_param, op);
   const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
+  c10::cuda::CUDAGuard guard(input.device());
   const Geometry& g = o.g;
   const auto acc = accumulate_dtype(input.scalar_type());
   Tensor sum_dy = at::zeros({g.C}, input.options().dtype(acc));
@@ -532,11 +555,11 @@ Tensor batch_norm_backward_elemt_cuda(const Tensor& grad_output, const Tensor& i
                                       const Tensor& sum_dy_xmu, double eps, int64_t count, int64_t activation,
                                       double activation_param) {
   constexpr const char* op = "fastbn.batch_norm_backward_elemt";
-  const Activation act_code = check_activation(activation, op);
+  const Activation act_code = check_activation(activation, activation_param, op);
   TORCH_CHECK(count >= 0, op, ": count must be non-negative, got ", count);
-  c10::cuda::CUDAGuard guard(input.device());
   const PhaseOperands o = backward_phase_operands(grad_output, input, weight, bias, mean, var, op);
   check_backward_elemt_sums(input, sum_dy, sum_dy_xmu, count, o.g, op);
+  c10::cuda::CUDAGuard guard(input.device());
   const Geometry& g = o.g;
   const auto acc = accumulate_dtype(input.scalar_type());
   Tensor dx = at::empty(input.sizes(), input.options().memory_format(g.format));
@@ -573,30 +596,41 @@ Tensor batch_norm_backward_elemt_cuda(const Tensor& grad_output, const Tensor& i
   return dx;
 }
 
+// One running statistic updated in double from the batch's (as update_running_stat in
+// batch_norm_cpu.cpp); one expanded from one value (stride 0) takes every channel's
+// update in turn through that value.
+void update_running_stat(const Tensor& running, const Tensor& batch, bool is_var, double factor, int64_t count,
+                         cudaStream_t stream) {
+  const int64_t C = running.numel();
+  const bool shared = C > 1 && running.stride(0) == 0;
+  const Tensor target = shared ? running.narrow(0, 0, 1) : running;
+  // Work on a contiguous buffer; copy back only if the caller's was not.
+  Tensor r = target.contiguous();
+  const Tensor b = batch.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "fastbn_update_running_stat_cuda", [&] {
+    using stat_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(b.scalar_type(), "fastbn_update_running_stat_cuda_acc", [&] {
+      if (shared) {
+        launch_kernel(update_shared_running_stat_kernel<stat_t, scalar_t>, 1, 1, 0, stream, r.data_ptr<stat_t>(),
+            b.const_data_ptr<scalar_t>(), is_var, factor, count, C);
+      } else {
+        launch_kernel(update_running_stat_kernel<stat_t, scalar_t>, unsigned(ceil_div(C, kThreads)), kThreads, 0,
+            stream, r.data_ptr<stat_t>(), b.const_data_ptr<scalar_t>(), is_var, factor, count, C);
+      }
+    });
+  });
+  if (!r.is_same(target)) target.copy_(r);
+}
+
 void update_running_stats_cuda(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
                                const Tensor& var, double factor, int64_t count) {
   constexpr const char* op = "fastbn.update_running_stats";
   check_running_stats_update(running_mean, running_var, mean, var, count, op);
-  // one kernel instantiation reads both buffers
-  TORCH_CHECK(running_var.scalar_type() == running_mean.scalar_type(), op, ": running_var has dtype ",
-              running_var.scalar_type(), " but running_mean has ", running_mean.scalar_type());
-  if (count == 0 || mean.numel() == 0) return;
+  if (count == 0 || mean.numel() == 0) return;  // an empty batch leaves them as they are (as torch does)
   c10::cuda::CUDAGuard guard(mean.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  // Work on contiguous buffers; copy back only if the caller's were not.
-  Tensor rm = running_mean.contiguous(), rv = running_var.contiguous();
-  const Tensor m = mean.contiguous(), v = var.contiguous();
-  const int64_t C = mean.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rm.scalar_type(), "fastbn_update_running_stats_cuda", [&] {
-    using stat_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "fastbn_update_running_stats_cuda_acc", [&] {
-      launch_kernel(update_running_stats_kernel<stat_t, scalar_t>, unsigned(ceil_div(C, kThreads)), kThreads, 0, stream,
-          rm.data_ptr<stat_t>(), rv.data_ptr<stat_t>(), m.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-          factor, count, C);
-    });
-  });
-  if (!rm.is_same(running_mean)) running_mean.copy_(rm);
-  if (!rv.is_same(running_var)) running_var.copy_(rv);
+  update_running_stat(running_mean, mean, false, factor, count, stream);
+  update_running_stat(running_var, var, true, factor, count, stream);
 }
 
 }  // namespace

@@ -424,13 +424,23 @@ __global__ void __launch_bounds__(kOnChipThreads) onchip_backward_kernel(
 
 // Running statistics, one thread per channel, in double like the CPU kernel.
 template <typename stat_t, typename acc_t>
-__global__ void update_running_stats_kernel(stat_t* __restrict__ running_mean, stat_t* __restrict__ running_var,
-                                            const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
-                                            double factor, int64_t count, int64_t C) {
+__global__ void update_running_stat_kernel(stat_t* __restrict__ running, const acc_t* __restrict__ batch, bool is_var,
+                                           double factor, int64_t count, int64_t C) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  running_mean[c] = stat_t(running_mean_update(double(running_mean[c]), double(mean[c]), factor));
-  running_var[c] = stat_t(running_var_update(double(running_var[c]), double(var[c]), factor, count));
+  running[c] = stat_t(running_stat_update(double(running[c]), double(batch[c]), is_var, factor, count));
+}
+
+// A running statistic expanded from one value (stride 0, which torch accepts): that value
+// takes every channel's update in turn, as torch's kernel does on one thread (and the CPU
+// entry point), in double, rounded once. One thread: rare, and C updates are few.
+template <typename stat_t, typename acc_t>
+__global__ void update_shared_running_stat_kernel(stat_t* __restrict__ running, const acc_t* __restrict__ batch,
+                                                  bool is_var, double factor, int64_t count, int64_t C) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  double value = double(running[0]);
+  for (int64_t c = 0; c < C; ++c) value = running_stat_update(value, double(batch[c]), is_var, factor, count);
+  running[0] = stat_t(value);
 }
 
 }  // namespace fastbn::cuda
