@@ -38,6 +38,13 @@ Geometry describe(const at::Tensor& input) {
   return g;
 }
 
+namespace {
+// The dtypes the kernels dispatch on (at::isFloatingType also takes float8 and float4 types).
+bool is_kernel_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+}  // namespace
+
 void check_defined(const at::Tensor& tensor, const char* name, const char* op) {
   TORCH_CHECK(tensor.defined(), op, ": ", name, " is required, got None");
 }
@@ -46,9 +53,8 @@ void check_input(const at::Tensor& input, const char* op) {
   check_defined(input, "input", op);
   TORCH_CHECK(input.dim() >= 2, op, ": expected input of shape (N, C, *) with at least 2 dims, got ", input.dim(),
               "-D input of size ", input.sizes());
-  const auto dtype = input.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": input must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(is_kernel_dtype(input.scalar_type()), op, ": input must be float32, float64, float16 or bfloat16, got ",
+              input.scalar_type());
 }
 
 void check_writable_input(const at::Tensor& input, const char* op) {
@@ -140,8 +146,8 @@ void check_running_stats_update(const at::Tensor& running_mean, const at::Tensor
   TORCH_CHECK(var.scalar_type() == mean.scalar_type(), op, ": var has dtype ", var.scalar_type(), " but mean has ",
               mean.scalar_type());
   for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"}}) {
-    // an integer buffer would silently truncate the averages
-    TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name,
+    // an integer buffer would silently truncate the averages; a float8 one would fail after the other was written
+    TORCH_CHECK(is_kernel_dtype(t->scalar_type()), op, ": ", name,
                 " must be a floating tensor (float32, float64, float16 or bfloat16), got ", t->scalar_type());
   }
   for (const auto& [t, name] : {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"},
