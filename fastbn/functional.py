@@ -11,28 +11,52 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import inplace as _inplace
-from . import ops
+from . import ops, transforms
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _check_channel_vector(input: Tensor, vec: Optional[Tensor], name: str) -> None:
+def _check_channel_vector(input: Tensor, vec: Optional[Tensor], name: str, channels: int) -> None:
+    """torch's size rule: one value per channel, counted by numel (a weight of shape (1, C) is fine)."""
     if vec is None:
         return
     if not isinstance(vec, Tensor):
         raise TypeError(f"fastbn.batch_norm: {name} must be a Tensor or None, got {type(vec).__name__}")
-    channels = input.shape[1]
-    if vec.dim() != 1:
-        raise RuntimeError(f"fastbn.batch_norm: {name} must be 1-D with one value per channel, got size {tuple(vec.shape)}")
     if vec.numel() != channels:
         raise RuntimeError(f"{name} should contain {channels} elements not {vec.numel()}")
+
+
+def _check_vector_device_and_dim(input: Tensor, vec: Optional[Tensor], name: str) -> None:
+    if vec is None:
+        return
     if vec.device != input.device:
         raise RuntimeError(f"fastbn.batch_norm: {name} is on {vec.device} but input is on {input.device}")
+    if vec.dim() != 1 and name.startswith("running"):  # updated in place: no reshaping them (torch fails too)
+        raise RuntimeError(f"fastbn.batch_norm: {name} must be 1-D with one value per channel, got size "
+                           f"{tuple(vec.shape)}")
+
+
+def _check_parameter_dtypes(input: Tensor, vectors: dict) -> None:
+    """torch's CPU rule: weight, bias, running_mean and running_var (those given) share one
+    dtype, the input's or, for a float16/bfloat16 input, float32."""
+    given = [(name, vec) for name, vec in vectors.items() if vec is not None]
     reduced = input.dtype in (torch.float16, torch.bfloat16)
-    if vec.dtype != input.dtype and not (reduced and vec.dtype == torch.float32):
-        expected = f"{input.dtype} or torch.float32" if reduced else f"{input.dtype}"
-        raise RuntimeError(
-            f"fastbn.batch_norm: {name} has dtype {vec.dtype} but input has dtype {input.dtype}; expected {expected}")
+    for name, vec in given:
+        if vec.dtype != input.dtype and not (reduced and vec.dtype == torch.float32):
+            expected = f"{input.dtype} or torch.float32" if reduced else f"{input.dtype}"
+            raise RuntimeError(f"fastbn.batch_norm: {name} has dtype {vec.dtype} but input has dtype {input.dtype}; "
+                               f"expected {expected}")
+        first_name, first = given[0]
+        if vec.dtype != first.dtype:
+            raise RuntimeError(f"fastbn.batch_norm: {name} has dtype {vec.dtype} but {first_name} has dtype "
+                               f"{first.dtype}; weight, bias, running_mean and running_var must share one dtype")
+
+
+def _unwrapped(t: Tensor) -> Tensor:
+    """The plain tensor inside torch.func's wrappers (grad, vmap levels), whose storage can be read."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def _may_share_memory(a: Tensor, b: Tensor) -> bool:
@@ -40,6 +64,7 @@ def _may_share_memory(a: Tensor, b: Tensor) -> bool:
     Under torch.compile (which cannot trace storages) only the same tensor twice."""
     if torch.compiler.is_compiling():
         return a is b
+    a, b = _unwrapped(a), _unwrapped(b)
     # the same storage object (its address, not its data pointer: meta and fake tensors have none)
     if a.numel() == 0 or b.numel() == 0 or a.untyped_storage()._cdata != b.untyped_storage()._cdata:
         return False
@@ -53,32 +78,52 @@ def _may_share_memory(a: Tensor, b: Tensor) -> bool:
 
 def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                           weight: Optional[Tensor], bias: Optional[Tensor], training: bool, eps: float) -> None:
-    """Raise, with torch's exception type and a message naming the problem, for anything torch's BN rejects."""
+    """Raise what torch's F.batch_norm raises, in torch's order (the first problem torch reports is
+    the one reported here), with its exception type and a message naming the problem.
+
+    An empty input passes after the batch-size and eps checks, as in torch (which returns
+    early for it); batch_norm_unchecked then computes torch's result for it."""
     if not isinstance(input, Tensor):
         raise TypeError(f"fastbn.batch_norm: input must be a Tensor, got {type(input).__name__}")
-    if input.dim() < 2:
-        raise ValueError(f"fastbn.batch_norm: expected input of shape (N, C, *) with at least 2 dims, "
-                         f"got {input.dim()}-D input of size {tuple(input.shape)}")
-    if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"fastbn.batch_norm: input must be float32, float64, float16 or bfloat16, got {input.dtype}")
-    for name, vec in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _check_channel_vector(input, vec, name)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
-    if training and running_mean is not None and _may_share_memory(running_mean, running_var):
-        # torch would update the one buffer twice, in an order of its kernels' choosing
-        raise ValueError("fastbn.batch_norm: running_mean and running_var share memory; pass separate buffers")
+    if not isinstance(training, bool):
+        raise TypeError(f"fastbn.batch_norm: argument 'training' must be bool, not {type(training).__name__}")
+    if input.dim() == 0:
+        raise IndexError("fastbn.batch_norm: expected input of shape (N, C, *), got a 0-D tensor")
     if training:
-        values_per_channel = input.numel() // input.shape[1] if input.shape[1] else 0
+        values_per_channel = input.shape[0] * math.prod(input.shape[2:])  # torch's count, also for C = 0
         if values_per_channel == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
         if not eps > 0.0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    else:
-        if running_mean is None:
-            raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
-        if not eps >= 0.0:
-            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    elif not eps >= 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if input.numel() == 0:
+        return
+    channels = input.shape[1] if input.dim() > 1 else 0  # torch counts 0 channels for a 1-D input
+    vectors = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
+    for name, vec in vectors.items():
+        if vec is None and name.startswith("running") and not training:
+            raise RuntimeError(f"{name} must be defined in evaluation mode")
+        _check_channel_vector(input, vec, name, channels)
+    if input.dim() < 2:
+        raise IndexError(f"fastbn.batch_norm: expected input of shape (N, C, *) with at least 2 dims, got 1-D input "
+                         f"of size {tuple(input.shape)} (dim 1, the channel dim, is out of range)")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if torch.is_grad_enabled():
+        for name in ("running_mean", "running_var"):
+            if vectors[name] is not None and vectors[name].requires_grad:
+                raise RuntimeError(f"fastbn.batch_norm is not differentiable with respect to argument '{name}'. "
+                                   "This input cannot have requires_grad True.")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise NotImplementedError(f"fastbn.batch_norm: not implemented for {input.dtype} (float32, float64, "
+                                  "float16 and bfloat16 are)")
+    for name, vec in vectors.items():
+        _check_vector_device_and_dim(input, vec, name)
+    _check_parameter_dtypes(input, dict(weight=weight, bias=bias, running_mean=running_mean, running_var=running_var))
+    if training and running_mean is not None and _may_share_memory(running_mean, running_var):
+        # torch would update the one buffer twice, in an order of its kernels' choosing
+        raise ValueError("fastbn.batch_norm: running_mean and running_var share memory; pass separate buffers")
 
 
 def check_residual(input: Tensor, residual: Optional[Tensor]) -> None:
@@ -108,17 +153,21 @@ def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_
     """
     fastbn_kernels = not input.is_cuda or ops.use_cuda_kernels()
     if input.numel() == 0:
-        # An empty batch (N = 0 or C = 0): an empty output, running statistics kept,
-        # zero grads for weight and bias (what torch gives for N = 0), via the affine part alone.
-        shape = ops.channel_shape(input)
+        # An empty batch (N = 0 or C = 0): torch's result, computed as torch does it (no
+        # per-channel shapes or dtypes checked, running statistics kept, grads of zero for
+        # weight and bias); with inplace=True written over the input all the same.
         output = input.clone()
         if weight is not None:
-            output = output * weight.view(shape)
+            output = output * weight[0]
         if bias is not None:
-            output = output + bias.view(shape)
+            output = output + bias[0]
         if residual is not None:
             output = output + residual
-        return ops.activation_forward(output.to(input.dtype), activation, activation_param)
+        output = ops.activation_forward(output, activation, activation_param)
+        return input.copy_(output) if inplace else output
+    # torch takes any weight and bias with one value per channel, e.g. of shape (1, C)
+    weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
+    bias = bias if bias is None or bias.dim() == 1 else bias.reshape(-1)
     if not fastbn_kernels:
         # torch's own kernels while fastbn's CUDA kernels are not validated on a GPU
         # (out of place even for inplace=True).
@@ -127,12 +176,18 @@ def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_
             output = output + residual
         return ops.activation_forward(output, activation, activation_param)
     if inplace:
+        if ops.transforms_active():
+            raise NotImplementedError("fastbn: in-place activated BN (inplace=True) has no forward-mode AD and does not "
+                                      "run under torch.func transforms; use inplace=False")
         return _inplace.batch_norm_act_inplace(input, running_mean, running_var, weight, bias, training, momentum,
                                                eps, activation, activation_param)
+    if ops.transforms_active():  # forward AD or torch.func: the ops with a jvp and setup_context
+        train_op, eval_op = transforms.BatchNormTrainFunction.apply, transforms.BatchNormEvalFunction.apply
+    else:
+        train_op, eval_op = ops.batch_norm_train, ops.batch_norm_eval
     if not training:
-        return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, activation, activation_param,
-                                   residual)
-    output, mean, var = ops.batch_norm_train(input, weight, bias, eps, activation, activation_param, residual)
+        return eval_op(input, weight, bias, running_mean, running_var, eps, activation, activation_param, residual)
+    output, mean, var = train_op(input, weight, bias, eps, activation, activation_param, residual)
     if running_mean is not None:
         ops.update_running_stats(running_mean, running_var, mean, var, momentum, input.numel() // input.shape[1])
     return output

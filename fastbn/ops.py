@@ -344,8 +344,17 @@ def _backward(ctx, grad_output, input, residual, weight, bias, mean, var, train)
 
 
 def _wants_graph(*tensors) -> bool:
-    """True when autograd records the backward (create_graph=True)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """True when the backward itself must be differentiable: autograd records it
+    (create_graph=True), or it runs under forward AD or a torch.func transform."""
+    return transforms_active() or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def transforms_active() -> bool:
+    """True while a forward-AD level is open or a torch.func transform runs (eager only);
+    the Python API then calls the ops through fastbn.transforms' autograd.Functions."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 def _needs_grad(ctx, index: int) -> bool:

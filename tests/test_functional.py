@@ -97,18 +97,35 @@ def test_large_outputs_forward_and_backward(shape, channels_last, dtype, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (0, 3), (4, 0, 5, 5)])
-def test_empty_batch(shape, device):
-    x = torch.randn(shape, device=device, requires_grad=True)
-    channels = shape[1]
-    weight = torch.randn(channels, device=device, requires_grad=True)
-    running_mean, running_var = torch.randn(channels, device=device), torch.rand(channels, device=device)
-    saved = running_mean.clone(), running_var.clone()
-    y = fastbn.functional.batch_norm(x, running_mean, running_var, weight, None, True)
-    assert y.shape == x.shape
-    y.sum().backward()
-    assert torch.equal(running_mean, saved[0]) and torch.equal(running_var, saved[1])
-    assert x.grad.shape == x.shape and torch.count_nonzero(weight.grad) == 0
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (0, 3), (4, 0, 5, 5), (0,)])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_empty_batch(shape, with_weight, device):
+    """An empty input gets torch's result (torch returns early for it, checking no per-channel
+    shapes), or torch's exception (a weight with no channel to index); running stats are kept."""
+    channels = shape[1] if len(shape) > 1 else 0
+    x = torch.randn(shape, device=device, dtype=torch.float64)  # float32 parameters: torch takes the mix
+    weight = torch.randn(channels, device=device) if with_weight else None
+    outcomes = {}
+    for name, batch_norm in (("torch", F.batch_norm), ("fastbn", fastbn.functional.batch_norm)):
+        xi = x.clone().requires_grad_()
+        wi = None if weight is None else weight.clone().requires_grad_()
+        running = torch.randn(channels, device=device), torch.rand(channels, device=device)
+        saved = [r.clone() for r in running]
+        try:
+            y = batch_norm(xi, *running, wi, None, True)
+        except Exception as error:  # noqa: BLE001  (compared with torch's below)
+            outcomes[name] = type(error)
+            continue
+        y.sum().backward()
+        assert all(torch.equal(r, s) for r, s in zip(running, saved))
+        outcomes[name] = (y.shape, y.dtype, xi.grad.shape, None if wi is None else wi.grad)
+    assert type(outcomes["fastbn"]) is type(outcomes["torch"])
+    if isinstance(outcomes["torch"], type):
+        assert outcomes["fastbn"] is outcomes["torch"]
+    else:
+        assert outcomes["fastbn"][:3] == outcomes["torch"][:3]
+        if with_weight:
+            assert torch.equal(outcomes["fastbn"][3], outcomes["torch"][3])
 
 
 @pytest.mark.parametrize("device", DEVICES)

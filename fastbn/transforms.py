@@ -1,0 +1,127 @@
+"""Forward-mode AD and torch.func transforms for fastbn's training and eval ops.
+
+The ops' autograd comes from ``torch.library.register_autograd`` (ops.py), which is
+what torch.compile and opcheck work with. It has no forward-mode formula, and the
+function torch generates from it has no ``setup_context``, which torch.func needs:
+dual tensors would lose their tangents and ``torch.func.grad`` would fail. So while
+a forward-AD level is open or a torch.func transform is active (never while
+compiling: dynamo cannot trace a custom ``jvp``), the Python API calls the ops
+through the ``autograd.Function`` classes here instead. They run the same kernels
+forward and the same backward; their ``jvp`` is written in torch ops, so that
+transforms nest (jacfwd, forward-over-reverse, hessian), and the backward switches
+to the torch-op formula (``ops.composite_backward``) under a transform for the
+same reason.
+"""
+import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+
+from . import ops
+
+
+def _centered(input: Tensor, mean: Tensor, var: Tensor, eps: float):
+    """(x - mean, invstd) in mean's dtype (the accumulation dtype), invstd of per-channel shape."""
+    shape = ops.channel_shape(input)
+    return input.to(mean.dtype) - mean.view(shape), torch.rsqrt(var.view(shape) + eps)
+
+
+def _affine_act_tangent(ctx, xhat: Tensor, xhat_tangent, weight_tangent, bias_tangent, residual_tangent,
+                        input: Tensor, weight, bias, residual) -> Tensor:
+    """Tangent of act(xhat * weight + bias [+ residual]) given xhat's tangent (None: zero)."""
+    shape, acc = ops.channel_shape(input), xhat.dtype
+    tangent = torch.zeros_like(xhat) if xhat_tangent is None else xhat_tangent
+    if weight is not None:
+        tangent = tangent * weight.to(acc).view(shape)
+        if weight_tangent is not None:
+            tangent = tangent + xhat * weight_tangent.to(acc).view(shape)
+    if bias_tangent is not None:
+        tangent = tangent + bias_tangent.to(acc).view(shape)
+    if residual_tangent is not None:
+        tangent = tangent + residual_tangent.to(acc)
+    if ctx.activation:
+        z = xhat if weight is None else xhat * weight.to(acc).view(shape)
+        if bias is not None:
+            z = z + bias.to(acc).view(shape)
+        if residual is not None:
+            z = z + residual.to(acc)
+        tangent = tangent * ops.activation_grad(z, ctx.activation, ctx.activation_param)
+    return tangent.to(input.dtype)
+
+
+class BatchNormTrainFunction(torch.autograd.Function):
+    """torch.ops.fastbn.batch_norm_train with a jvp: (output, batch mean, biased batch variance)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias, eps, activation, activation_param, residual):
+        return torch.ops.fastbn.batch_norm_train.default(input, weight, bias, eps, activation, activation_param,
+                                                         residual)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ops._train_setup_context(ctx, inputs, output)
+        input, weight, bias, *_, residual = inputs
+        _, mean, var = output
+        ctx.save_for_forward(input, weight, bias, mean, var, residual)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_mean, grad_var):
+        return ops._train_backward(ctx, grad_output, grad_mean, grad_var)
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, eps_t, activation_t, activation_param_t, residual_t):
+        input, weight, bias, mean, var, residual = ctx.saved_tensors
+        dims = ops.reduce_dims(input)
+        shape = ops.channel_shape(input)
+        centered, invstd = _centered(input, mean, var, ctx.eps)
+        xhat = centered * invstd
+        if input_t is None:
+            mean_t, var_t, xhat_t = torch.zeros_like(mean), torch.zeros_like(var), None
+        else:
+            x_t = input_t.to(mean.dtype)
+            mean_t = x_t.mean(dims)
+            # var = mean((x - mean)^2): its tangent is 2 mean((x - mean) x_t), as mean(x - mean) = 0
+            var_t = 2 * (centered * x_t).mean(dims)
+            # xhat = (x - mean) invstd, invstd = (var + eps)^-1/2
+            xhat_t = (x_t - mean_t.view(shape)) * invstd - 0.5 * xhat * (var_t.view(shape) * invstd * invstd)
+        output_t = _affine_act_tangent(ctx, xhat, xhat_t, weight_t, bias_t, residual_t, input, weight, bias,
+                                       residual)
+        return output_t, mean_t, var_t
+
+
+class BatchNormEvalFunction(torch.autograd.Function):
+    """torch.ops.fastbn.batch_norm_eval with a jvp (running statistics: constants)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, eps, activation, activation_param, residual):
+        return torch.ops.fastbn.batch_norm_eval.default(input, weight, bias, running_mean, running_var, eps,
+                                                        activation, activation_param, residual)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ops._eval_setup_context(ctx, inputs, output)
+        ctx.set_materialize_grads(False)  # inputs without a tangent reach jvp as None
+        input, weight, bias, running_mean, running_var, *_, residual = inputs
+        ctx.save_for_forward(input, weight, bias, running_mean, running_var, residual)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return ops._eval_backward(ctx, grad_output)
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, running_mean_t, running_var_t, eps_t, activation_t, activation_param_t,
+            residual_t):
+        if running_mean_t is not None or running_var_t is not None:
+            if all(t is None for t in (input_t, weight_t, bias_t, residual_t)):
+                # as torch, no error when only the running statistics have a tangent: a zero tangent
+                return torch.zeros_like(ctx.saved_tensors[0])
+            # torch's message
+            raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, they cannot have "
+                               "forward grad defined")
+        input, weight, bias, running_mean, running_var, residual = ctx.saved_tensors
+        acc = ops.accumulate_dtype(input.dtype)
+        centered, invstd = _centered(input, running_mean.to(acc), running_var.to(acc), ctx.eps)
+        xhat = centered * invstd
+        xhat_t = None if input_t is None else input_t.to(acc) * invstd
+        return _affine_act_tangent(ctx, xhat, xhat_t, weight_t, bias_t, residual_t, input, weight, bias, residual)
