@@ -188,9 +188,25 @@ def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_
     if not training:
         return eval_op(input, weight, bias, running_mean, running_var, eps, activation, activation_param, residual)
     output, mean, var = train_op(input, weight, bias, eps, activation, activation_param, residual)
-    if running_mean is not None:
+    if running_mean is not None and ops.transforms_active():
+        _update_running_stats_in_torch_ops(running_mean, running_var, mean, var, momentum,
+                                           input.numel() // input.shape[1])
+    elif running_mean is not None:
         ops.update_running_stats(running_mean, running_var, mean, var, momentum, input.numel() // input.shape[1])
     return output
+
+
+def _update_running_stats_in_torch_ops(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                                       momentum: float, count: int) -> None:
+    """The update_running_stats kernel's formula in torch ops, for torch.func transforms: vmap
+    over stacked buffers (model ensembles) updates each model's own. Both values are computed
+    before either is written, so a refused in-place write (an unbatched buffer) changes nothing."""
+    with torch.no_grad():
+        acc = mean.dtype
+        new_mean = running_mean.to(acc) * (1 - momentum) + mean.detach() * momentum
+        new_var = running_var.to(acc) * (1 - momentum) + var.detach() * (momentum * count / (count - 1))
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -299,3 +299,41 @@ def test_inplace_module_writes_in_place_even_when_empty(shape):
     y = module(x)
     assert y.data_ptr() == x.data_ptr() and x._version > version
     assert module.num_batches_tracked.item() == 1
+
+
+def test_vmap_over_stacked_models_updates_each_models_running_stats():
+    """torch.func model ensembling (stack_module_state + vmap) with BN in training mode."""
+    x = random_operands((2, 4, 3, 5))["x"].float()
+    results = []
+    for cls in (nn.BatchNorm1d, fastbn.BatchNorm1d):
+        models = [cls(3) for _ in range(2)]
+        params, buffers = torch.func.stack_module_state(models)
+        base = cls(3).to("meta")
+
+        def forward(params, buffers, x, base=base):
+            return torch.func.functional_call(base, (params, buffers), (x,))
+
+        results.append((torch.func.vmap(forward)(params, buffers, x), buffers))
+    torch.testing.assert_close(results[1], results[0])
+
+
+def test_vmap_with_unbatched_running_stats_refused_without_writing():
+    ops = random_operands()
+    batched = torch.stack([ops["x"], ops["x"] + 1])
+    running = ops["running_mean"].clone(), ops["running_var"].clone()
+    for fn in (F.batch_norm, fastbn.functional.batch_norm):
+        with pytest.raises(RuntimeError):
+            torch.func.vmap(lambda x, fn=fn: fn(x, *running, training=True))(batched)
+        assert torch.equal(running[0], ops["running_mean"]) and torch.equal(running[1], ops["running_var"])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_nan_eps_refused_where_torch_computes_nan(training):
+    """A listed difference (README): torch takes eps=nan and returns NaN; fastbn refuses it."""
+    ops = random_operands()
+    assert F.batch_norm(ops["x"], ops["running_mean"].clone(), ops["running_var"].clone(), training=training,
+                        eps=float("nan")).isnan().all()
+    running = ops["running_mean"].clone(), ops["running_var"].clone()
+    with pytest.raises(ValueError, match="eps"):
+        fastbn.functional.batch_norm(ops["x"], *running, training=training, eps=float("nan"))
+    assert torch.equal(running[0], ops["running_mean"])
