@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import inplace as _inplace
-from . import ops, transforms
+from . import interop, ops, transforms
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -151,6 +151,9 @@ def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_
 
     inplace: in-place activated BN (fastbn.inplace), written over input; no residual.
     """
+    if interop.onnx_exporting():  # standard ops, which the ONNX exporters translate
+        return interop.batch_norm_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                            activation, activation_param, residual)
     fastbn_kernels = not input.is_cuda or ops.use_cuda_kernels()
     if input.numel() == 0:
         # An empty batch (N = 0 or C = 0): torch's result, computed as torch does it (no

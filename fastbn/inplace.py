@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import ops
+from . import interop, ops
 
 INVERTIBLE = "none, 'leaky_relu' with a positive slope or 'elu' with a positive alpha"
 
@@ -133,6 +133,8 @@ def check_inplace_call(input: Tensor, weight: Optional[Tensor], bias: Optional[T
 def check_recoverable(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> None:
     """Raise ValueError when backward will be needed and a channel's weight is 0
     (its input cannot be recovered from the output). Reads the weight (a device sync on CUDA)."""
+    if interop.onnx_exporting():  # the exported graph computes out of place (interop.batch_norm_torch_ops)
+        return
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
     if needs_grad and weight is not None and bool((weight == 0).any()):
         channels = torch.nonzero(weight == 0).flatten().tolist()

