@@ -65,20 +65,16 @@ def _torch_bn_class(bn: nn.Module) -> type:
                               "across processes); convert it to fastbn.BatchNorm1d/2d/3d first")
 
 
-def _sharing_state(bn: nn.Module, cls: type) -> nn.Module:
-    """An instance of `cls` with bn's settings, mode, hooks and the same parameter and buffer tensors."""
+def _sharing_state(bn: nn.Module, cls: type, hooks: bool) -> nn.Module:
+    """An instance of `cls` with bn's settings, mode, the same parameter and buffer tensors and,
+    with `hooks`, its hooks."""
     twin = cls.__new__(cls)
     for key, value in vars(bn).items():
-        # own containers (dicts of parameters, buffers, hooks), the same tensors in them
-        twin.__dict__[key] = type(value)(value) if isinstance(value, (dict, set)) else value
+        if isinstance(value, (dict, set)):  # own containers, the same tensors (or hooks) in them
+            value = type(value)(value if hooks or "hook" not in key else ())
+        twin.__dict__[key] = value
     twin.__dict__.pop("__module__", None)  # a torch class is an fx leaf by its own __module__
     return twin
-
-
-def _activation_module(bn: nn.Module) -> Optional[nn.Module]:
-    code, param = bn._activation_code, bn._activation_param
-    return {0: lambda: None, 1: nn.ReLU, 2: lambda: nn.LeakyReLU(param), 3: lambda: nn.ELU(param),
-            4: nn.SiLU}[code]()
 
 
 # ---------------------------------------------------------------- TorchScript
@@ -124,7 +120,7 @@ _SCRIPTABLE = {nn.BatchNorm1d: ScriptableBatchNorm1d, nn.BatchNorm2d: Scriptable
 def scriptable_module(bn: nn.Module) -> nn.Module:
     """What torch.jit.script compiles for a fastbn module: a subclass of torch's BatchNorm*d
     sharing its parameters and buffers (same state_dict keys), on torch's kernels."""
-    return _sharing_state(bn, _SCRIPTABLE[_torch_bn_class(bn)])
+    return _sharing_state(bn, _SCRIPTABLE[_torch_bn_class(bn)], hooks=True)
 
 
 # ---------------------------------------------------------------- torch.ao.quantization.fuse_modules
@@ -134,17 +130,22 @@ def _fastbn_fuser_method(torch_types: tuple, bn_index: int):
     """torch's fuser method for `torch_types`, given fastbn's module at `bn_index`: torch's
     BatchNorm sharing its state goes to torch's method (QAT's intrinsic modules check exact
     types); a fused activation becomes torch's (..., ReLU) fusion or follows the fused module."""
-    from torch.ao.quantization.fuser_method_mappings import get_fuser_method
 
     def fuser_method(is_qat, *modules):
+        from torch.ao.quantization.fuser_method_mappings import get_fuser_method
+
+        from .convert import _activation_module  # (convert imports modules, which imports this file)
+
         bn = modules[bn_index]
-        activation = _activation_module(bn)
+        code = bn._activation_code
+        activation = _activation_module(code, bn._activation_param) if code else None
         if activation is not None and len(modules) > bn_index + 1:
             raise ValueError(f"fastbn: cannot fuse {bn} with the {type(modules[-1]).__name__} after it: its "
                              f"activation ({bn.activation!r}) is already fused; fuse without the "
                              f"{type(modules[-1]).__name__}")
         modules = list(modules)
-        modules[bn_index] = _sharing_state(bn, _torch_bn_class(bn))
+        # without bn's hooks: fuse_modules moves them to the fused module (this one may live inside it)
+        modules[bn_index] = _sharing_state(bn, _torch_bn_class(bn), hooks=False)
         if isinstance(activation, nn.ReLU):
             try:  # torch's intrinsic conv + bn + relu (ConvReLU2d in eval, ConvBnReLU2d for QAT)
                 method = get_fuser_method(torch_types + (nn.ReLU,))
@@ -162,7 +163,7 @@ def _fastbn_fuser_method(torch_types: tuple, bn_index: int):
 def fuser_method_mapping() -> dict:
     """{(types...): fuser method} for torch.ao.quantization.fuse_modules[_qat], the patterns of torch's
     table with fastbn's BatchNorm1d/2d/3d (fastbn.FUSER_METHOD_MAPPING is one made at import)."""
-    from . import modules as fast  # (modules imports this file)
+    from . import modules as fast
     mapping = {}
     fast_bn = {nn.BatchNorm1d: fast.BatchNorm1d, nn.BatchNorm2d: fast.BatchNorm2d, nn.BatchNorm3d: fast.BatchNorm3d}
     patterns = [(nn.Linear, nn.BatchNorm1d), (nn.BatchNorm2d, nn.ReLU), (nn.BatchNorm3d, nn.ReLU)]

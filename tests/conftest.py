@@ -169,3 +169,17 @@ def assert_bn_state_within_budget(fast, torch_bn, reference_bn, step):
             p.grad = None
     for name in ("running_mean", "running_var"):
         assert_within_budget(getattr(fast, name), getattr(torch_bn, name), getattr(reference_bn, name), name)
+
+
+def randomize_batch_norms(model):
+    """Non-trivial weights, biases and running statistics for every batch norm in `model`
+    (torch's or fastbn's), seeded; returns the model."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+                module.running_mean.normal_(0, 0.5)
+                module.running_var.uniform_(0.5, 1.5)
+    return model

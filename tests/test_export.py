@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fastbn
-from conftest import random_input
+from conftest import random_input, randomize_batch_norms
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -99,14 +99,7 @@ def torch_functional(x, mean, var, weight, bias):
 def twin_models():
     """(fastbn model, torch model) with the same weights and running statistics."""
     torch.manual_seed(0)
-    fast = Net(fastbn_layers(), fastbn_functional)
-    with torch.no_grad():
-        for module in fast.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
-                module.running_mean.normal_(0, 0.5)
-                module.running_var.uniform_(0.5, 1.5)
+    fast = randomize_batch_norms(Net(fastbn_layers(), fastbn_functional))
     reference = Net(torch_layers(), torch_functional)
     reference.load_state_dict(_torch_keys(fast.state_dict()))
     return fast.eval(), reference.eval()

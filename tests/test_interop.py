@@ -10,25 +10,12 @@ import torch.fx.experimental.optimization
 from torch import nn
 
 import fastbn
-from conftest import random_input
+from conftest import random_input, randomize_batch_norms as randomize
 
 # torch.jit.script/save/load are deprecated (FutureWarning) but still work
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
 
 ACTIVATIONS = [(None, None), ("relu", None), ("leaky_relu", 0.2), ("elu", 0.7), ("silu", None)]
-
-
-def randomize(model):
-    """Non-trivial weights and running statistics for every batch norm of `model`; returns it."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
-                module.running_mean.normal_(0, 0.5)
-                module.running_var.uniform_(0.5, 1.5)
-    return model
 
 
 def assert_same_state(a, b):
@@ -213,6 +200,16 @@ def test_fuse_modules_refuses_a_second_activation_and_a_residual_call():
         fused(random_input((2, 4, 5, 5)))
 
 
+def test_fuse_modules_qat_runs_the_bn_hooks_once_as_torch():
+    calls = []
+    x = random_input((2, 3, 6, 6))
+    for bn_class in (nn.BatchNorm2d, fastbn.BatchNorm2d):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), bn_class(4))
+        model[1].register_forward_hook(lambda module, args, output, name=bn_class.__module__: calls.append(name))
+        torch.ao.quantization.fuse_modules_qat(model, ["0", "1"], fuse_custom_config_dict=CUSTOM)(x)
+    assert calls == ["torch.nn.modules.batchnorm", "fastbn.modules"]
+
+
 # ---------------------------------------------------------------- torch.jit.script
 
 
@@ -259,3 +256,4 @@ def test_jit_script_model_with_momentum_none_saves_and_loads():
 def test_jit_script_refuses_sync_batchnorm():
     with pytest.raises(NotImplementedError, match="SyncBatchNorm has no torch equivalent"):
         torch.jit.script(fastbn.SyncBatchNorm(3))
+
