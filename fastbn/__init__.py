@@ -16,5 +16,5 @@ FUSER_METHOD_MAPPING = interop.fuser_method_mapping()
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FUSER_METHOD_MAPPING", "SyncBatchNorm", "batch_norm", "batch_norm_act",
-           "batch_norm_add_act", "convert_model", "fold_bn", "functional", "ops"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FUSER_METHOD_MAPPING", "SyncBatchNorm", "batch_norm",
+           "batch_norm_act", "batch_norm_add_act", "convert_model", "fold_bn", "functional", "interop", "ops"]
