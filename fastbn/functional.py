@@ -7,7 +7,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import inplace as _inplace
@@ -174,10 +173,8 @@ def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_
     if not fastbn_kernels:
         # torch's own kernels while fastbn's CUDA kernels are not validated on a GPU
         # (out of place even for inplace=True).
-        output = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        if residual is not None:
-            output = output + residual
-        return ops.activation_forward(output, activation, activation_param)
+        return interop.batch_norm_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                            activation, activation_param, residual)
     if inplace:
         if ops.transforms_active():
             raise NotImplementedError("fastbn: in-place activated BN (inplace=True) has no forward-mode AD and does not "
