@@ -17,22 +17,13 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 def _check_channel_vector(input: Tensor, vec: Optional[Tensor], name: str, channels: int) -> None:
     """torch's size rule: one value per channel, counted by numel (a weight of shape (1, C) is fine)."""
-    if vec is None:
-        return
-    if not isinstance(vec, Tensor):
-        raise TypeError(f"fastbn.batch_norm: {name} must be a Tensor or None, got {type(vec).__name__}")
-    if vec.numel() != channels:
+    if vec is not None and vec.numel() != channels:
         raise RuntimeError(f"{name} should contain {channels} elements not {vec.numel()}")
 
 
-def _check_vector_device_and_dim(input: Tensor, vec: Optional[Tensor], name: str) -> None:
-    if vec is None:
-        return
-    if vec.device != input.device:
+def _check_vector_device(input: Tensor, vec: Optional[Tensor], name: str) -> None:
+    if vec is not None and vec.device != input.device:
         raise RuntimeError(f"fastbn.batch_norm: {name} is on {vec.device} but input is on {input.device}")
-    if vec.dim() != 1 and name.startswith("running"):  # updated in place: no reshaping them (torch fails too)
-        raise RuntimeError(f"fastbn.batch_norm: {name} must be 1-D with one value per channel, got size "
-                           f"{tuple(vec.shape)}")
 
 
 def _check_parameter_dtypes(input: Tensor, vectors: dict) -> None:
@@ -75,50 +66,69 @@ def _may_share_memory(a: Tensor, b: Tensor) -> bool:
     return not byte_set(a).isdisjoint(byte_set(b))
 
 
+def _check_argument_types(input: Tensor, vectors: dict, training, momentum, eps) -> None:
+    """What torch's argument parser refuses (TypeError): tensors that are neither a Tensor nor
+    None, a `training` that is not a bool, a `momentum` or `eps` that is not a number."""
+    for name, vec in vectors.items():
+        if vec is not None and not isinstance(vec, Tensor):
+            raise TypeError(f"fastbn.batch_norm: argument '{name}' must be a Tensor or None, not {type(vec).__name__}")
+    if not isinstance(training, bool):
+        raise TypeError(f"fastbn.batch_norm: argument 'training' must be bool, not {type(training).__name__}")
+    for name, value in (("momentum", momentum), ("eps", eps)):  # torch's parser also takes a one-value tensor
+        if not isinstance(value, (int, float)) and not (isinstance(value, Tensor) and value.numel() == 1):
+            raise TypeError(f"fastbn.batch_norm: argument '{name}' must be float, not {type(value).__name__}")
+
+
 def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                          weight: Optional[Tensor], bias: Optional[Tensor], training: bool, eps: float) -> None:
+                          weight: Optional[Tensor], bias: Optional[Tensor], training: bool, eps: float,
+                          momentum: float = 0.1) -> None:
     """Raise what torch's F.batch_norm raises, in torch's order (the first problem torch reports is
     the one reported here), with its exception type and a message naming the problem.
 
-    An empty input passes after the batch-size and eps checks, as in torch (which returns
-    early for it); batch_norm_unchecked then computes torch's result for it."""
+    torch's order: F.batch_norm's Python checks (batch size, eps; `training` taken by its truth
+    value), its argument parser (types), an empty input returned early (no more checks: then
+    batch_norm_unchecked computes torch's result), per-channel sizes, then the kernel's checks."""
     if not isinstance(input, Tensor):
         raise TypeError(f"fastbn.batch_norm: input must be a Tensor, got {type(input).__name__}")
-    if not isinstance(training, bool):
-        raise TypeError(f"fastbn.batch_norm: argument 'training' must be bool, not {type(training).__name__}")
-    if input.dim() == 0:
-        raise IndexError("fastbn.batch_norm: expected input of shape (N, C, *), got a 0-D tensor")
     if training:
+        if input.dim() == 0:
+            raise IndexError("fastbn.batch_norm: expected input of shape (N, C, *), got a 0-D tensor")
         values_per_channel = input.shape[0] * math.prod(input.shape[2:])  # torch's count, also for C = 0
         if values_per_channel == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
-        if not eps > 0.0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    elif not eps >= 0.0:
+    # torch's comparisons: a NaN eps passes (batch_norm_unchecked gives torch's NaN result)
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    vectors = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
+    _check_argument_types(input, vectors, training, momentum, eps)
     if input.numel() == 0:
         return
-    channels = input.shape[1] if input.dim() > 1 else 0  # torch counts 0 channels for a 1-D input
-    vectors = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
+    channels = input.shape[1] if input.dim() > 1 else 0  # torch counts 0 channels for a 0-D or 1-D input
     for name, vec in vectors.items():
         if vec is None and name.startswith("running") and not training:
             raise RuntimeError(f"{name} must be defined in evaluation mode")
         _check_channel_vector(input, vec, name, channels)
     if input.dim() < 2:
-        raise IndexError(f"fastbn.batch_norm: expected input of shape (N, C, *) with at least 2 dims, got 1-D input "
-                         f"of size {tuple(input.shape)} (dim 1, the channel dim, is out of range)")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
+        raise IndexError(f"fastbn.batch_norm: expected input of shape (N, C, *) with at least 2 dims, got "
+                         f"{input.dim()}-D input of size {tuple(input.shape)} (dim 1, the channel dim, is out of range)")
     if torch.is_grad_enabled():
         for name in ("running_mean", "running_var"):
             if vectors[name] is not None and vectors[name].requires_grad:
                 raise RuntimeError(f"fastbn.batch_norm is not differentiable with respect to argument '{name}'. "
                                    "This input cannot have requires_grad True.")
+    for name, vec in vectors.items():
+        _check_vector_device(input, vec, name)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     if input.dtype not in _FLOAT_DTYPES:
         raise NotImplementedError(f"fastbn.batch_norm: not implemented for {input.dtype} (float32, float64, "
                                   "float16 and bfloat16 are)")
-    for name, vec in vectors.items():
-        _check_vector_device_and_dim(input, vec, name)
+    for name in ("running_mean", "running_var"):
+        if vectors[name] is not None and vectors[name].dim() != 1:  # updated in place: no reshaping them
+            raise RuntimeError(f"fastbn.batch_norm: {name} must be 1-D with one value per channel, got size "
+                               f"{tuple(vectors[name].shape)}")
     _check_parameter_dtypes(input, dict(weight=weight, bias=bias, running_mean=running_mean, running_var=running_var))
     if training and running_mean is not None and _may_share_memory(running_mean, running_var):
         # torch would update the one buffer twice, in an order of its kernels' choosing
@@ -153,6 +163,7 @@ def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_
     if interop.onnx_exporting():  # standard ops, which the ONNX exporters translate
         return interop.batch_norm_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                             activation, activation_param, residual)
+    eps, momentum = float(eps), float(momentum)  # (checked: numbers or one-value tensors)
     fastbn_kernels = not input.is_cuda or ops.use_cuda_kernels()
     if input.numel() == 0:
         # An empty batch (N = 0 or C = 0): torch's result, computed as torch does it (no
@@ -170,9 +181,9 @@ def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_
     # torch takes any weight and bias with one value per channel, e.g. of shape (1, C)
     weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
     bias = bias if bias is None or bias.dim() == 1 else bias.reshape(-1)
-    if not fastbn_kernels:
-        # torch's own kernels while fastbn's CUDA kernels are not validated on a GPU
-        # (out of place even for inplace=True).
+    if not fastbn_kernels or math.isnan(eps):
+        # torch's own kernels while fastbn's CUDA kernels are not validated on a GPU, and for
+        # a NaN eps, which the kernels refuse and torch takes (out of place even for inplace=True).
         return interop.batch_norm_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                             activation, activation_param, residual)
     if inplace:
@@ -218,7 +229,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     ``running_mean``/``running_var`` are updated in place with ``momentum``
     (the variance unbiased). In evaluation mode the running statistics normalize.
     """
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps, momentum)
     return batch_norm_unchecked(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
@@ -250,7 +261,7 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
     activation (None, "leaky_relu" or "elu" with a positive parameter).
     """
     code, param = activation_arguments(activation, activation_param)
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps, momentum)
     if inplace:
         _inplace.check_invertible(code, param)
         _inplace.check_inplace_call(input, weight, bias)
@@ -271,7 +282,7 @@ def batch_norm_add_act(input: Tensor, residual: Tensor, running_mean: Optional[T
     dtype and device.
     """
     code, param = activation_arguments(activation, activation_param)
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps, momentum)
     if residual is None:
         raise TypeError("fastbn.batch_norm_add_act: residual must be a Tensor, got None")
     check_residual(input, residual)

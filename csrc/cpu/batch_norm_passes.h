@@ -269,7 +269,12 @@ ForwardArrays<acc_t> forward_arrays(const acc_t* mean, const acc_t* var, Channel
                                     acc_t eps) {
   ForwardArrays<acc_t> coef(C);
   for (int64_t c = 0; c < C; ++c) {
-    coef.set(c, forward_coefficients(mean ? mean[c] : acc_t(0), var[c], eps, params.w(c), params.b(c)));
+    ForwardCoefficients<acc_t> k = forward_coefficients(mean ? mean[c] : acc_t(0), var[c], eps, params.w(c),
+                                                        params.b(c));
+    // weight * invstd in double, rounded once (as torch's CPU kernels, which use double here):
+    // in float its three roundings cost up to 2 ulp of every eval-mode output and grad_input
+    k.scale = acc_t(double(params.w(c)) * invstd_from_var(double(var[c]), double(eps)));
+    coef.set(c, k);
   }
   return coef;
 }
@@ -459,8 +464,11 @@ void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<
   BackwardArrays<acc_t> coef(g.C);
   std::vector<BackwardCoefficients<acc_t>> channel_coef(g.C);
   for (int64_t c = 0; c < g.C; ++c) {
-    channel_coef[c] = backward_coefficients(a.mean[c], a.var[c], a.eps, a.params.w(c), acc_t(sum_dy[c]),
-                                            acc_t(sum_dy_xmu[c]), count, train);
+    // in double, rounded once per coefficient (see forward_arrays)
+    const BackwardCoefficients<double> k = backward_coefficients(double(a.mean[c]), double(a.var[c]),
+                                                                 double(a.eps), double(a.params.w(c)), sum_dy[c],
+                                                                 sum_dy_xmu[c], count, train);
+    channel_coef[c] = {acc_t(k.mean), acc_t(k.k_dy), acc_t(k.k_xmu), acc_t(k.k_const)};
     coef.set(c, channel_coef[c]);
   }
   const bool stream = stream_output(g, out.dx), large = larger_than_cache<scalar_t>(g);
