@@ -198,8 +198,12 @@ def assert_same_outcome(torch_call, fastbn_call, what=""):
     """Run both; where torch raises, fastbn must raise an exception of torch's type
     (messages may differ); where torch returns, fastbn must return. Returns both results
     (None, None where both raised)."""
-    torch_result, torch_error = outcome(torch_call)
-    fastbn_result, fastbn_error = outcome(fastbn_call)
+    return assert_same_outcomes(outcome(torch_call), outcome(fastbn_call), what)
+
+
+def assert_same_outcomes(torch_outcome, fastbn_outcome, what=""):
+    """assert_same_outcome on two outcome() pairs."""
+    (torch_result, torch_error), (fastbn_result, fastbn_error) = torch_outcome, fastbn_outcome
     if torch_error is not None:
         assert fastbn_error is not None, f"{what}: torch raises {type(torch_error).__name__}({torch_error}), fastbn returns"
         assert type(fastbn_error) is type(torch_error), (
