@@ -14,6 +14,7 @@ Nothing here is compared with a fixed expectation: torch on the same sample is t
 import copy
 import io
 import pickle
+import re
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from torch.testing._internal.common_modules import ModuleErrorEnum, module_db
 
 import fastbn
-from conftest import GRADIENT_CHECKS, assert_same_outcome, assert_within_budget, outcome
+from conftest import GRADIENT_CHECKS, assert_same_outcome, assert_same_outcomes, assert_within_budget, outcome
 
 FASTBN_EQUIVALENT = {nn.BatchNorm1d: fastbn.BatchNorm1d, nn.BatchNorm2d: fastbn.BatchNorm2d,
                      nn.BatchNorm3d: fastbn.BatchNorm3d, nn.SyncBatchNorm: fastbn.SyncBatchNorm}
@@ -62,7 +63,6 @@ def _sample_params(dtypes_of=lambda info: info.dtypes, keep=lambda info, index, 
 
 
 SAMPLES = _sample_params()
-SAMPLES_FLOAT64 = _sample_params(lambda info: [torch.float64])
 
 
 def _derivative_sample(info, index, desc):
@@ -165,7 +165,7 @@ def with_tangents(module, x, tangent_input, tangent_params):
     return primal, tangent
 
 
-@pytest.mark.parametrize("info, dtype, training, index", SAMPLES_FLOAT64)
+@pytest.mark.parametrize("info, dtype, training, index", DERIVATIVE_SAMPLES)
 def test_forward_ad_dual_numbers_match_torch(info, dtype, training, index):
     x, torch_bn, fast_bn, _ = sample_and_modules(info, dtype, training, index)
     tangent_input = torch.randn_like(x)
@@ -195,15 +195,17 @@ def _as_function(module):
 @pytest.mark.parametrize("check", list(GRADIENT_CHECKS))
 @pytest.mark.parametrize("info, dtype, training, index", DERIVATIVE_SAMPLES)
 def test_gradcheck_matches_torch(info, dtype, training, index, check):
-    """torch.autograd.gradcheck/gradgradcheck of module(x, *params) for every sample, first with
-    all of them differentiable, then each alone (as torch's module tests do); torch's own
-    module must pass the same check (else fastbn must fail it the same way)."""
+    """torch.autograd.gradcheck/gradgradcheck of module(x, *params) with all of them
+    differentiable (reverse mode: then each alone too); torch's own module must pass the
+    same check (else fastbn must fail it the same way)."""
     x, torch_bn, fast_bn, _ = sample_and_modules(info, dtype, training, index)
     if check in ("double_backward", "forward_over_reverse") and not info.supports_gradgrad:
         pytest.skip(f"torch's {info.name} declares no double backward")
     run_check = GRADIENT_CHECKS[check]
     args = _differentiable_args(torch_bn, x)
-    subsets = [args] + [tuple(a if i == j else a.detach() for i, a in enumerate(args)) for j in range(len(args))]
+    subsets = [args]
+    if check == "backward":  # and each argument alone, as torch's module tests do
+        subsets += [tuple(a if i == j else a.detach() for i, a in enumerate(args)) for j in range(len(args))]
     for which, subset in enumerate(subsets):
         assert_same_outcome(lambda: run_check(_as_function(torch_bn), subset),
                             lambda: run_check(_as_function(fast_bn), subset),
@@ -217,7 +219,6 @@ def _func_transform(name, module, x):
     generator = torch.Generator().manual_seed(1)
     weights = torch.randn(x.shape, dtype=x.dtype, generator=generator)
     tangent = torch.randn(x.shape, dtype=x.dtype, generator=generator)
-    tangent_params = {n: torch.randn(p.shape, dtype=p.dtype, generator=generator) for n, p in params.items()}
     batch = torch.stack([x.detach(), 2 * x.detach() + 1])
 
     def forward(p, inp):
@@ -233,8 +234,6 @@ def _func_transform(name, module, x):
         return func.jacrev(forward, argnums=(0, 1))(params, x.detach())
     if name == "jacfwd":
         return func.jacfwd(forward, argnums=(0, 1))(params, x.detach())
-    if name == "jvp":
-        return func.jvp(forward, (params, x.detach()), (tangent_params, tangent))
     if name == "vmap":
         return func.vmap(forward, in_dims=(None, 0))(params, batch)
     if name == "vmap_grad":  # per-sample gradients
@@ -244,7 +243,8 @@ def _func_transform(name, module, x):
     raise ValueError(name)
 
 
-FUNC_TRANSFORMS = ["grad", "jacrev", "jacfwd", "jvp", "vmap", "vmap_grad", "jvp_of_grad"]
+# (jvp: test_forward_ad_dual_numbers_match_torch, the same forward AD without functorch.)
+FUNC_TRANSFORMS = ["grad", "jacrev", "jacfwd", "vmap", "vmap_grad", "jvp_of_grad"]
 
 
 # In eval mode a module without running statistics normalizes with the batch's, as in
@@ -268,3 +268,249 @@ def test_func_transforms_match_torch(info, dtype, training, index, transform, ru
     if torch_result is not None:  # both returned (where torch raises, its state is no yardstick)
         torch.testing.assert_close(fast_result, torch_result)
         assert_state_within_budget(fast_bn, torch_bn, torch_bn, f"after {transform}")
+
+
+# The generic checks of torch's test/test_modules.py that mean something on a CPU, per
+# batch-norm entry, dtype and mode, over all of the entry's samples, fastbn's module
+# against torch's. (Not here: the CUDA-only ones, cpu/gpu parity and device transfer, and
+# test_check_inplace, which covers modules whose torch constructor takes `inplace`.)
+ENTRIES = [pytest.param(*p.values[:3], id=p.id.rsplit("-", 1)[0] if p.values[3] == 0 else p.id, marks=p.marks)
+           for p in _sample_params(keep=lambda info, index, desc: index == 0)]
+
+
+def _constructors(info, dtype, training):
+    for sample in _samples(info, dtype, training, requires_grad=False):
+        yield sample, sample.constructor_input.args, dict(sample.constructor_input.kwargs)
+
+
+def _tensor_metadata(module):
+    return {name: (t.shape, t.dtype, t.device, t.requires_grad, t.stride())
+            for name, t in list(module.named_parameters()) + list(module.named_buffers())}
+
+
+@pytest.mark.parametrize("info, dtype, training", ENTRIES)
+def test_factory_kwargs_and_casts_match_torch(info, dtype, training):
+    """device=/dtype= in the constructor, then .float()/.double()/.half()/.bfloat16() with a
+    forward after each: the same parameters and buffers (shape, dtype, device,
+    requires_grad, strides) as torch's, and torch's output (within the error budget
+    against torch's module in float64)."""
+    for sample, args, kwargs in _constructors(info, dtype, training):
+        torch_bn = info.module_cls(*args, **kwargs, device="cpu", dtype=dtype).train(training)
+        fast_bn = FASTBN_EQUIVALENT[info.module_cls](*args, **kwargs, device="cpu", dtype=dtype).train(training)
+        assert _tensor_metadata(fast_bn) == _tensor_metadata(torch_bn)
+        x = sample.forward_input.args[0]
+        for cast, cast_dtype in (("float", torch.float32), ("double", torch.float64), ("half", torch.float16),
+                                 ("bfloat16", torch.bfloat16)):
+            getattr(torch_bn, cast)()
+            getattr(fast_bn, cast)()
+            assert _tensor_metadata(fast_bn) == _tensor_metadata(torch_bn), f"after .{cast}()"
+            reference_bn = copy.deepcopy(torch_bn).double()
+            torch_out, fast_out = assert_same_outcome(lambda: torch_bn(x.to(cast_dtype)),
+                                                      lambda: fast_bn(x.to(cast_dtype)), f".{cast}()")
+            if torch_out is not None:
+                assert_within_budget(fast_out, torch_out, reference_bn(x.double()), f"output after .{cast}()")
+
+
+@pytest.mark.parametrize("info, dtype, training", ENTRIES)
+def test_repr_matches_torch(info, dtype, training):
+    for _, args, kwargs in _constructors(info, dtype, training):
+        torch_bn, fast_bn = info.module_cls(*args, **kwargs), FASTBN_EQUIVALENT[info.module_cls](*args, **kwargs)
+        assert repr(fast_bn) == repr(torch_bn), "repr (the class name aside, which the two share)"
+        assert str(fast_bn) == str(torch_bn)
+
+
+@pytest.mark.parametrize("info, dtype, training", ENTRIES)
+def test_pickle_and_deepcopy_give_the_same_module(info, dtype, training):
+    """torch.save/torch.load, pickle and deepcopy after a forward: a fastbn module of the same
+    class with the same state, whose next forward gives what the original's gives."""
+    for index, sample in enumerate(_samples(info, dtype, training, requires_grad=False)):
+        x, _, fast_bn, _ = sample_and_modules(info, dtype, training, index)
+        fast_bn(x)
+        buffer = io.BytesIO()
+        torch.save(fast_bn, buffer)
+        buffer.seek(0)
+        copies = [torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(fast_bn)), copy.deepcopy(fast_bn)]
+        expected = fast_bn(x)
+        for copied in copies:
+            assert type(copied) is type(fast_bn)
+            torch.testing.assert_close(copied.state_dict(), _state_before_last_call(fast_bn, copied))
+            torch.testing.assert_close(copied(x), expected)
+
+
+def _state_before_last_call(original, copied):
+    """The copy was taken before the original's last forward: in training that forward moved
+    the original's running statistics, so compare the copy with itself there."""
+    return copied.state_dict() if original.training else original.state_dict()
+
+
+def _noncontiguous(t):
+    """The same values in a tensor whose last dimension has stride 2."""
+    spaced = torch.empty(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype)[..., ::2]
+    spaced.copy_(t.detach())
+    return spaced.requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("info, dtype, training", ENTRIES)
+def test_non_contiguous_input_and_grad_match_torch(info, dtype, training):
+    """Every combination of contiguous and non-contiguous input and grad_output gives torch's
+    output and grads on the same combination."""
+    for index, sample in enumerate(_samples(info, dtype, training)):
+        x, torch_bn, fast_bn, reference_bn = sample_and_modules(info, dtype, training, index)
+        grad_output = (0.5 + torch.randn(x.shape, dtype=torch.float64)).to(dtype)
+        for x_variant in (x, _noncontiguous(x)):
+            for g_variant in (grad_output, _noncontiguous(grad_output)):
+                results = []
+                for module in (fast_bn, torch_bn, reference_bn):
+                    leaf = x_variant.detach().to(module.running_mean.dtype if module.running_mean is not None else
+                                                 (torch.float64 if module is reference_bn else dtype)).requires_grad_()
+                    out = module(leaf)
+                    params = list(module.parameters())
+                    grads = torch.autograd.grad(out, [leaf] + params, g_variant.to(out.dtype))
+                    results.append((out,) + grads)
+                for what, (fast_value, torch_value, reference_value) in enumerate(zip(*results)):
+                    assert_within_budget(fast_value, torch_value, reference_value,
+                                         f"sample {index}, {'output' if what == 0 else f'grad {what - 1}'}")
+
+
+def _memory_formats(x):
+    if x.dim() == 4:
+        return (torch.contiguous_format, torch.channels_last)
+    if x.dim() == 5:
+        return (torch.contiguous_format, torch.channels_last_3d)
+    return (torch.contiguous_format,)
+
+
+def _layout(t):
+    """Which of the dense layouts a tensor is in (all that hold, as a tuple)."""
+    formats = [torch.contiguous_format, torch.channels_last, torch.channels_last_3d]
+    return tuple(f for f in formats if (t.dim() == 4 or f != torch.channels_last) and
+                 (t.dim() == 5 or f != torch.channels_last_3d) and t.is_contiguous(memory_format=f))
+
+
+@pytest.mark.parametrize("info, dtype, training", ENTRIES)
+def test_memory_format_matches_torch(info, dtype, training):
+    """channels_last inputs (and the module moved to each memory format, a no-op for 1-D
+    parameters): output and grad_input in torch's layout, with torch's values."""
+    for index, sample in enumerate(_samples(info, dtype, training)):
+        x, torch_bn, fast_bn, reference_bn = sample_and_modules(info, dtype, training, index)
+        grad_output = torch.rand(x.shape, dtype=torch.float64)
+        for input_format in _memory_formats(x):
+            for module_format in _memory_formats(x):
+                results = []
+                for module, module_dtype in ((fast_bn, dtype), (torch_bn, dtype), (reference_bn, torch.float64)):
+                    module.to(memory_format=module_format)
+                    leaf = x.detach().to(module_dtype).contiguous(memory_format=input_format).requires_grad_()
+                    out = module(leaf)
+                    (grad_input,) = torch.autograd.grad(out, leaf, grad_output.to(module_dtype).contiguous(
+                        memory_format=input_format))
+                    results.append((out, grad_input))
+                (fast_out, fast_grad), (torch_out, torch_grad), (ref_out, ref_grad) = results
+                what = f"sample {index}, input {input_format}, module {module_format}"
+                assert _layout(fast_out) == _layout(torch_out), f"{what}: output layout"
+                assert _layout(fast_grad) == _layout(torch_grad), f"{what}: grad_input layout"
+                assert_within_budget(fast_out, torch_out, ref_out, f"{what}: output")
+                assert_within_budget(fast_grad, torch_grad, ref_grad, f"{what}: grad_input")
+
+
+@pytest.mark.parametrize("info, dtype, training", ENTRIES)
+def test_forward_reads_the_training_flag_as_torch_does(info, dtype, training):
+    """Without its `training` attribute, the module fails as torch's does (AttributeError
+    naming 'training'): it reads the mode on every forward, as the ModuleInfo declares."""
+    for sample, args, kwargs in _constructors(info, dtype, training):
+        modules = [cls(*args, **kwargs).to(dtype) for cls in (info.module_cls, FASTBN_EQUIVALENT[info.module_cls])]
+        errors = []
+        for module in modules:
+            module.train(training)
+            delattr(module, "training")
+            errors.append(outcome(lambda: module(sample.forward_input.args[0]))[1])
+        torch_error, fast_error = errors
+        assert isinstance(torch_error, AttributeError) and "'training'" in str(torch_error)
+        assert isinstance(fast_error, AttributeError) and "'training'" in str(fast_error), fast_error
+
+
+@pytest.mark.parametrize("info, dtype, training", ENTRIES)
+def test_construction_under_meta_device_matches_cpu(info, dtype, training):
+    """Built under `with torch.device('meta')`: meta parameters and buffers with the
+    metadata of a CPU-built module (torch's test_device_ctx_init)."""
+    for _, args, kwargs in _constructors(info, dtype, training):
+        cpu_bn = FASTBN_EQUIVALENT[info.module_cls](*args, **kwargs)
+        with torch.device("meta"):
+            meta_bn = FASTBN_EQUIVALENT[info.module_cls](*args, **kwargs)
+        cpu_meta, on_meta = _tensor_metadata(cpu_bn), _tensor_metadata(meta_bn)
+        assert all(device.type == "meta" for (_, _, device, _, _) in on_meta.values())
+        assert {n: m[:2] + m[3:] for n, m in on_meta.items()} == {n: m[:2] + m[3:] for n, m in cpu_meta.items()}
+
+
+@pytest.mark.parametrize("info, dtype, training", ENTRIES)
+def test_module_error_inputs_raise_torchs_error(info, dtype, training):
+    """The ModuleInfo's error inputs, through torch's module and fastbn's: torch's outcome
+    (in eval mode torch accepts eps=0 and words eps=-1 otherwise), the ModuleInfo's message
+    pattern wherever torch's message matches it, and (fastbn's rule) nothing changed by a
+    refused forward."""
+    if info.module_error_inputs_func is None:
+        pytest.skip(f"torch's {info.name} lists no error inputs")
+    errors = info.module_error_inputs_func(info, device="cpu", dtype=dtype, requires_grad=False, training=training)
+    for error in errors:
+        sample = error.module_error_input
+        args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+        if error.error_on == ModuleErrorEnum.CONSTRUCTION_ERROR:
+            torch_outcome = outcome(lambda: info.module_cls(*args, **kwargs))
+            fast_outcome = outcome(lambda: FASTBN_EQUIVALENT[info.module_cls](*args, **kwargs))
+        else:
+            torch_bn, fast_bn = (cls(*args, **kwargs).to(dtype).train(training)
+                                 for cls in (info.module_cls, FASTBN_EQUIVALENT[info.module_cls]))
+            before = copy.deepcopy(fast_bn.state_dict())
+            torch_outcome = outcome(lambda: torch_bn(*sample.forward_input.args, **sample.forward_input.kwargs))
+            fast_outcome = outcome(lambda: fast_bn(*sample.forward_input.args, **sample.forward_input.kwargs))
+            if fast_outcome[1] is not None:
+                torch.testing.assert_close(fast_bn.state_dict(), before, msg="a refused forward changed the state")
+        what = f"{error.error_on.name} {args} {kwargs}"
+        assert_same_outcomes(torch_outcome, fast_outcome, what)
+        if torch_outcome[1] is not None and re.search(error.error_regex, str(torch_outcome[1])):
+            assert re.search(error.error_regex, str(fast_outcome[1])), (
+                f"{what}: fastbn's message {str(fast_outcome[1])!r} does not match {error.error_regex!r}, torch's does")
+
+
+# From torch's test_nn.py and test/nn/test_load_state_dict.py: the batch-norm cases that
+# are about the module's Python behaviour (fastbn's modules inherit torch's, but forward is
+# theirs), each compared with torch's module.
+@pytest.mark.parametrize("info, dtype, training", ENTRIES)
+def test_buffers_kept_when_tracking_is_turned_off_after_construction(info, dtype, training):
+    """track_running_stats=False set on a module that has running statistics: torch normalizes
+    with the batch's statistics in training and leaves the buffers alone, and with the
+    buffers in eval; fastbn must do the same."""
+    x, torch_bn, fast_bn, reference_bn = sample_and_modules(info, dtype, training, 0)
+    for module in (torch_bn, fast_bn, reference_bn):
+        module.track_running_stats = False
+    outputs = [m(x.detach().to(d)) for m, d in ((fast_bn, dtype), (torch_bn, dtype), (reference_bn, torch.float64))]
+    assert_within_budget(*outputs, "output")
+    assert_state_within_budget(fast_bn, torch_bn, reference_bn, "buffers")
+
+
+@pytest.mark.parametrize("info", [_info_param(info) for info in BN_MODULE_INFOS])
+def test_load_state_dict_versions_and_assign_match_torch(info):
+    """A version-1 state_dict (before num_batches_tracked), a strict load with a key missing,
+    and load_state_dict(assign=True) into a module built on the meta device: torch's outcome."""
+    sample = _samples(info, torch.float32, True, requires_grad=False)[0]
+    torch_bn, fast_bn, _ = module_trio(info, sample, torch.float32, True)
+    old_state = torch_bn.state_dict()
+    del old_state["num_batches_tracked"]
+    old_state._metadata[""]["version"] = 1
+    for module in (torch_bn, fast_bn):
+        module.load_state_dict(old_state)
+    assert fast_bn.num_batches_tracked.item() == torch_bn.num_batches_tracked.item()
+    assert fast_bn.state_dict().keys() == torch_bn.state_dict().keys()
+    assert fast_bn.state_dict()._metadata[""]["version"] == torch_bn.state_dict()._metadata[""]["version"]
+
+    missing = {k: v for k, v in torch_bn.state_dict().items() if k != "running_var"}
+    assert_same_outcome(lambda: torch_bn.load_state_dict(missing), lambda: fast_bn.load_state_dict(missing),
+                        "strict load without running_var")
+
+    args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+    with torch.device("meta"):
+        torch_meta, fast_meta = info.module_cls(*args, **kwargs), FASTBN_EQUIVALENT[info.module_cls](*args, **kwargs)
+    torch_meta.load_state_dict(torch_bn.state_dict(), assign=True)
+    fast_meta.load_state_dict(torch_bn.state_dict(), assign=True)
+    x = sample.forward_input.args[0]
+    torch.testing.assert_close(fast_meta(x), torch_meta(x))
+    torch.testing.assert_close(fast_meta.state_dict(), torch_meta.state_dict())
