@@ -514,3 +514,74 @@ def test_load_state_dict_versions_and_assign_match_torch(info):
     x = sample.forward_input.args[0]
     torch.testing.assert_close(fast_meta(x), torch_meta(x))
     torch.testing.assert_close(fast_meta.state_dict(), torch_meta.state_dict())
+
+
+def _other_float(dtype):
+    return torch.float32 if dtype == torch.float64 else torch.float64
+
+
+# Odd and bad calls of a module (as test_nn.py's batch-norm tests make them), each a change
+# to the sample's input or to how the module is called: torch's module decides the outcome.
+MODULE_CALLS = {
+    "input_without_batch_dim": lambda m, x, dtype: m(x[0]),
+    "input_with_extra_dim": lambda m, x, dtype: m(x.unsqueeze(-1)),
+    "one_more_channel": lambda m, x, dtype: m(torch.cat([x, x[:, :1]], 1)),
+    "batch_of_one": lambda m, x, dtype: m(x[:1]),
+    "input_in_other_float_dtype": lambda m, x, dtype: m(x.to(_other_float(dtype))),
+    "empty_batch_in_other_float_dtype": lambda m, x, dtype: m(x[:0].to(_other_float(dtype))),
+    "input_float16": lambda m, x, dtype: m(x.half()),
+    "input_int64": lambda m, x, dtype: m(x.long()),
+    "input_on_meta": lambda m, x, dtype: m(x.to("meta")),
+    "frozen_parameters": lambda m, x, dtype: _backward(m.requires_grad_(False), x),
+    "input_not_requiring_grad": lambda m, x, dtype: _backward(m, x.detach()),
+    "under_no_grad": lambda m, x, dtype: _in_context(torch.no_grad, m, x),
+    "under_inference_mode": lambda m, x, dtype: _in_context(torch.inference_mode, m, x),
+    "twice_then_backward_of_both": lambda m, x, dtype: _backward_of_two(m, x),
+}
+
+
+def _backward(module, x):
+    """Output and grads of every leaf that requires grad (input and parameters)."""
+    leaves = [t for t in (x, *module.parameters()) if t.requires_grad]
+    output = module(x)
+    grads = torch.autograd.grad(output, leaves, torch.ones_like(output)) if output.requires_grad else ()
+    return (output, *grads)
+
+
+def _in_context(context, module, x):
+    with context():
+        return module(x).clone()
+
+
+def _backward_of_two(module, x):
+    leaf = x.detach().requires_grad_()
+    first, second = module(leaf), module(2 * leaf + 1)
+    (first * second).sum().backward()
+    return first, second, leaf.grad, *[p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("call", list(MODULE_CALLS))
+@pytest.mark.parametrize("info, dtype, training", ENTRIES)
+def test_module_call_matches_torch(info, dtype, training, call):
+    """torch's outcome (its results and state after the call, within torch's default
+    tolerances) or torch's exception type; a call fastbn refuses changes none of the
+    module's state."""
+    x, torch_bn, fast_bn, _ = sample_and_modules(info, dtype, training, 0)
+    before = copy.deepcopy(fast_bn.state_dict())
+    torch_outcome = outcome(lambda: MODULE_CALLS[call](torch_bn, x, dtype))
+    fast_outcome = outcome(lambda: MODULE_CALLS[call](fast_bn, x, dtype))
+    if fast_outcome[1] is not None:
+        torch.testing.assert_close(fast_bn.state_dict(), before, msg="a refused call changed the module's state")
+    torch_result, fast_result = assert_same_outcomes(torch_outcome, fast_outcome, call)
+    if torch_result is None:
+        return
+    torch_result = torch_result if isinstance(torch_result, tuple) else (torch_result,)
+    fast_result = fast_result if isinstance(fast_result, tuple) else (fast_result,)
+    assert len(fast_result) == len(torch_result)
+    for position, (fast_value, torch_value) in enumerate(zip(fast_result, torch_result)):
+        assert (fast_value.shape, fast_value.dtype, fast_value.device) == \
+            (torch_value.shape, torch_value.dtype, torch_value.device), f"result {position}"
+        if torch_value.device.type != "meta":
+            # (precision is test_forward_backward_and_state_match_torch's: here torch's tolerances)
+            torch.testing.assert_close(fast_value, torch_value, msg=f"result {position}")
+    torch.testing.assert_close(fast_bn.state_dict(), torch_bn.state_dict(), msg="state after the call")
