@@ -190,6 +190,7 @@ BAD_INPUTS = {
     "eps_tensor": _with(eps=lambda: torch.tensor(1e-5)),
     "running_var_negative": _with(running_var=lambda: -torch.rand(C)),
     "input_nan": _with(input=lambda: torch.full((4, C, 5), float("nan"))),
+    "input_expanded": _with(input=lambda: torch.randn(1, C, 1).expand(4, C, 5)),
     "input_transposed": _with(input=lambda: torch.randn(5, C, 4).transpose(0, 2)),
     "input_channels_last": _shaped((4, C, 5, 6), input=lambda: torch.randn(4, C, 5, 6).to(
         memory_format=torch.channels_last)),
