@@ -12,6 +12,8 @@ The op has no error_inputs_func in op_db, so the bad inputs are made here, one c
 a valid call each, and again compared with what torch does with them (never with a fixed
 expectation); when fastbn refuses a call, nothing it could write has changed.
 """
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,11 +121,13 @@ def _valid(dtype=torch.float32, shape=(4, C, 5)):
 
 
 def _with(**changes):
-    def build(training):
+    def build(training, more_changes=None):
         call = _valid()
-        call.update({k: (v() if callable(v) else v) for k, v in changes.items()})
+        for change in (changes, more_changes or {}):
+            call.update({k: (v() if callable(v) else v) for k, v in change.items()})
         call.setdefault("training", training)
         return call
+    build.changes = changes  # for combining two cases (test_two_bad_changes_raise_torchs_error)
     return build
 
 
@@ -240,3 +244,30 @@ def test_bad_input_matches_torch(case, training):
         if isinstance(torch_call[name], torch.Tensor):
             torch.testing.assert_close(fast_call[name], torch_call[name], equal_nan=True, msg=name)
 
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_two_bad_changes_raise_torchs_error(training):
+    """Every pair of the changes above that torch refuses one at a time, as fastbn does (to
+    different arguments of the same valid call), made together: the exception type of
+    torch's first failing check must be fastbn's (the order of the checks). One test for
+    all pairs, which lists each pair that differs."""
+    combinable = [case for case, build in BAD_INPUTS.items() if hasattr(build, "changes")]
+    # those torch refuses alone and fastbn refuses alike (others fail test_bad_input_matches_torch)
+    refused = []
+    for case in combinable:
+        torch_error = outcome(lambda: F.batch_norm(**BAD_INPUTS[case](training)))[1]
+        if torch_error is not None and type(outcome(lambda: fastbn.functional.batch_norm(
+                **BAD_INPUTS[case](training)))[1]) is type(torch_error):
+            refused.append(case)
+    differences = []
+    for first, second in itertools.combinations(refused, 2):
+        if BAD_INPUTS[first].changes.keys() & BAD_INPUTS[second].changes.keys():
+            continue  # two changes to one argument
+        calls = [BAD_INPUTS[first](training, BAD_INPUTS[second].changes) for _ in range(2)]
+        torch_error = outcome(lambda: F.batch_norm(**calls[0]))[1]
+        fast_error = outcome(lambda: fastbn.functional.batch_norm(**calls[1]))[1]
+        if type(torch_error) is not type(fast_error):
+            differences.append(f"{first} + {second}: torch {type(torch_error).__name__}({str(torch_error)[:120]}), "
+                               f"fastbn {type(fast_error).__name__}({str(fast_error)[:120]})")
+    assert not differences, f"{len(differences)} pairs differ:\n" + "\n".join(differences)
