@@ -289,8 +289,10 @@ def test_func_transforms_match_torch(info, dtype, training, index, transform, ru
 # batch-norm entry, dtype and mode, over all of the entry's samples, fastbn's module
 # against torch's. (Not here: the CUDA-only ones, cpu/gpu parity and device transfer, and
 # test_check_inplace, which covers modules whose torch constructor takes `inplace`.)
-ENTRIES = [pytest.param(*p.values[:3], id=p.id.rsplit("-", 1)[0] if p.values[3] == 0 else p.id, marks=p.marks)
-           for p in _sample_params(keep=lambda info, index, desc: index == 0)]
+ENTRIES = [pytest.param(info, dtype, training, marks=_info_param(info).marks,
+                        id=f"{info.name.removeprefix('nn.')}-{str(dtype).removeprefix('torch.')}-"
+                           f"{'train' if training else 'eval'}")
+           for info in BN_MODULE_INFOS for dtype in sorted(info.dtypes, key=str) for training in (True, False)]
 
 
 def _constructors(info, dtype, training):
@@ -341,21 +343,18 @@ def test_pickle_and_deepcopy_give_the_same_module(info, dtype, training):
     for index, sample in enumerate(_samples(info, dtype, training, requires_grad=False)):
         x, _, fast_bn, _ = sample_and_modules(info, dtype, training, index)
         fast_bn(x)
+        saved_state = copy.deepcopy(fast_bn.state_dict())
         buffer = io.BytesIO()
         torch.save(fast_bn, buffer)
         buffer.seek(0)
         copies = [torch.load(buffer, weights_only=False), pickle.loads(pickle.dumps(fast_bn)), copy.deepcopy(fast_bn)]
+        for copied in copies:
+            assert type(copied) is type(fast_bn) and copied.training == fast_bn.training
+            torch.testing.assert_close(copied.state_dict(), saved_state)
         expected = fast_bn(x)
         for copied in copies:
-            assert type(copied) is type(fast_bn)
-            torch.testing.assert_close(copied.state_dict(), _state_before_last_call(fast_bn, copied))
             torch.testing.assert_close(copied(x), expected)
-
-
-def _state_before_last_call(original, copied):
-    """The copy was taken before the original's last forward: in training that forward moved
-    the original's running statistics, so compare the copy with itself there."""
-    return copied.state_dict() if original.training else original.state_dict()
+            torch.testing.assert_close(copied.state_dict(), fast_bn.state_dict())
 
 
 def _noncontiguous(t):
