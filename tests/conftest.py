@@ -183,3 +183,49 @@ def randomize_batch_norms(model):
                 module.running_mean.normal_(0, 0.5)
                 module.running_var.uniform_(0.5, 1.5)
     return model
+
+
+def outcome(call):
+    """(result, None) when call() returns, (None, exception) when it raises: for comparing
+    what fastbn does with what torch does on the same input, errors included."""
+    try:
+        return call(), None
+    except Exception as error:  # noqa: BLE001 (any exception type is compared with torch's)
+        return None, error
+
+
+def assert_same_outcome(torch_call, fastbn_call, what=""):
+    """Run both; where torch raises, fastbn must raise an exception of torch's type
+    (messages may differ); where torch returns, fastbn must return. Returns both results
+    (None, None where both raised)."""
+    return assert_same_outcomes(outcome(torch_call), outcome(fastbn_call), what)
+
+
+def assert_same_outcomes(torch_outcome, fastbn_outcome, what=""):
+    """assert_same_outcome on two outcome() pairs."""
+    (torch_result, torch_error), (fastbn_result, fastbn_error) = torch_outcome, fastbn_outcome
+    if torch_error is not None:
+        assert fastbn_error is not None, f"{what}: torch raises {type(torch_error).__name__}({torch_error}), fastbn returns"
+        assert type(fastbn_error) is type(torch_error), (
+            f"{what}: torch raises {type(torch_error).__name__}({str(torch_error)[:300]}), "
+            f"fastbn raises {type(fastbn_error).__name__}({str(fastbn_error)[:300]})")
+        return None, None
+    if fastbn_error is not None:
+        raise AssertionError(f"{what}: torch returns, fastbn raises {type(fastbn_error).__name__}: "
+                             f"{str(fastbn_error)[:500]}") from fastbn_error
+    return torch_result, fastbn_result
+
+
+# The gradient checks torch's own op and module tests run, by name: reverse mode (with
+# the batched check, vmap over backward, as torch's test helpers turn on), forward mode,
+# double backward and forward over reverse. In fast mode (random projections of the
+# Jacobian, which a wrong derivative fails too): the full Jacobians of double backward
+# take about 20 s per sample of torch's module tests on this 2-core machine.
+GRADIENT_CHECKS = {
+    "backward": lambda f, args: torch.autograd.gradcheck(f, args, fast_mode=True, check_batched_grad=True),
+    "forward_ad": lambda f, args: torch.autograd.gradcheck(f, args, fast_mode=True, check_forward_ad=True,
+                                                           check_backward_ad=False, check_undefined_grad=False),
+    "double_backward": lambda f, args: torch.autograd.gradgradcheck(f, args, fast_mode=True),
+    "forward_over_reverse": lambda f, args: torch.autograd.gradgradcheck(f, args, fast_mode=True,
+                                                                         check_fwd_over_rev=True),
+}
