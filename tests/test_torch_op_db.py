@@ -246,6 +246,15 @@ def test_bad_input_matches_torch(case, training):
 
 
 
+# Pairs where torch's exception comes from no check but from the first op of a decomposition
+# that fails: a weight on the meta device sends torch's CPU call down a composite path, where a
+# bool or float8 input meets an op without a kernel for it (NotImplementedError). fastbn reports
+# the device mismatch (RuntimeError), as torch itself does for int64 or complex inputs there.
+# A difference the README lists.
+TORCH_DECOMPOSITION_FAILURES = {frozenset(pair) for pair in (("input_bool", "weight_on_meta"),
+                                                             ("input_float8", "weight_on_meta"))}
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_two_bad_changes_raise_torchs_error(training):
     """Every pair of the changes above that torch refuses one at a time, as fastbn does (to
@@ -264,6 +273,8 @@ def test_two_bad_changes_raise_torchs_error(training):
     for first, second in itertools.combinations(refused, 2):
         if BAD_INPUTS[first].changes.keys() & BAD_INPUTS[second].changes.keys():
             continue  # two changes to one argument
+        if frozenset((first, second)) in TORCH_DECOMPOSITION_FAILURES:
+            continue
         calls = [BAD_INPUTS[first](training, BAD_INPUTS[second].changes) for _ in range(2)]
         torch_error = outcome(lambda: F.batch_norm(**calls[0]))[1]
         fast_error = outcome(lambda: fastbn.functional.batch_norm(**calls[1]))[1]
