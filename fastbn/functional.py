@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import inplace as _inplace
-from . import interop, ops, transforms
+from . import functions, interop, ops
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -192,18 +192,22 @@ def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_
                                       "run under torch.func transforms; use inplace=False")
         return _inplace.batch_norm_act_inplace(input, running_mean, running_var, weight, bias, training, momentum,
                                                eps, activation, activation_param)
-    if ops.transforms_active():  # forward AD or torch.func: the ops with a jvp and setup_context
-        train_op, eval_op = transforms.BatchNormTrainFunction.apply, transforms.BatchNormEvalFunction.apply
-    else:
+    # the same kernels, through the autograd each setting needs (fastbn/functions.py)
+    if torch.compiler.is_compiling():
         train_op, eval_op = ops.batch_norm_train, ops.batch_norm_eval
+    elif ops.transforms_active():
+        train_op, eval_op = functions.BatchNormTrainFunction.apply, functions.BatchNormEvalFunction.apply
+    else:
+        train_op, eval_op = functions.EagerBatchNormTrain.apply, functions.EagerBatchNormEval.apply
     if not training:
         return eval_op(input, weight, bias, running_mean, running_var, eps, activation, activation_param, residual)
     output, mean, var = train_op(input, weight, bias, eps, activation, activation_param, residual)
-    if running_mean is not None and ops.transforms_active():
-        _update_running_stats_in_torch_ops(running_mean, running_var, mean, var, momentum,
-                                           input.numel() // input.shape[1])
-    elif running_mean is not None:
-        ops.update_running_stats(running_mean, running_var, mean, var, momentum, input.numel() // input.shape[1])
+    if running_mean is not None:
+        count = input.numel() // input.shape[1]
+        if ops.transforms_active():
+            _update_running_stats_in_torch_ops(running_mean, running_var, mean, var, momentum, count)
+        else:
+            ops.update_running_stats(running_mean, running_var, mean, var, momentum, count)
     return output
 
 

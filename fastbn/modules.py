@@ -59,24 +59,25 @@ class _FastBatchNorm:
         functional.check_residual(input, residual)
         # Buffers are used for normalization outside training (when they exist) and
         # are updated only in training mode when tracked: the same rule as torch's.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        pass_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if pass_buffers else None
-        running_var = self.running_var if pass_buffers else None
-        functional.check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
-                                         self.eps)
+        # (Attributes read once: each parameter or buffer read goes through nn.Module.__getattr__.)
+        weight, bias, running_mean, running_var = self.weight, self.bias, self.running_mean, self.running_var
+        training, momentum, num_batches_tracked = self.training, self.momentum, self.num_batches_tracked
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
+        functional.check_batch_norm_args(input, running_mean, running_var, weight, bias, use_batch_stats, self.eps)
         if self.inplace:
-            _inplace.check_inplace_call(input, self.weight, self.bias)
+            _inplace.check_inplace_call(input, weight, bias)
 
-        counts_batch = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        factor = 0.0 if self.momentum is None else self.momentum
-        if counts_batch and self.momentum is None:  # cumulative moving average, this batch included
-            factor = 1.0 / float(self.num_batches_tracked + 1)
-        output = functional.batch_norm_unchecked(input, running_mean, running_var, self.weight, self.bias,
-                                                 use_batch_stats, factor, self.eps, self._activation_code,
-                                                 self._activation_param, residual, self.inplace)
+        counts_batch = training and self.track_running_stats and num_batches_tracked is not None
+        factor = 0.0 if momentum is None else momentum
+        if counts_batch and momentum is None:  # cumulative moving average, this batch included
+            factor = 1.0 / float(num_batches_tracked + 1)
+        output = functional.batch_norm_unchecked(input, running_mean, running_var, weight, bias, use_batch_stats,
+                                                 factor, self.eps, self._activation_code, self._activation_param,
+                                                 residual, self.inplace)
         if counts_batch:  # counted once the batch went through (torch counts it before, even if it then fails)
-            self.num_batches_tracked.add_(1)
+            num_batches_tracked.add_(1)
         return output
 
 

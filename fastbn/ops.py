@@ -351,7 +351,7 @@ def _wants_graph(*tensors) -> bool:
 
 def transforms_active() -> bool:
     """True while a forward-AD level is open or a torch.func transform runs (eager only);
-    the Python API then calls the ops through fastbn.transforms' autograd.Functions."""
+    the Python API then calls the ops through the autograd.Functions with a jvp (fastbn/functions.py)."""
     if torch.compiler.is_compiling():
         return False
     return torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
@@ -413,6 +413,8 @@ def _eval_setup_context(ctx, inputs, output):
 
 
 def _eval_backward(ctx, grad_output):
+    if grad_output is None:  # (with materialize_grads off: the output was not used)
+        return (None,) * 9
     input, weight, bias, running_mean, running_var, residual = ctx.saved_tensors
     *grads, grad_residual = _backward(ctx, grad_output, input, residual, weight, bias, running_mean, running_var, False)
     grad_residual = grad_residual if _needs_grad(ctx, 8) else None
@@ -446,9 +448,13 @@ def batch_norm_stats_raw(input: Tensor):
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, factor: float,
                          count: int) -> None:
     """In place: running = (1 - factor) * running + factor * batch (variance unbiased)."""
-    with torch.no_grad():
-        torch.ops.fastbn.update_running_stats.default(running_mean, running_var, mean.detach(), var.detach(),
-                                                      float(factor), int(count))
+    if torch.compiler.is_compiling():  # (dynamo cannot trace the guard below)
+        with torch.no_grad():
+            torch.ops.fastbn.update_running_stats.default(running_mean, running_var, mean.detach(), var.detach(),
+                                                          float(factor), int(count))
+        return
+    with torch._C._AutoDispatchBelowAutograd():  # past autograd: cheaper than no_grad and detach
+        torch.ops.fastbn.update_running_stats.default(running_mean, running_var, mean, var, float(factor), int(count))
 
 
 __all__: Sequence[str] = [

@@ -1,16 +1,23 @@
-"""Forward-mode AD and torch.func transforms for fastbn's training and eval ops.
+"""The training and eval ops as autograd.Functions: the path eager calls take.
 
-The ops' autograd comes from ``torch.library.register_autograd`` (ops.py), which is
-what torch.compile and opcheck work with. It has no forward-mode formula, and the
-function torch generates from it has no ``setup_context``, which torch.func needs:
-dual tensors would lose their tangents and ``torch.func.grad`` would fail. So while
-a forward-AD level is open or a torch.func transform is active (never while
-compiling: dynamo cannot trace a custom ``jvp``), the Python API calls the ops
-through the ``autograd.Function`` classes here instead. They run the same kernels
-forward and the same backward; their ``jvp`` is written in torch ops, so that
-transforms nest (jacfwd, forward-over-reverse, hessian), and the backward switches
-to the torch-op formula (``ops.composite_backward``) under a transform for the
-same reason.
+The ops' own autograd comes from ``torch.library.register_autograd`` (ops.py); that is
+what torch.compile and opcheck work with, and what a compiled call runs. In eager mode
+the Python API calls the same kernels through the Functions here instead:
+
+- ``EagerBatchNormTrain`` / ``EagerBatchNormEval``, old-style (forward takes ctx), for
+  plain calls: one Python layer over the kernel each way. (torch's generated autograd
+  adds several, and a Function with ``setup_context`` binds its arguments with
+  ``inspect.signature`` on every call, which costs more than the kernel on a small layer.)
+- ``BatchNormTrainFunction`` / ``BatchNormEvalFunction``, with ``setup_context``, ``jvp``
+  and a generated vmap rule, while a forward-AD level is open or a torch.func transform
+  runs: torch.func needs ``setup_context``, and forward-mode AD needs the ``jvp`` that the
+  ops lack (dual tensors would lose their tangents). The ``jvp`` is written in torch ops,
+  so that transforms nest (jacfwd, forward-over-reverse, hessian); for the same reason the
+  backward switches to the torch-op formula (``ops.composite_backward``) under a transform.
+
+Both kinds run the kernels below autograd (this Function is the autograd) and share
+ops.py's setup and backward. Dynamo cannot trace a custom ``jvp``, which is one reason
+compiled calls keep to the ops.
 """
 import torch
 from torch import Tensor
@@ -54,8 +61,9 @@ class BatchNormTrainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, eps, activation, activation_param, residual):
-        return torch.ops.fastbn.batch_norm_train.default(input, weight, bias, eps, activation, activation_param,
-                                                         residual)
+        with torch._C._AutoDispatchBelowAutograd():  # straight to the kernel: this Function is the autograd
+            return torch.ops.fastbn.batch_norm_train.default(input, weight, bias, eps, activation, activation_param,
+                                                             residual)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -95,8 +103,9 @@ class BatchNormEvalFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, running_mean, running_var, eps, activation, activation_param, residual):
-        return torch.ops.fastbn.batch_norm_eval.default(input, weight, bias, running_mean, running_var, eps,
-                                                        activation, activation_param, residual)
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.fastbn.batch_norm_eval.default(input, weight, bias, running_mean, running_var, eps,
+                                                            activation, activation_param, residual)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -125,3 +134,32 @@ class BatchNormEvalFunction(torch.autograd.Function):
         xhat = centered * invstd
         xhat_t = None if input_t is None else input_t.to(acc) * invstd
         return _affine_act_tangent(ctx, xhat, xhat_t, weight_t, bias_t, residual_t, input, weight, bias, residual)
+
+
+class EagerBatchNormTrain(torch.autograd.Function):
+    """BatchNormTrainFunction without jvp or setup_context (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, eps, activation, activation_param, residual):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = torch.ops.fastbn.batch_norm_train.default(input, weight, bias, eps, activation,
+                                                               activation_param, residual)
+        ops._train_setup_context(ctx, (input, weight, bias, eps, activation, activation_param, residual), output)
+        return output
+
+    backward = BatchNormTrainFunction.backward
+
+
+class EagerBatchNormEval(torch.autograd.Function):
+    """BatchNormEvalFunction without jvp or setup_context (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, eps, activation, activation_param, residual):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = torch.ops.fastbn.batch_norm_eval.default(input, weight, bias, running_mean, running_var, eps,
+                                                              activation, activation_param, residual)
+        ops._eval_setup_context(ctx, (input, weight, bias, running_mean, running_var, eps, activation,
+                                      activation_param, residual), output)
+        return output
+
+    backward = BatchNormEvalFunction.backward
