@@ -2,6 +2,7 @@
 // kernels of the ISA chosen at run time (cpu_capability.h), which dispatch on
 // dtype and activation (per_isa/batch_norm_kernels.cpp).
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -205,6 +206,21 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& in
 // and is written back through its one element.
 void update_running_stat(const Tensor& running, const Tensor& batch, bool is_var, double factor, int64_t count) {
   const int64_t C = running.numel();
+  if ((C <= 1 || running.stride(0) == 1) && batch.is_contiguous()) {
+    // A dense buffer (the usual case) is updated where it lies: this runs on every training
+    // call, and on small layers the temporaries of the general path cost more than the update.
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), "update_running_stat", [&] {
+      using running_t = scalar_t;
+      running_t* r = running.data_ptr<running_t>();
+      AT_DISPATCH_FLOATING_TYPES(batch.scalar_type(), "update_running_stat", [&] {
+        const scalar_t* b = batch.const_data_ptr<scalar_t>();
+        for (int64_t c = 0; c < C; ++c) {
+          r[c] = static_cast<running_t>(running_stat_update(double(r[c]), double(b[c]), is_var, factor, count));
+        }
+      });
+    });
+    return;
+  }
   const bool shared = C > 1 && running.stride(0) == 0;
   Tensor values = running.to(at::kDouble).contiguous().clone();
   const Tensor batch_values = batch.to(at::kDouble).contiguous();
