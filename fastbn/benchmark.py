@@ -298,6 +298,15 @@ class Row:
     fastbn_iqr_s: Optional[float] = None
     # Fraction of the CPUs other processes used while this row was timed.
     other_cpu_load: Optional[float] = None
+    # --compile: torch.compile of torch's module (what a user might pick instead of fastbn).
+    compiled_s: Optional[float] = None
+    compiled_note: str = ""
+
+    @property
+    def speedup_vs_compiled(self) -> Optional[float]:
+        if self.compiled_s is None or self.fastbn_s is None:
+            return None
+        return self.compiled_s / self.fastbn_s
 
     @property
     def speedup(self) -> Optional[float]:
@@ -355,6 +364,9 @@ def benchmark_row(case: Case, shape, layout: str, dtype_name: str, options,
         row.fastbn_status, row.note = "n/a", f"torch fails: {type(error).__name__}: {error}"[:200]
         return row
 
+    compiled_step = compiled_step_for(case, channels, workload, param_dtype, reference, row, options) \
+        if options.compile else None
+
     fastbn_step = None
     try:
         fastbn_module = prepare_module(make_fastbn(channels, case.activation), case,
@@ -382,15 +394,38 @@ def benchmark_row(case: Case, shape, layout: str, dtype_name: str, options,
     label = f"{case.name} {shape} {layout} {dtype_name}"
     torch_times: List[float] = []
     fastbn_times: List[float] = []
+    compiled_times: List[float] = []
     for _ in range(options.rounds):
         torch_times += block_times(torch_step, options.threads, per_round, label)
         if fastbn_step is not None:
             fastbn_times += block_times(fastbn_step, options.threads, per_round, label)
+        if compiled_step is not None:
+            compiled_times += block_times(compiled_step, options.threads, per_round, label)
     row.torch_s, row.torch_iqr_s = statistics.median(torch_times), interquartile_range(torch_times)
     if fastbn_times:
         row.fastbn_s, row.fastbn_iqr_s = statistics.median(fastbn_times), interquartile_range(fastbn_times)
+    if compiled_times:
+        row.compiled_s = statistics.median(compiled_times)
     row.other_cpu_load = load_meter.fraction()
     return row
+
+
+def compiled_step_for(case: Case, channels: int, workload: Workload, param_dtype, reference, row: Row,
+                      options) -> Optional[Callable]:
+    """The case's step on torch.compile(torch's module), checked against float64 like the
+    others (the check also compiles it); None, with the reason in row.compiled_note, where
+    it does not compile or is off."""
+    try:
+        module = prepare_module(make_torch_module(channels, case.activation), case, param_dtype, options.device)
+        compiled = torch.compile(module)
+        step, x = make_step(compiled, case, workload)
+        error = relative_error(results_for_check(step, x, module, case.backward), reference)
+    except Exception as failure:  # noqa: BLE001  (reported in the table; the other columns still count)
+        row.compiled_note = f"{type(failure).__name__}: {failure}".strip().splitlines()[0][:200]
+        return None
+    if not error <= CHECK_TOLERANCE[workload.x.dtype]:
+        row.compiled_note = f"torch.compile's error against float64 is {error:.2g}"
+    return step
 
 
 def interquartile_range(values: Sequence[float]) -> Optional[float]:
@@ -533,9 +568,11 @@ def check_cell(row: Row) -> str:
 
 
 def markdown_table(rows: Sequence[Row], copy_gbps: float, fastbn_name: str) -> str:
+    compiled = any(row.compiled_s is not None or row.compiled_note for row in rows)
+    extra = " torch.compile µs | vs torch.compile |" if compiled else ""
     header = ("| case | shape (N,C,H,W) | layout | dtype | torch µs | "
-              f"{fastbn_name} µs | speedup | torch GB/s | {fastbn_name} GB/s | {fastbn_name} % copy | check |")
-    lines = [header, "|" + "---|" * 4 + "---:|" * 6 + "---|"]
+              f"{fastbn_name} µs | speedup | torch GB/s | {fastbn_name} GB/s | {fastbn_name} % copy | check |{extra}")
+    lines = [header, "|" + "---|" * 4 + "---:|" * 6 + "---|" + "---:|" * (2 if compiled else 0)]
     for row in rows:
         if row.torch_s is None:
             fastbn_time = "—"
@@ -551,20 +588,24 @@ def markdown_table(rows: Sequence[Row], copy_gbps: float, fastbn_name: str) -> s
             _format(row.torch_s and row.torch_s * 1e6, "{:.1f}"), fastbn_time, speedup,
             _format(row.gbps(row.torch_s), "{:.1f}"), _format(fastbn_gbps, "{:.1f}"),
             _format(percent, "{:.0f}%"), check_cell(row),
-        ]) + " |")
+        ] + ([_format(row.compiled_s and row.compiled_s * 1e6, "{:.1f}") if not row.compiled_note
+              else row.compiled_note[:60], _format(row.speedup_vs_compiled, "{:.2f}x")] if compiled else [])) + " |")
     return "\n".join(lines)
 
 
 def speedup_summary(rows: Sequence[Row], dtypes: Sequence[str]) -> str:
-    """Median speedup per case over shapes and layouts, one column per dtype."""
-    lines = ["| case | " + " | ".join(f"median speedup {d}" for d in dtypes) + " |",
-             "|---|" + "---:|" * len(dtypes)]
+    """Median speedup per case over shapes and layouts, one column per dtype (and per dtype
+    against torch.compile, when it was timed)."""
+    columns = [(f"median speedup {d}", d, "speedup") for d in dtypes]
+    if any(row.speedup_vs_compiled is not None for row in rows):
+        columns += [(f"vs torch.compile {d}", d, "speedup_vs_compiled") for d in dtypes]
+    lines = ["| case | " + " | ".join(title for title, _, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
     case_names = [case.name for case in CASES if any(row.case == case.name for row in rows)]
     for case_name in case_names:
         cells = []
-        for dtype in dtypes:
-            speedups = [row.speedup for row in rows
-                        if row.case == case_name and row.dtype == dtype and row.speedup is not None]
+        for _, dtype, attribute in columns:
+            speedups = [getattr(row, attribute) for row in rows
+                        if row.case == case_name and row.dtype == dtype and getattr(row, attribute) is not None]
             cells.append(f"{statistics.median(speedups):.2f}x (n={len(speedups)})" if speedups else "n/a")
         lines.append(f"| {case_name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -666,6 +707,8 @@ def parse_arguments(argv):
     parser.add_argument("--json", default=None,
                         help="where to write results (default bench/results/bench-<device>.json)")
     parser.add_argument("--no-json", action="store_true", help="do not write the JSON file")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile of torch's module (BN, BN + activation) as a third column")
     parser.add_argument("--plot", default=None, help="write a PNG bar chart of the speedups here")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="for shared machines: before each row, wait up to SECONDS for other "
@@ -811,7 +854,7 @@ def main(argv=None) -> int:
             "param_dtype": options.param_dtype,
             "min_run_time_s": options.min_run_time, "rounds": options.rounds,
             "argv": sys.argv[1:] if argv is None else list(argv),
-            "rows": [dict(asdict(row), speedup=row.speedup,
+            "rows": [dict(asdict(row), speedup=row.speedup, speedup_vs_compiled=row.speedup_vs_compiled,
                           torch_GBps=row.gbps(row.torch_s), fastbn_GBps=row.gbps(row.fastbn_s))
                      for row in rows],
         }
