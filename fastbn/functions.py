@@ -163,3 +163,65 @@ class EagerBatchNormEval(torch.autograd.Function):
         return output
 
     backward = BatchNormEvalFunction.backward
+
+
+# ---------------------------------------------------------------- vmap
+# Batching rules for the two ops (torch.func.vmap; without them torch loops over the samples
+# and warns). Each of the B vmapped problems normalizes its own channels, so the B problems
+# are one batch norm over B * C channels: input (B, N, C, ...) becomes (N, B * C, ...), and
+# per-channel tensors (B, C) become (B * C,) (an unbatched one is repeated B times).
+
+
+def _batched(value, in_dim, batch_size: int):
+    """value with its vmapped dim first (expanded to batch_size when it has none)."""
+    if value is None:
+        return None
+    if in_dim is None:
+        return value.unsqueeze(0).expand(batch_size, *value.shape)
+    return value.movedim(in_dim, 0)
+
+
+def _fold_input(value, in_dim, batch_size: int):
+    """(B, N, C, *rest) -> (N, B * C, *rest)."""
+    if value is None:
+        return None
+    batched = _batched(value, in_dim, batch_size).movedim(0, 1)
+    return batched.reshape(batched.shape[0], -1, *batched.shape[3:])
+
+
+def _fold_channels(value, in_dim, batch_size: int):
+    """(B, C) -> (B * C,)."""
+    return None if value is None else _batched(value, in_dim, batch_size).reshape(-1)
+
+
+def _unfold_output(output: Tensor, batch_size: int) -> Tensor:
+    """(N, B * C, *rest) -> (B, N, C, *rest)."""
+    return output.reshape(output.shape[0], batch_size, -1, *output.shape[2:]).movedim(1, 0)
+
+
+def _dim(in_dims, index: int):
+    """in_dims[index]; the dispatcher leaves out trailing arguments equal to their defaults."""
+    return in_dims[index] if index < len(in_dims) else None
+
+
+def _train_vmap(info, in_dims, input, weight, bias, eps, activation=0, activation_param=0.0, residual=None):
+    B = info.batch_size
+    output, mean, var = torch.ops.fastbn.batch_norm_train.default(
+        _fold_input(input, in_dims[0], B), _fold_channels(weight, in_dims[1], B), _fold_channels(bias, in_dims[2], B),
+        eps, activation, activation_param, _fold_input(residual, _dim(in_dims, 6), B))
+    return (_unfold_output(output, B), mean.view(B, -1), var.view(B, -1)), (0, 0, 0)
+
+
+def _eval_vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps, activation=0, activation_param=0.0,
+               residual=None):
+    B = info.batch_size
+    output = torch.ops.fastbn.batch_norm_eval.default(
+        _fold_input(input, in_dims[0], B), _fold_channels(weight, in_dims[1], B), _fold_channels(bias, in_dims[2], B),
+        _fold_channels(running_mean, in_dims[3], B), _fold_channels(running_var, in_dims[4], B), eps, activation,
+        activation_param, _fold_input(residual, _dim(in_dims, 8), B))
+    return _unfold_output(output, B), 0
+
+
+if hasattr(torch.library, "register_vmap"):  # torch >= 2.4; older ones loop over the samples
+    torch.library.register_vmap("fastbn::batch_norm_train", _train_vmap)
+    torch.library.register_vmap("fastbn::batch_norm_eval", _eval_vmap)

@@ -1,6 +1,7 @@
 """Drop-in fidelity (issue 12): forward-mode AD, torch.func transforms, and torch's
 answer (its result or its exception type) for the odd calls torch's own tests make."""
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -337,3 +338,22 @@ def test_nan_eps_gives_torchs_nan(training):
         results.append((fn(ops["x"], *running, training=training, eps=float("nan")), running))
     assert results[1][0].isnan().all()
     torch.testing.assert_close(results[1], results[0], equal_nan=True)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("residual_batched", [True, False])
+def test_vmap_runs_a_batching_rule(training, residual_batched):
+    """vmap folds the vmapped dim into the channels (no per-sample fallback, which warns)."""
+    ops = random_operands()
+    xs = torch.stack([ops["x"], ops["x"] * 2 - 1, -ops["x"]])
+    residual = torch.stack([ops["residual"], -ops["residual"], ops["residual"]]) if residual_batched \
+        else ops["residual"]
+    running = (None, None) if training else (ops["running_mean"], ops["running_var"])
+    results = []
+    for bn in (torch_bn_act, fastbn_bn_act):
+        def fn(x, r, bn=bn):
+            return bn(x, *running, ops["weight"], ops["bias"], training, "elu", r)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            results.append(torch.func.vmap(fn, in_dims=(0, 0 if residual_batched else None))(xs, residual))
+    torch.testing.assert_close(results[1], results[0])
