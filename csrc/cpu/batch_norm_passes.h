@@ -89,11 +89,12 @@ inline void parallel_parts(int64_t total, int64_t tasks, const F& task) {
 // channel c) within the flat range [begin, end) of a planar tensor.
 template <typename F>
 inline void for_each_plane_run(int64_t begin, int64_t end, const Geometry& g, const F& f) {
-  while (begin < end) {
-    const int64_t plane = begin / g.S;
-    const int64_t length = std::min(g.S - begin % g.S, end - begin);
-    f(begin, length, plane % g.C);
-    begin += length;
+  if (begin >= end) return;
+  int64_t c = begin / g.S % g.C;  // then counted: no division per run (short runs: S = 25)
+  for (int64_t length = std::min(g.S - begin % g.S, end - begin); begin < end;
+       begin += length, length = std::min(g.S, end - begin)) {
+    f(begin, length, c);
+    if (++c == g.C) c = 0;
   }
 }
 
@@ -109,12 +110,17 @@ inline int64_t rows_per_piece(int64_t C) { return std::clamp<int64_t>(32768 / st
 // Rows per parallel chunk of the elementwise passes.
 inline int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
 
+// Calls f(first_row, rows) for consecutive groups of `group` rows covering [begin, end).
+template <typename F>
+inline void for_each_row_group(int64_t begin, int64_t end, int64_t group, const F& f) {
+  for (int64_t r = begin; r < end; r += group) f(r, std::min(group, end - r));
+}
+
 // Calls f(first_row, rows) for tiles of about 4096 values (tile_forward /
 // tile_backward) covering the rows [begin, end).
 template <typename F>
 inline void for_each_row_tile(int64_t begin, int64_t end, int64_t C, const F& f) {
-  const int64_t tile = std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1));
-  for (int64_t r = begin; r < end; r += tile) f(r, std::min(tile, end - r));
+  for_each_row_group(begin, end, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), f);
 }
 
 // Calls f(c0, width) for each block of interleaved channels.
@@ -129,6 +135,20 @@ inline void for_each_channel_block(int64_t C, const F& f) {
 template <typename scalar_t>
 inline bool larger_than_cache(const Geometry& g) {
   return g.N * g.C * g.S * int64_t(sizeof(scalar_t)) >= kStreamingBytes;
+}
+
+// Rows an interleaved reduction walks down one channel block before the next
+// block. In cache: a whole piece (`piece_rows`). A tensor too large for the cache
+// whose rows span several blocks is walked in groups of about kReductionGroupBytes
+// per input, each block down the group and then the next group: memory is then
+// read in order (a whole piece block by block reads every row in pieces, which
+// the hardware prefetchers follow poorly from memory), and the group stays in L1
+// across its blocks.
+constexpr int64_t kReductionGroupBytes = 8192;
+template <typename scalar_t>
+inline int64_t reduction_group_rows(const Geometry& g, int64_t piece_rows) {
+  if (!larger_than_cache<scalar_t>(g) || g.C <= Lanes<scalar_t>::kBlock) return piece_rows;
+  return std::clamp<int64_t>(kReductionGroupBytes / (g.C * int64_t(sizeof(scalar_t))), 1, piece_rows);
 }
 
 // Whether an output of g's size is written with streaming stores; for rows
@@ -180,9 +200,11 @@ inline std::vector<Moments<double>> merge_parts(const std::vector<Moments<double
 }
 
 // Each part sums every channel's runs about one shift per channel (its first
-// value in the part): no merge per run, which for short runs (S of 100-200)
-// cost more than the run itself. A channel whose shift turns out far from its
-// mean (statistics_need_second_pass) is redone with span_moments per run.
+// value in the part) into that channel's lane sums, added up once per part: no
+// merge per run, which for short runs (S of 100-200) cost more than the run
+// itself, nor a sum across lanes per run (two thirds of the time with S = 25).
+// A channel whose shift turns out far from its mean
+// (statistics_need_second_pass) is redone with span_moments per run.
 template <typename scalar_t>
 std::vector<Moments<double>> planar_channel_moments(const scalar_t* x, const Geometry& g) {
   using red_t = typename ReduceLanes<scalar_t>::red_t;
@@ -190,19 +212,16 @@ std::vector<Moments<double>> planar_channel_moments(const scalar_t* x, const Geo
   std::vector<Moments<double>> parts(tasks * C, Moments<double>{0.0, 0.0, 0});
   parallel_parts(g.N * C * g.S, tasks, [&](int64_t t, int64_t begin, int64_t end) {
     std::vector<red_t> shift(C, red_t(0));
-    std::vector<double> sums(C, 0.0), squares(C, 0.0);
+    std::vector<LaneSums<scalar_t>> sums(C), squares(C);
     std::vector<int64_t> counts(C, 0);
-    LaneSums<scalar_t> lanes_sum, lanes_squares;
     for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
       if (counts[c] == 0) shift[c] = finite_shift(red_t(x[offset]));
-      span_sum_and_squares(x + offset, length, shift[c], lanes_sum, lanes_squares);
-      sums[c] += lanes_sum.flush();
-      squares[c] += lanes_squares.flush();
+      span_sum_and_squares(x + offset, length, shift[c], sums[c], squares[c]);
       counts[c] += length;
     });
     for (int64_t c = 0; c < C; ++c) {
       if (counts[c] == 0) continue;
-      Moments<double> m = moments_from_shifted_sums<double>(shift[c], sums[c], squares[c], counts[c]);
+      Moments<double> m = moments_from_shifted_sums<double>(shift[c], sums[c].flush(), squares[c].flush(), counts[c]);
       if (statistics_need_second_pass<double>(shift[c], m)) {
         m = Moments<double>{0.0, 0.0, 0};
         for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t run_c) {
@@ -233,9 +252,15 @@ std::vector<Moments<double>> interleaved_channel_moments(const scalar_t* x, cons
       for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
         const int64_t n = std::min(r_end, r + rows_per_piece(C)) - r;
         const scalar_t* piece = x + r * C;
+        std::fill(piece_mean.begin(), piece_mean.end(), red_t(0));
+        std::fill(piece_m2.begin(), piece_m2.end(), red_t(0));
+        for_each_row_group(0, n, reduction_group_rows<scalar_t>(g, n), [&](int64_t first, int64_t group) {
+          for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
+            column_sum_and_squares(piece + first * C + c0, group, C, width, shift.data() + c0,
+                                   piece_mean.data() + c0, piece_m2.data() + c0);
+          });
+        });
         for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
-          column_sum_and_squares(piece + c0, n, C, width, shift.data() + c0, piece_mean.data() + c0,
-                                 piece_m2.data() + c0);
           bool second_pass = false;
           for (int64_t c = c0; c < c0 + width; ++c) {
             const auto m = moments_from_shifted_sums<double>(shift[c], piece_mean[c], piece_m2[c], n);
@@ -399,27 +424,29 @@ BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
   std::vector<red_t> part_dy(tasks * padded, red_t(0)), part_dy_xmu(tasks * padded, red_t(0));
   if (g.layout == Layout::Planar) {
     parallel_parts(g.N * C * g.S, tasks, [&](int64_t t, int64_t begin, int64_t end) {
-      LaneSums<scalar_t> lanes_dy, lanes_dy_xmu;
+      // per channel, added up across lanes once per part (see planar_channel_moments)
+      std::vector<LaneSums<scalar_t>> lanes_dy(C), lanes_dy_xmu(C);
       for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
         span_backward_sums<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), length,
-                              red_t(a.mean[c]), forward_k.get(c), a.act_param, lanes_dy, lanes_dy_xmu);
-        part_dy[t * padded + c] += lanes_dy.flush();
-        part_dy_xmu[t * padded + c] += lanes_dy_xmu.flush();
+                              red_t(a.mean[c]), forward_k.get(c), a.act_param, lanes_dy[c], lanes_dy_xmu[c]);
       });
+      for (int64_t c = 0; c < C; ++c) {
+        part_dy[t * padded + c] = lanes_dy[c].flush();
+        part_dy_xmu[t * padded + c] = lanes_dy_xmu[c].flush();
+      }
     });
   } else {
     std::vector<red_t> mean_red(padded, red_t(0));
     for (int64_t c = 0; c < C; ++c) mean_red[c] = red_t(a.mean[c]);
     parallel_parts(g.count(), tasks, [&](int64_t t, int64_t r_begin, int64_t r_end) {
-      // down columns of rows, a piece of rows at a time
-      for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
-        const int64_t n = std::min(r_end, r + rows_per_piece(C)) - r;
+      // down columns of rows, a piece (or group, see reduction_group_rows) of rows at a time
+      for_each_row_group(r_begin, r_end, reduction_group_rows<scalar_t>(g, rows_per_piece(C)), [&](int64_t r, int64_t n) {
         for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
           column_backward_sums<A>(a.dy + r * C + c0, a.x + r * C + c0, offset_or_null(a.residual, r * C + c0), n, C,
                                   width, mean_red.data() + c0, forward_k, c0, a.act_param,
                                   part_dy.data() + t * padded + c0, part_dy_xmu.data() + t * padded + c0);
         });
-      }
+      });
     });
   }
   BackwardSums sums(C);

@@ -190,8 +190,8 @@ struct ReduceLanes {
   }
 };
 
-// kParts vector accumulators whose lanes are added up in double when flushed;
-// callers flush every few thousand values.
+// kParts vector accumulators whose lanes are added up in double when flushed
+// (per piece of a few thousand values, or per channel and part of a planar pass).
 template <typename scalar_t>
 struct LaneSums {
   using R = ReduceLanes<scalar_t>;
@@ -201,8 +201,7 @@ struct LaneSums {
   void clear() {
     for (auto& a : acc) a = typename R::Vec(red_t(0));
   }
-  // The total of every lane, added pairwise (a short dependency chain: planar
-  // passes flush once per run of a few hundred values).
+  // The total of every lane, added pairwise (a short dependency chain).
   double flush() {
     typename R::Vec sum = acc[0];
     if constexpr (R::kParts == 4) {
@@ -432,7 +431,8 @@ inline void store_block(const Vec (&acc)[kParts], red_t* out, int64_t width) {
   for (int64_t i = 0; i < width; ++i) out[i] = lanes[i];
 }
 
-// sums[c] = sum over rows of (x[c] - shift[c]), squares[c] = of (x[c] - shift[c])^2
+// sums[c] += sum over rows of (x[c] - shift[c]), squares[c] += of (x[c] - shift[c])^2.
+// sums and squares hold a whole block (padded arrays); lanes past width gather junk.
 template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
 inline void column_sum_and_squares(const scalar_t* x, int64_t rows, int64_t stride, int64_t width, const red_t* shift,
                                    red_t* sums, red_t* squares) {
@@ -440,7 +440,8 @@ inline void column_sum_and_squares(const scalar_t* x, int64_t rows, int64_t stri
   using Vec = typename R::Vec;
   Vec acc[R::kParts], acc_sq[R::kParts], vshift[R::kParts], v[R::kParts];
   FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
-    acc[j] = acc_sq[j] = Vec(red_t(0));
+    acc[j] = Vec::loadu(sums + j * Vec::size());
+    acc_sq[j] = Vec::loadu(squares + j * Vec::size());
     vshift[j] = Vec::loadu(shift + j * Vec::size());
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -451,8 +452,10 @@ inline void column_sum_and_squares(const scalar_t* x, int64_t rows, int64_t stri
       acc_sq[j] = at::vec::fmadd(d, d, acc_sq[j]);
     }
   }
-  store_block<red_t, R::kParts>(acc, sums, width);
-  store_block<red_t, R::kParts>(acc_sq, squares, width);
+  FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+    acc[j].store(sums + j * Vec::size());
+    acc_sq[j].store(squares + j * Vec::size());
+  }
 }
 
 // out[c] = sum over rows of (x[c] - mean[c])^2
@@ -705,7 +708,8 @@ inline void tile_backward(const scalar_t* dy, const scalar_t* x, const scalar_t*
   }
 }
 
-// out_dy[c] += sum of g[c]; out_dy_xmu[c] += sum of g[c] * (x[c] - mean[c]), g = dy * act'(z [+ residual])
+// out_dy[c] += sum of g[c]; out_dy_xmu[c] += sum of g[c] * (x[c] - mean[c]), g = dy * act'(z [+ residual]);
+// out_dy and out_dy_xmu hold a whole block (padded arrays; lanes past width stay 0).
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
           typename red_t = typename ReduceLanes<scalar_t>::red_t>
 inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t rows,
@@ -719,7 +723,8 @@ inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, const sc
   const typename L::Vec vparam(param);
   RVec acc_dy[R::kParts], acc_dx[R::kParts], vmean[R::kParts], d[R::kParts], v[R::kParts];
   FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
-    acc_dy[j] = acc_dx[j] = RVec(red_t(0));
+    acc_dy[j] = RVec::loadu(out_dy + j * RVec::size());
+    acc_dx[j] = RVec::loadu(out_dy_xmu + j * RVec::size());
     vmean[j] = RVec::loadu(mean + j * RVec::size());
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -735,12 +740,9 @@ inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, const sc
       acc_dx[j] = at::vec::fmadd(d[j], v[j] - vmean[j], acc_dx[j]);
     }
   }
-  __at_align__ red_t sums_dy[R::kBlock], sums_dx[R::kBlock];
-  store_block<red_t, R::kParts>(acc_dy, sums_dy, width);
-  store_block<red_t, R::kParts>(acc_dx, sums_dx, width);
-  for (int64_t i = 0; i < width; ++i) {
-    out_dy[i] += sums_dy[i];
-    out_dy_xmu[i] += sums_dx[i];
+  FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+    acc_dy[j].store(out_dy + j * RVec::size());
+    acc_dx[j].store(out_dy_xmu + j * RVec::size());
   }
 }
 
