@@ -193,9 +193,10 @@ def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_
         return _inplace.batch_norm_act_inplace(input, running_mean, running_var, weight, bias, training, momentum,
                                                eps, activation, activation_param)
     # the same kernels, through the autograd each setting needs (fastbn/functions.py)
+    transforming = ops.transforms_active()
     if torch.compiler.is_compiling():
         train_op, eval_op = ops.batch_norm_train, ops.batch_norm_eval
-    elif ops.transforms_active():
+    elif transforming:
         train_op, eval_op = functions.BatchNormTrainFunction.apply, functions.BatchNormEvalFunction.apply
     else:
         train_op, eval_op = functions.EagerBatchNormTrain.apply, functions.EagerBatchNormEval.apply
@@ -204,7 +205,7 @@ def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_
     output, mean, var = train_op(input, weight, bias, eps, activation, activation_param, residual)
     if running_mean is not None:
         count = input.numel() // input.shape[1]
-        if ops.transforms_active():
+        if transforming:
             _update_running_stats_in_torch_ops(running_mean, running_var, mean, var, momentum, count)
         else:
             ops.update_running_stats(running_mean, running_var, mean, var, momentum, count)
