@@ -52,6 +52,16 @@ TORCH_LIBRARY(fastbn, m) {
   m.def(
       "batch_norm_invert_output(Tensor grad_output, Tensor output, Tensor? weight, Tensor? bias, Tensor var, "
       "float eps, int activation, float activation_param) -> (Tensor, Tensor)");
+  // The same gradients as batch_norm_backward / batch_norm_add_act_backward, in
+  // differentiable torch ops (CompositeImplicitAutograd, written in fastbn/ops.py):
+  // what the C++ autograd (autograd.cpp) calls when a graph of the backward is
+  // wanted (double backward). mean/var: None in training (recomputed from input).
+  // Returns (grad_input, grad_weight, grad_bias, grad_residual); without a residual
+  // the last is the gradient that would reach one (grad_output through the activation).
+  m.def(
+      "batch_norm_backward_composite(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor? mean, "
+      "Tensor? var, float eps, bool train, int activation=0, float activation_param=0., Tensor? residual=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // SyncBatchNorm's phases. Local statistics: (mean, biased variance) of each
   // channel's numel / C values, in the accumulation dtype.
   m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");

@@ -79,6 +79,46 @@ def _check_argument_types(input: Tensor, vectors: dict, training, momentum, eps)
             raise TypeError(f"fastbn.batch_norm: argument '{name}' must be float, not {type(value).__name__}")
 
 
+_REDUCED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _passes_every_check(input, running_mean, running_var, weight, bias, training, eps, momentum) -> bool:
+    """True for a call that check_batch_norm_args would pass, tested in one quick pass for the
+    common call: plain eager mode, float eps and momentum, per-channel vectors of shape (C,)
+    in one allowed dtype on input's device. False means "not sure": the full checks then run.
+    (On a small layer the full checks cost as much as the kernel.)"""
+    if not (type(training) is bool and type(eps) is float and type(momentum) is float and isinstance(input, Tensor)):
+        return False
+    shape = input.shape
+    if len(shape) < 2 or ops.transforms_active() or torch.compiler.is_compiling():
+        return False
+    channels, count = shape[1], input.numel()
+    if count == 0 or not (eps > 0.0 if training else eps >= 0.0) or (training and count == channels):
+        return False
+    dtype, device = input.dtype, input.device
+    if dtype not in _FLOAT_DTYPES:
+        return False
+    if running_mean is None or running_var is None:
+        if running_mean is not running_var or not training:
+            return False
+    elif running_mean.requires_grad or running_var.requires_grad or (
+            training and running_mean.untyped_storage()._cdata == running_var.untyped_storage()._cdata):
+        return False
+    vector_dtype = None
+    for vec in (running_mean, running_var, weight, bias):
+        if vec is None:
+            continue
+        if not isinstance(vec, Tensor) or vec.dim() != 1 or vec.shape[0] != channels or vec.device != device:
+            return False
+        if vector_dtype is None:
+            vector_dtype = vec.dtype
+            if vector_dtype != dtype and not (vector_dtype == torch.float32 and dtype in _REDUCED_DTYPES):
+                return False
+        elif vec.dtype != vector_dtype:
+            return False
+    return True
+
+
 def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                           weight: Optional[Tensor], bias: Optional[Tensor], training: bool, eps: float,
                           momentum: float = 0.1) -> None:
@@ -88,6 +128,8 @@ def check_batch_norm_args(input: Tensor, running_mean: Optional[Tensor], running
     torch's order: F.batch_norm's Python checks (batch size, eps; `training` taken by its truth
     value), its argument parser (types), an empty input returned early (no more checks: then
     batch_norm_unchecked computes torch's result), per-channel sizes, then the kernel's checks."""
+    if _passes_every_check(input, running_mean, running_var, weight, bias, training, eps, momentum):
+        return
     if not isinstance(input, Tensor):
         raise TypeError(f"fastbn.batch_norm: input must be a Tensor, got {type(input).__name__}")
     if training:
@@ -192,14 +234,12 @@ def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_
                                       "run under torch.func transforms; use inplace=False")
         return _inplace.batch_norm_act_inplace(input, running_mean, running_var, weight, bias, training, momentum,
                                                eps, activation, activation_param)
-    # the same kernels, through the autograd each setting needs (fastbn/functions.py)
+    # the ops with their C++ autograd; under forward AD / torch.func, the Functions with a jvp (fastbn/functions.py)
     transforming = ops.transforms_active()
-    if torch.compiler.is_compiling():
-        train_op, eval_op = ops.batch_norm_train, ops.batch_norm_eval
-    elif transforming:
+    if transforming:
         train_op, eval_op = functions.BatchNormTrainFunction.apply, functions.BatchNormEvalFunction.apply
     else:
-        train_op, eval_op = functions.EagerBatchNormTrain.apply, functions.EagerBatchNormEval.apply
+        train_op, eval_op = ops.batch_norm_train, ops.batch_norm_eval
     if not training:
         return eval_op(input, weight, bias, running_mean, running_var, eps, activation, activation_param, residual)
     output, mean, var = train_op(input, weight, bias, eps, activation, activation_param, residual)

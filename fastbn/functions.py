@@ -1,23 +1,14 @@
-"""The training and eval ops as autograd.Functions: the path eager calls take.
+"""The training and eval ops as autograd.Functions with a jvp: the path taken while a
+forward-AD level is open or a torch.func transform runs.
 
-The ops' own autograd comes from ``torch.library.register_autograd`` (ops.py); that is
-what torch.compile and opcheck work with, and what a compiled call runs. In eager mode
-the Python API calls the same kernels through the Functions here instead:
-
-- ``EagerBatchNormTrain`` / ``EagerBatchNormEval``, old-style (forward takes ctx), for
-  plain calls: one Python layer over the kernel each way. (torch's generated autograd
-  adds several, and a Function with ``setup_context`` binds its arguments with
-  ``inspect.signature`` on every call, which costs more than the kernel on a small layer.)
-- ``BatchNormTrainFunction`` / ``BatchNormEvalFunction``, with ``setup_context``, ``jvp``
-  and a generated vmap rule, while a forward-AD level is open or a torch.func transform
-  runs: torch.func needs ``setup_context``, and forward-mode AD needs the ``jvp`` that the
-  ops lack (dual tensors would lose their tangents). The ``jvp`` is written in torch ops,
-  so that transforms nest (jacfwd, forward-over-reverse, hessian); for the same reason the
-  backward switches to the torch-op formula (``ops.composite_backward``) under a transform.
-
-Both kinds run the kernels below autograd (this Function is the autograd) and share
-ops.py's setup and backward. Dynamo cannot trace a custom ``jvp``, which is one reason
-compiled calls keep to the ops.
+Plain calls (eager and torch.compile) use the ops' own autograd, written in C++
+(csrc/autograd.cpp). A C++ autograd Function has no jvp and refuses to run under
+torch.func, so here ``BatchNormTrainFunction`` / ``BatchNormEvalFunction`` (with
+``setup_context``, as torch.func needs, a ``jvp`` and a generated vmap rule) call the
+same kernels below autograd. The ``jvp`` is written in torch ops, so that transforms
+nest (jacfwd, forward-over-reverse, hessian); for the same reason the backward switches
+to the torch-op formula (``ops.composite_backward``) under a transform. Dynamo cannot
+trace a custom ``jvp``, which is one reason compiled calls keep to the ops.
 """
 import torch
 from torch import Tensor
@@ -134,35 +125,6 @@ class BatchNormEvalFunction(torch.autograd.Function):
         xhat = centered * invstd
         xhat_t = None if input_t is None else input_t.to(acc) * invstd
         return _affine_act_tangent(ctx, xhat, xhat_t, weight_t, bias_t, residual_t, input, weight, bias, residual)
-
-
-class EagerBatchNormTrain(torch.autograd.Function):
-    """BatchNormTrainFunction without jvp or setup_context (see the module docstring)."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, eps, activation, activation_param, residual):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = torch.ops.fastbn.batch_norm_train.default(input, weight, bias, eps, activation,
-                                                               activation_param, residual)
-        ops._train_setup_context(ctx, (input, weight, bias, eps, activation, activation_param, residual), output)
-        return output
-
-    backward = BatchNormTrainFunction.backward
-
-
-class EagerBatchNormEval(torch.autograd.Function):
-    """BatchNormEvalFunction without jvp or setup_context (see the module docstring)."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, eps, activation, activation_param, residual):
-        with torch._C._AutoDispatchBelowAutograd():
-            output = torch.ops.fastbn.batch_norm_eval.default(input, weight, bias, running_mean, running_var, eps,
-                                                              activation, activation_param, residual)
-        ops._eval_setup_context(ctx, (input, weight, bias, running_mean, running_var, eps, activation,
-                                      activation_param, residual), output)
-        return output
-
-    backward = BatchNormEvalFunction.backward
 
 
 # ---------------------------------------------------------------- vmap

@@ -1,8 +1,10 @@
 """fastbn's operators: load the compiled library and teach torch about it.
 
-The schemas and kernels live in C++ (csrc/). Here each op gets a fake kernel
-(shapes only, for torch.compile and meta tensors) and the trainable ones an
-autograd formula, all through ``torch.library``.
+The schemas, kernels and the forward ops' autograd live in C++ (csrc/; the
+autograd in csrc/autograd.cpp). Here each op gets a fake kernel (shapes only,
+for torch.compile and meta tensors) through ``torch.library``, and the Python
+autograd.Functions of fastbn/functions.py (forward-mode AD, torch.func) their
+setup and backward.
 """
 import contextlib
 import os
@@ -290,8 +292,10 @@ def composite_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tens
                        activation_param: float = 0.0, residual: Optional[Tensor] = None):
     """The backward of act(bn(input) [+ residual]) written with differentiable torch
     ops, used when a graph of the backward itself is wanted (double backward,
-    gradgradcheck): (grad_input, grad_weight, grad_bias, grad_residual), the last
-    None without a residual.
+    gradgradcheck, torch.func): (grad_input, grad_weight, grad_bias, grad_residual),
+    the last the gradient a residual would get (a residual of None gets none: callers
+    drop it). Also the op fastbn::batch_norm_backward_composite, which the C++
+    autograd (csrc/autograd.cpp) calls for double backward.
 
     In training mode the statistics are recomputed from ``input`` so that their
     dependence on it is part of the graph; in eval mode ``mean``/``var`` are constants.
@@ -311,8 +315,8 @@ def composite_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tens
         if residual is not None:
             z = z + residual.to(acc)
         dy = dy * activation_grad(z, activation, activation_param)
-    # the gradient reaching the sum bn(x) + residual
-    grad_residual = None if residual is None else dy.to(input.dtype)
+    # the gradient reaching the sum bn(x) + residual (also returned without one: the op's schema has no None)
+    grad_residual = dy.to(input.dtype)
     grad_bias = dy.sum(dims)
     grad_weight = (dy * xhat).sum(dims)
     scale = invstd if weight is None else weight.to(acc) * invstd
@@ -324,6 +328,9 @@ def composite_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tens
     return grad_input.to(input.dtype), grad_weight, grad_bias, grad_residual
 
 
+torch.library.impl("fastbn::batch_norm_backward_composite", "CompositeImplicitAutograd")(composite_backward)
+
+
 def _backward(ctx, grad_output, input, residual, weight, bias, mean, var, train):
     """(grad_input, grad_weight, grad_bias, grad_residual) of act(bn(input) [+ residual]);
     grad_residual is None without a residual. mean/var: the saved statistics."""
@@ -331,7 +338,9 @@ def _backward(ctx, grad_output, input, residual, weight, bias, mean, var, train)
     if _wants_graph(grad_output, input, weight, bias, residual):
         # Differentiable torch ops (double backward); training recomputes the statistics.
         mean, var = (None, None) if train else (mean, var)
-        return composite_backward(grad_output, input, weight, bias, mean, var, ctx.eps, train, *act, residual)
+        grad_input, grad_weight, grad_bias, grad_residual = composite_backward(
+            grad_output, input, weight, bias, mean, var, ctx.eps, train, *act, residual)
+        return grad_input, grad_weight, grad_bias, None if residual is None else grad_residual
     if residual is None:
         return (*torch.ops.fastbn.batch_norm_backward(grad_output, input, weight, bias, mean, var, ctx.eps, train, *act),
                 None)
@@ -401,9 +410,6 @@ def _train_backward(ctx, grad_output, grad_mean, grad_var):
     return (*_grads_for_params(ctx, grad_input, grad_weight, grad_bias), None, None, None, grad_residual)
 
 
-torch.library.register_autograd("fastbn::batch_norm_train", _train_backward, setup_context=_train_setup_context)
-
-
 def _eval_setup_context(ctx, inputs, output):
     input, weight, bias, running_mean, running_var, eps, activation, activation_param, residual = inputs
     ctx.save_for_backward(input, weight, bias, running_mean, running_var, residual)
@@ -420,8 +426,6 @@ def _eval_backward(ctx, grad_output):
     grad_residual = grad_residual if _needs_grad(ctx, 8) else None
     return (*_grads_for_params(ctx, *grads), None, None, None, None, None, grad_residual)
 
-
-torch.library.register_autograd("fastbn::batch_norm_eval", _eval_backward, setup_context=_eval_setup_context)
 
 
 # ---------------------------------------------------------------- thin Python entry points
