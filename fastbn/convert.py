@@ -16,6 +16,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from . import modules
+from .ops import Activation
 
 _FASTBN_FOR = {nn.BatchNorm1d: modules.BatchNorm1d, nn.BatchNorm2d: modules.BatchNorm2d,
                nn.BatchNorm3d: modules.BatchNorm3d}
@@ -67,7 +68,7 @@ def _swap(module: nn.Module, fuse_activations: bool) -> nn.Module:
         for first, second in zip(names, names[1:]):
             bn, act = module._modules[first], module._modules[second]
             found = _activation_of(act)
-            if isinstance(bn, modules._FastBatchNorm) and bn._activation_code == 0 and found:
+            if isinstance(bn, modules._FastBatchNorm) and bn._activation_code == Activation.IDENTITY and found:
                 module._modules[first] = _fastbn_from(bn, *found)
                 module._modules[second] = nn.Identity()  # keeps the indices, and so the state_dict keys
     return module
@@ -104,7 +105,7 @@ def _fuse_in_graph(model: nn.Module) -> nn.Module:
             continue
         bn = traced.get_submodule(node.target)
         users = list(node.users)
-        if bn._activation_code != 0 or len(users) != 1 or calls[node.target] != 1:
+        if bn._activation_code != Activation.IDENTITY or len(users) != 1 or calls[node.target] != 1:
             continue
         user = users[0]
         found = None
@@ -173,14 +174,14 @@ def _fold_pair(layer: nn.Module, bn: nn.Module):
         folded = fuse_linear_bn_eval(layer, bn)
     else:
         return None
-    code = getattr(bn, "_activation_code", 0)
-    rest = nn.Identity() if code == 0 else _activation_module(code, bn._activation_param)
+    code = getattr(bn, "_activation_code", Activation.IDENTITY)
+    rest = nn.Identity() if code == Activation.IDENTITY else _activation_module(code, bn._activation_param)
     return folded, rest
 
 
 def _activation_module(code: int, param: float) -> nn.Module:
-    return {1: lambda: nn.ReLU(), 2: lambda: nn.LeakyReLU(param), 3: lambda: nn.ELU(param),
-            4: lambda: nn.SiLU()}[code]()
+    return {Activation.RELU: lambda: nn.ReLU(), Activation.LEAKY_RELU: lambda: nn.LeakyReLU(param),
+            Activation.ELU: lambda: nn.ELU(param), Activation.SILU: lambda: nn.SiLU()}[code]()
 
 
 def _fold_in_graph(model: nn.Module) -> nn.Module:

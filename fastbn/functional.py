@@ -283,7 +283,7 @@ def activation_arguments(activation: Optional[str], activation_param: Optional[f
     code = ops.activation_code(activation)
     if activation_param is None:
         activation_param = ops.DEFAULT_ACTIVATION_PARAM[code]
-    elif code not in (2, 3):
+    elif code not in ops.PARAMETRIZED_ACTIVATIONS:
         raise ValueError(f"activation_param applies to 'leaky_relu' and 'elu' only, not {activation!r}")
     elif not math.isfinite(activation_param):  # as the ops check (csrc/bn_checks.cpp, check_activation_param)
         raise ValueError(f"activation_param must be a finite number, got {activation_param}")

@@ -37,12 +37,13 @@ INVERTIBLE = "none, 'leaky_relu' with a positive slope or 'elu' with a positive 
 def check_invertible(activation: int, activation_param: float) -> None:
     """Raise ValueError unless in-place activated BN can undo this activation."""
     # the kernels divide by the parameter in float32: it must stay positive there
-    if activation == 0 or (activation in (2, 3) and activation_param >= 1.1754943508222875e-38):
+    if activation == ops.Activation.IDENTITY or (activation in ops.PARAMETRIZED_ACTIVATIONS
+                                                 and activation_param >= 1.1754943508222875e-38):
         return
     name = ops.ACTIVATION_NAMES[activation]
-    if activation == 1:
+    if activation == ops.Activation.RELU:
         why = "relu is not invertible (it maps every negative value to 0); use 'leaky_relu' with a small slope"
-    elif activation == 4:
+    elif activation == ops.Activation.SILU:
         why = "silu is not invertible (not monotonic)"
     else:
         why = f"{name} with parameter {activation_param} is not invertible"

@@ -120,7 +120,9 @@ _SCRIPTABLE = {nn.BatchNorm1d: ScriptableBatchNorm1d, nn.BatchNorm2d: Scriptable
 def scriptable_module(bn: nn.Module) -> nn.Module:
     """What torch.jit.script compiles for a fastbn module: a subclass of torch's BatchNorm*d
     sharing its parameters and buffers (same state_dict keys), on torch's kernels."""
-    return _sharing_state(bn, _SCRIPTABLE[_torch_bn_class(bn)], hooks=True)
+    twin = _sharing_state(bn, _SCRIPTABLE[_torch_bn_class(bn)], hooks=True)
+    twin._activation_code = int(bn._activation_code)  # TorchScript would type an IntEnum attribute as an enum
+    return twin
 
 
 # ---------------------------------------------------------------- torch.ao.quantization.fuse_modules

@@ -10,7 +10,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from . import functional
+from . import functional, ops
 from . import inplace as _inplace
 from . import interop
 
@@ -33,7 +33,8 @@ class _FastBatchNorm:
         if inplace:
             _inplace.check_invertible(self._activation_code, self._activation_param)
         self.activation = activation
-        self.activation_param = self._activation_param if self._activation_code in (2, 3) else None
+        self.activation_param = (self._activation_param if self._activation_code in ops.PARAMETRIZED_ACTIVATIONS
+                                 else None)
         self.inplace = bool(inplace)
         self.__module__ = interop.FX_LEAF_MODULE  # on the instance: a torch.fx leaf, like torch's (fastbn/interop.py)
 

@@ -7,6 +7,7 @@ autograd.Functions of fastbn/functions.py (forward-mode AD, torch.func) their
 setup and backward.
 """
 import contextlib
+import enum
 import os
 from typing import Optional, Sequence
 
@@ -70,14 +71,27 @@ def cuda_implementation(name: str):
         _C._set_cuda_impl(previous)
 
 
-# Codes of the fused activations (csrc/bn_math.h, enum Activation) and their
-# default parameter (torch's defaults: LeakyReLU slope 0.01, ELU alpha 1).
-ACTIVATIONS = {None: 0, "identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4}
-DEFAULT_ACTIVATION_PARAM = {0: 0.0, 1: 0.0, 2: 0.01, 3: 1.0, 4: 0.0}
-ACTIVATION_NAMES = {0: None, 1: "relu", 2: "leaky_relu", 3: "elu", 4: "silu"}
+class Activation(enum.IntEnum):
+    """The activations fused after the normalization: the ops' ``activation`` argument.
+    The values are those of ``enum class Activation`` in csrc/bn_math.h (tests/test_activation.py
+    checks the two against each other)."""
+    IDENTITY = 0
+    RELU = 1
+    LEAKY_RELU = 2  # activation_param: negative slope
+    ELU = 3  # activation_param: alpha
+    SILU = 4
 
 
-def activation_code(activation) -> int:
+# The names the Python API takes (None: no activation), and torch's default parameters
+# (LeakyReLU slope 0.01, ELU alpha 1).
+ACTIVATIONS = {None: Activation.IDENTITY, **{member.name.lower(): member for member in Activation}}
+ACTIVATION_NAMES = {member: None if member == Activation.IDENTITY else member.name.lower() for member in Activation}
+DEFAULT_ACTIVATION_PARAM = {Activation.IDENTITY: 0.0, Activation.RELU: 0.0, Activation.LEAKY_RELU: 0.01,
+                            Activation.ELU: 1.0, Activation.SILU: 0.0}
+PARAMETRIZED_ACTIVATIONS = (Activation.LEAKY_RELU, Activation.ELU)  # the ones activation_param applies to
+
+
+def activation_code(activation) -> Activation:
     """The op argument for an activation name (None for none)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of None, 'relu', 'leaky_relu', 'elu', 'silu', got {activation!r}")
@@ -260,14 +274,15 @@ for _op in ("batch_norm_train", "batch_norm_eval", "batch_norm_train_", "batch_n
 
 
 def activation_forward(z: Tensor, activation: int, param: float) -> Tensor:
-    """The fused activations in torch ops (references and the empty-batch path)."""
-    if activation == 1:
+    """The fused activations in torch ops (references, the empty-batch path, TorchScript: which
+    compares an int with an enum member's .value only)."""
+    if activation == Activation.RELU.value:
         return torch.relu(z)
-    if activation == 2:
+    if activation == Activation.LEAKY_RELU.value:
         return torch.nn.functional.leaky_relu(z, param)
-    if activation == 3:
+    if activation == Activation.ELU.value:
         return torch.nn.functional.elu(z, param)
-    if activation == 4:
+    if activation == Activation.SILU.value:
         return torch.nn.functional.silu(z)
     return z
 
@@ -275,13 +290,13 @@ def activation_forward(z: Tensor, activation: int, param: float) -> Tensor:
 def activation_grad(z: Tensor, activation: int, param: float) -> Tensor:
     """d act / dz in differentiable torch ops; matches activation_grad in bn_math.h."""
     # at a NaN z as torch: relu and elu pass the gradient (z <= 0 is false), leaky_relu scales it
-    if activation == 1:
+    if activation == Activation.RELU:
         return (~(z <= 0)).to(z.dtype)
-    if activation == 2:
+    if activation == Activation.LEAKY_RELU:
         return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, param))
-    if activation == 3:
+    if activation == Activation.ELU:
         return torch.where(z <= 0, param * torch.exp(z), torch.ones_like(z))
-    if activation == 4:
+    if activation == Activation.SILU:
         sigmoid = torch.sigmoid(z)
         return sigmoid * (1 + z * (1 - sigmoid))
     return torch.ones_like(z)
@@ -464,6 +479,6 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
 __all__: Sequence[str] = [
     "WITH_CUDA", "CPU_CAPABILITY", "CPU_CAPABILITIES", "use_cpu_capability", "CUDA_KERNELS_VALIDATED",
     "use_cuda_kernels", "cuda_implementation",
-    "ACTIVATIONS", "activation_code", "activation_forward", "activation_grad", "accumulate_dtype", "output_memory_format", "composite_backward",
+    "Activation", "ACTIVATIONS", "activation_code", "activation_forward", "activation_grad", "accumulate_dtype", "output_memory_format", "composite_backward",
     "batch_norm_train", "batch_norm_eval", "update_running_stats",
 ]

@@ -120,7 +120,8 @@ class SyncBatchNorm(modules._FastBatchNorm, nn.modules.batchnorm._BatchNorm):
         functional.check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, False, self.eps)
         functional.check_residual(input, residual)
         # With a residual the activation comes after the add, outside the synced op.
-        code, param = (0, 0.0) if residual is not None else (self._activation_code, self._activation_param)
+        code, param = ((ops.Activation.IDENTITY, 0.0) if residual is not None
+                       else (self._activation_code, self._activation_param))
         counts_batch = self.track_running_stats and self.num_batches_tracked is not None
         factor = 0.0 if self.momentum is None else self.momentum
         if counts_batch and self.momentum is None:
@@ -131,7 +132,7 @@ class SyncBatchNorm(modules._FastBatchNorm, nn.modules.batchnorm._BatchNorm):
             from torch.nn.modules._functions import SyncBatchNorm as TorchSyncBatchNormFunction
             output = TorchSyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var,
                                                       self.eps, factor, group, world_size)
-            code, param = 0, 0.0
+            code, param = ops.Activation.IDENTITY, 0.0
         else:
             output = _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var, self.eps,
                                                   factor, group, world_size, code, param)

@@ -142,3 +142,35 @@ def test_compile_fullgraph_fused_module():
     compiled = torch.compile(model, fullgraph=True)
     x = random_input((4, 3, 9, 9), torch.float32, "cpu")
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def cpp_activation_enum() -> dict:
+    """name -> value of `enum class Activation` in csrc/bn_math.h, read from the source."""
+    import pathlib
+    import re
+
+    source = (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "bn_math.h").read_text()
+    body = re.search(r"enum class Activation\s*:\s*int\s*\{([^}]*)\}", source).group(1)
+    return {name: int(value) for name, value in re.findall(r"(\w+)\s*=\s*(\d+)", body)}
+
+
+def test_python_activation_enum_is_the_cpp_one():
+    """fastbn.ops.Activation has the C++ enum's members, with the same values (names compared
+    without case or underscores: LeakyReLU is LEAKY_RELU)."""
+    cpp = {name.lower(): value for name, value in cpp_activation_enum().items()}
+    python = {member.name.lower().replace("_", ""): int(member) for member in fastbn.ops.Activation}
+    assert cpp and python == cpp
+
+
+@pytest.mark.parametrize("member", list(fastbn.ops.Activation), ids=lambda m: m.name)
+def test_each_activation_code_runs_its_activation_in_the_kernels(member):
+    """What each code does in the kernels is the activation its Python name says."""
+    x = random_input((6, 5, 4, 3), torch.float64, "cpu")
+    y = torch.ops.fastbn.batch_norm_eval(x, None, None, torch.zeros(5, dtype=torch.float64),
+                                         torch.ones(5, dtype=torch.float64), 0.0, int(member), 0.3)
+    param = 0.3 if member in fastbn.ops.PARAMETRIZED_ACTIVATIONS else None
+    expected = x if member == fastbn.ops.Activation.IDENTITY else torch_activation(member.name.lower(), param)(x)
+    torch.testing.assert_close(y, expected)
+    with pytest.raises(RuntimeError, match="activation"):  # one past the last member: no such activation in C++
+        torch.ops.fastbn.batch_norm_eval(x, None, None, torch.zeros(5, dtype=torch.float64),
+                                         torch.ones(5, dtype=torch.float64), 0.0, len(fastbn.ops.Activation), 0.3)
