@@ -37,8 +37,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from fastbn import mnist, mnist_data
-from fastbn.benchmark import (BUSY_THRESHOLD, OtherCpuLoad, describe_cpu, git_revision, keep_freed_memory,
-                              wait_until_idle)
+from bench.timing import (BUSY_THRESHOLD, OtherCpuLoad, describe_cpu, git_revision, keep_freed_memory,
+                          wait_until_idle)
 
 BASELINE = "torch"
 DEFAULT_ROUNDS = 5
@@ -173,7 +173,7 @@ def parse_arguments(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                              "(default 0: neither)")
     parser.add_argument("--fresh-pages", action="store_true",
                         help="leave glibc's default of returning large freed blocks to the OS "
-                             "(as fastbn-mnist runs; see fastbn.benchmark.keep_freed_memory)")
+                             "(as fastbn-mnist runs; see bench.timing.keep_freed_memory)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     return parser.parse_args(argv)
 

@@ -33,7 +33,7 @@ from torch.utils.benchmark import Timer
 
 import fastbn
 from fastbn import functional, ops
-from fastbn.benchmark import describe_cpu, git_revision
+from bench.timing import describe_cpu, git_revision
 
 # (module class name, input shape): the small BatchNorm2d and the MNIST model's BatchNorm1d
 SHAPES = [("BatchNorm2d", (2, 4, 3, 3)), ("BatchNorm1d", (250, 256))]

@@ -1,0 +1,106 @@
+"""Tests of the benchmark (`python -m bench`, bench/cli.py): one tiny shape through every
+case, against fastbn and against the stand-in on a process without fastbn. They assert the
+structure of the results (a row per case, layout and dtype; fastbn's check against float64),
+never the timings."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from bench import cases, cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One tiny shape and the shortest timing: the rows' checks and the output's structure are
+# what is tested, so a run takes seconds (most of it the copy bandwidth and CPU load probes).
+TINY_RUN = ["--device", "cpu", "--quick", "--only-shapes", "--shape", "2,4,3,3",
+            "--min-run-time", "0.01", "--rounds", "1"]
+COLUMNS = ["case", "shape (N,C,H,W)", "layout", "dtype", "torch µs", "{name} µs", "speedup",
+           "torch GB/s", "{name} GB/s", "{name} % copy", "check"]
+
+
+def table_rows(markdown, name):
+    """The cells of the rows of the results table in `markdown`, after checking its header."""
+    lines = markdown.splitlines()
+    header = "| " + " | ".join(COLUMNS).format(name=name) + " |"
+    start = lines.index(header) + 2  # past the header and the |---| line
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("| "):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def assert_check_passed(check):
+    """The check column: 'ok', or notes that do not concern fastbn's side (torch's own error
+    against float64, other processes busy on a shared machine), never fastbn off."""
+    assert re.fullmatch(r"ok|(torch off \S+|busy \d+%)(, busy \d+%)?", check), check
+
+
+def test_every_case_layout_and_dtype_is_a_checked_row(tmp_path, capsys):
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert cli.main(TINY_RUN + ["--fresh-pages", "--json", str(out), "--plot", str(plot)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("# fastbn benchmark, cpu: ")
+    expected = [(case.name, "2,4,3,3", layout, dtype) for case in cases.CASES
+                for layout in cases.LAYOUTS for dtype in cases.DEFAULT_DTYPES["cpu"]]
+    rows = table_rows(printed, "fastbn")
+    assert [tuple(row[:4]) for row in rows] == expected
+    for row in rows:
+        assert float(row[4]) > 0 and float(row[5]) > 0 and row[6].endswith("x")  # timed on both sides
+        assert_check_passed(row[10])
+    for case in cases.CASES:  # the summary: a median speedup per case and dtype
+        assert re.search(rf"^\| {case.name} \| \d+\.\d\dx \(n=2\) \| \d+\.\d\dx \(n=2\) \|$", printed, re.M)
+
+    record = json.loads(out.read_text())
+    assert record["stand_in"] is False and record["argv"][:2] == ["--device", "cpu"]
+    assert [(r["case"], tuple(r["shape"]), r["layout"], r["dtype"]) for r in record["rows"]] == \
+        [(case, (2, 4, 3, 3), layout, dtype) for case, _, layout, dtype in expected]
+    for r in record["rows"]:
+        assert r["fastbn_status"] == "ok", r
+        assert r["fastbn_error"] <= cases.CHECK_TOLERANCE[cases.DTYPES[r["dtype"]]]
+        assert r["speedup"] == pytest.approx(r["torch_s"] / r["fastbn_s"])
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_stand_in_runs_without_fastbn():
+    """`python -m bench --stand-in` on a process where `import fastbn` fails (as on a
+    checkout whose extension is not built): bench's modules load, torch runs on both
+    sides, and the fused cases are n/a."""
+    script = ("import runpy, sys\n"
+              "sys.modules['fastbn'] = None  # import fastbn raises ImportError\n"
+              "sys.argv = ['bench'] + sys.argv[1:]\n"
+              "runpy.run_module('bench', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", script, *TINY_RUN, "--stand-in", "--dtype", "float32",
+                             "--case", "train_fwd,bn_relu_fwd_bwd", "--no-json"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "STAND-IN (torch.nn.BatchNorm2d, not fastbn)" in result.stdout
+    rows = table_rows(result.stdout, "stand-in")
+    assert [(row[0], row[2]) for row in rows] == [(case, layout) for case in ("train_fwd", "bn_relu_fwd_bwd")
+                                                  for layout in cases.LAYOUTS]
+    for row in rows:
+        fused = cases.CASES_BY_NAME[row[0]].activation is not None
+        assert (row[5] == "n/a") == fused, row
+        if fused:  # no stand-in result to check: a dash, or only notes about torch or the machine
+            assert re.fullmatch(r"—|(torch off \S+|busy \d+%)(, busy \d+%)?", row[10]), row
+        else:
+            assert_check_passed(row[10])
+    assert "- n/a: the stand-in has no fused activation" in result.stdout
+
+
+def test_without_fastbn_the_benchmark_says_how_to_build_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastbn", None)  # import fastbn raises ImportError
+    with pytest.raises(SystemExit, match="Build the extension first"):
+        cases.load_fastbn_module_factory(stand_in=False)
+
+
+def test_import_fastbn_does_not_import_the_benchmark():
+    script = "import sys, fastbn; print(sorted(m for m in sys.modules if m.split('.')[0] == 'bench'))"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
