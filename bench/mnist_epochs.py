@@ -36,9 +36,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from fastbn import mnist, mnist_data
 from bench.timing import (BUSY_THRESHOLD, OtherCpuLoad, describe_cpu, git_revision, keep_freed_memory,
                           wait_until_idle)
+from fastbn import mnist
+from fastbn.mnist import data as mnist_data
 
 BASELINE = "torch"
 DEFAULT_ROUNDS = 5

