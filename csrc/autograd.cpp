@@ -36,7 +36,7 @@ std::optional<Tensor> optional_tensor(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
 }
 
-// Handles of the ops the autograd calls (looked up once).
+// The signatures of the ops the autograd calls.
 using TrainSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&,
                                                           const std::optional<Tensor>&, double, int64_t, double,
                                                           const std::optional<Tensor>&);
@@ -59,25 +59,21 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-const auto& train_op() {
-  static const auto handle = op_handle<TrainSignature>("fastbn::batch_norm_train");
-  return handle;
-}
-const auto& eval_op() {
-  static const auto handle = op_handle<EvalSignature>("fastbn::batch_norm_eval");
-  return handle;
-}
-const auto& backward_op() {
-  static const auto handle = op_handle<BackwardSignature>("fastbn::batch_norm_backward");
-  return handle;
-}
-const auto& add_act_backward_op() {
-  static const auto handle = op_handle<AddActBackwardSignature>("fastbn::batch_norm_add_act_backward");
-  return handle;
-}
-const auto& composite_backward_op() {
-  static const auto handle = op_handle<CompositeBackwardSignature>("fastbn::batch_norm_backward_composite");
-  return handle;
+// The handles of the ops the autograd calls, looked up once (at the first call: the
+// schemas are registered when the library loads).
+struct OpHandles {
+  c10::TypedOperatorHandle<TrainSignature> train = op_handle<TrainSignature>("fastbn::batch_norm_train");
+  c10::TypedOperatorHandle<EvalSignature> eval = op_handle<EvalSignature>("fastbn::batch_norm_eval");
+  c10::TypedOperatorHandle<BackwardSignature> backward = op_handle<BackwardSignature>("fastbn::batch_norm_backward");
+  c10::TypedOperatorHandle<AddActBackwardSignature> add_act_backward =
+      op_handle<AddActBackwardSignature>("fastbn::batch_norm_add_act_backward");
+  c10::TypedOperatorHandle<CompositeBackwardSignature> composite_backward =
+      op_handle<CompositeBackwardSignature>("fastbn::batch_norm_backward_composite");
+};
+
+const OpHandles& ops() {
+  static const OpHandles handles;
+  return handles;
 }
 
 struct InputGrads {
@@ -98,7 +94,7 @@ InputGrads input_grads(AutogradContext* ctx, const Tensor& grad_output, const Te
                                      (bias.defined() && bias.requires_grad()) ||
                                      (residual.defined() && residual.requires_grad()));
   if (wants_graph) {  // differentiable torch ops; training recomputes the statistics from input
-    const auto [grad_input, grad_weight, grad_bias, grad_residual] = composite_backward_op().call(
+    const auto [grad_input, grad_weight, grad_bias, grad_residual] = ops().composite_backward.call(
         grad_output, input, w, b, train ? std::nullopt : optional_tensor(mean),
         train ? std::nullopt : optional_tensor(var), eps, train, activation, activation_param,
         optional_tensor(residual));
@@ -107,10 +103,10 @@ InputGrads input_grads(AutogradContext* ctx, const Tensor& grad_output, const Te
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (!residual.defined() || activation == 0) {  // without an activation the sum's gradient is grad_output itself
     const auto [grad_input, grad_weight, grad_bias] =
-        backward_op().call(grad_output, input, w, b, mean, var, eps, train, activation, activation_param);
+        ops().backward.call(grad_output, input, w, b, mean, var, eps, train, activation, activation_param);
     return {grad_input, grad_weight, grad_bias, residual.defined() ? grad_output : Tensor()};
   }
-  const auto [grad_input, grad_residual, grad_weight, grad_bias] = add_act_backward_op().call(
+  const auto [grad_input, grad_residual, grad_weight, grad_bias] = ops().add_act_backward.call(
       grad_output, input, residual, w, b, mean, var, eps, train, activation, activation_param);
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
@@ -133,7 +129,7 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
                                const std::optional<Tensor>& bias, double eps, int64_t activation,
                                double activation_param, const std::optional<Tensor>& residual) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, mean, var] = train_op().call(input, weight, bias, eps, activation, activation_param, residual);
+    auto [output, mean, var] = ops().train.call(input, weight, bias, eps, activation, activation_param, residual);
     ctx->set_materialize_grads(false);  // unused outputs (the statistics, mostly) arrive undefined
     ctx->save_for_backward({input, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, var,
                             residual.value_or(Tensor())});
@@ -171,7 +167,7 @@ struct BatchNormEval : public torch::autograd::Function<BatchNormEval> {
                                const Tensor& running_var, double eps, int64_t activation, double activation_param,
                                const std::optional<Tensor>& residual) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Tensor output = eval_op().call(input, weight, bias, running_mean, running_var, eps, activation,
+    Tensor output = ops().eval.call(input, weight, bias, running_mean, running_var, eps, activation,
                                    activation_param, residual);
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({input, weight.value_or(Tensor()), bias.value_or(Tensor()), running_mean, running_var,
