@@ -1,0 +1,154 @@
+// Lanes of at::vec::Vectorized: how the CPU kernels load and store a block of values of
+// any dtype (two vectors of the accumulation type), with masked tails and streaming stores.
+// Part of the CPU kernels' vector loops (vec_kernels.h lists them all); compiled once per ISA.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
+#include <array>
+#include <vector>
+
+#include "bn_math.h"
+
+#ifndef CPU_CAPABILITY
+#error "compiled once per ISA with CPU_CAPABILITY set: include only from csrc/cpu/per_isa/ (see setup.py)"
+#endif
+
+namespace fastbn::cpu::CPU_CAPABILITY {
+
+// Fully unrolls the loops over a block's reduction vectors, so that arrays of
+// accumulators live in registers (not unrolled, GCC keeps them on the stack and
+// every add waits for a store to forward).
+#if defined(__clang__)
+#define FASTBN_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define FASTBN_UNROLL _Pragma("GCC unroll 8")
+#else
+#define FASTBN_UNROLL
+#endif
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+struct Lanes {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
+  static constexpr int64_t kVec = Vec::size();
+  static constexpr int64_t kBlock = 2 * kVec;  // scalar_t values per block
+
+  static C10_ALWAYS_INLINE void load(const scalar_t* p, Vec& lo, Vec& hi) {
+    if constexpr (kReduced) {
+      at::vec::load_to_float<scalar_t>(p, lo, hi);
+    } else {
+      lo = Vec::loadu(p);
+      hi = Vec::loadu(p + kVec);
+    }
+  }
+  // Loads the first `count` < kBlock values; the other lanes are zero.
+  static C10_ALWAYS_INLINE void load_partial(const scalar_t* p, int64_t count, Vec& lo, Vec& hi) {
+    if constexpr (kReduced) {
+      auto packed = Vectorized<scalar_t>::loadu(p, count);
+      std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(packed);
+    } else {
+      lo = Vec::loadu(p, std::min<int64_t>(count, kVec));
+      hi = count > kVec ? Vec::loadu(p + kVec, count - kVec) : Vec(acc_t(0));
+    }
+  }
+  static C10_ALWAYS_INLINE void store(scalar_t* p, const Vec& lo, const Vec& hi) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
+    } else {
+      lo.store(p);
+      hi.store(p + kVec);
+    }
+  }
+  // store() bypassing the caches (a streaming store: no read of the destination
+  // line first, none of the cache evicted). p must be aligned to the vector size
+  // (stream_head gives the values to store normally first); end the loop with
+  // stream_fence(). Without AVX2/AVX-512 a plain store.
+  static C10_ALWAYS_INLINE void store_stream(scalar_t* p, const Vec& lo, const Vec& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kReduced) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), __m512i(at::vec::convert_from_float<scalar_t>(lo, hi)));
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm512_stream_ps(p, lo);
+      _mm512_stream_ps(p + kVec, hi);
+    } else {
+      _mm512_stream_pd(p, lo);
+      _mm512_stream_pd(p + kVec, hi);
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kReduced) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), __m256i(at::vec::convert_from_float<scalar_t>(lo, hi)));
+    } else if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm256_stream_ps(p, lo);
+      _mm256_stream_ps(p + kVec, hi);
+    } else {
+      _mm256_stream_pd(p, lo);
+      _mm256_stream_pd(p + kVec, hi);
+    }
+#else
+    store(p, lo, hi);
+#endif
+  }
+  static C10_ALWAYS_INLINE void store_partial(scalar_t* p, int64_t count, const Vec& lo, const Vec& hi) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(p, count);
+    } else {
+      lo.store(p, std::min<int64_t>(count, kVec));
+      if (count > kVec) hi.store(p + kVec, count - kVec);
+    }
+  }
+};
+
+// Loads the first `count` <= kBlock values at p (the rest of the lanes 0).
+template <typename scalar_t, typename Vec>
+C10_ALWAYS_INLINE void load_values(const scalar_t* p, int64_t count, Vec& lo, Vec& hi) {
+  if (count == Lanes<scalar_t>::kBlock) {
+    Lanes<scalar_t>::load(p, lo, hi);
+  } else {
+    Lanes<scalar_t>::load_partial(p, count, lo, hi);
+  }
+}
+
+// Stores the first `count` <= kBlock values at p; a whole block as a streaming
+// store when `stream` (p then aligned, see stream_head).
+template <typename T, typename Vec>
+C10_ALWAYS_INLINE void store_values(T* p, int64_t count, const Vec& lo, const Vec& hi, bool stream = false) {
+  if (count != Lanes<T>::kBlock) {
+    Lanes<T>::store_partial(p, count, lo, hi);
+  } else if (stream) {
+    Lanes<T>::store_stream(p, lo, hi);
+  } else {
+    Lanes<T>::store(p, lo, hi);
+  }
+}
+
+// Outputs this large are written with streaming stores: they cannot stay in
+// cache for whoever reads them next, and a normal store would first read every
+// destination line from memory (a third of the traffic of a read + write pass).
+constexpr int64_t kStreamingBytes = int64_t(16) << 20;
+
+// How many values of a span of n at p to store normally so that the rest
+// starts 64-byte aligned (ready for streaming stores); 0 when not streaming.
+// Only called where p is aligned to its element size (see for_each_span_block).
+template <typename T>
+inline int64_t stream_head(const T* p, int64_t n, bool stream) {
+  if (!stream) return 0;
+  const auto misaligned = int64_t(reinterpret_cast<uintptr_t>(p) % 64);
+  return std::min<int64_t>(n, misaligned == 0 ? 0 : (64 - misaligned) / int64_t(sizeof(T)));
+}
+
+// Orders this thread's streaming stores before whatever follows the pass.
+inline void stream_fence(bool stream) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (stream) _mm_sfence();
+#endif
+}
+
+inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+}  // namespace fastbn::cpu::CPU_CAPABILITY

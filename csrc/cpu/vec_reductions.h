@@ -1,0 +1,309 @@
+// Reductions: per-channel sums for the statistics and the backward, over one channel's
+// run (span_*, planar layout) or down a block of interleaved channels (column_*, channels_last).
+// They accumulate in double (red_t) for every input dtype.
+// Part of the CPU kernels' vector loops (vec_kernels.h lists them all); compiled once per ISA.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
+#include <array>
+#include <vector>
+
+#include "bn_math.h"
+#include "cpu/vec_activations.h"
+
+#ifndef CPU_CAPABILITY
+#error "compiled once per ISA with CPU_CAPABILITY set: include only from csrc/cpu/per_isa/ (see setup.py)"
+#endif
+
+namespace fastbn::cpu::CPU_CAPABILITY {
+
+// float -> two double vectors (low and high halves).
+C10_ALWAYS_INLINE void widen(const Vectorized<float>& v, Vectorized<double>& lo, Vectorized<double>& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 f = v;
+  lo = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
+  hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 f = v;
+  lo = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+  hi = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
+#else
+  __at_align__ float f[Vectorized<float>::size()];
+  __at_align__ double d[Vectorized<float>::size()];
+  v.store(f);
+  for (int64_t i = 0; i < Vectorized<float>::size(); ++i) d[i] = f[i];
+  lo = Vectorized<double>::loadu(d);
+  hi = Vectorized<double>::loadu(d + Vectorized<double>::size());
+#endif
+}
+
+template <typename scalar_t>
+struct ReduceLanes {
+  using red_t = double;
+  using Vec = Vectorized<red_t>;
+  static constexpr int64_t kBlock = Lanes<scalar_t>::kBlock;     // scalar_t values per block
+  static constexpr int kParts = int(kBlock / Vec::size());      // red_t vectors per block
+  static_assert(kParts * Vec::size() == kBlock, "a block is a whole number of reduction vectors");
+
+  static C10_ALWAYS_INLINE void widen_block(const typename Lanes<scalar_t>::Vec& lo, const typename Lanes<scalar_t>::Vec& hi,
+                                 Vec (&out)[kParts]) {
+    if constexpr (std::is_same_v<typename Lanes<scalar_t>::acc_t, float>) {
+      widen(lo, out[0], out[1]);
+      widen(hi, out[2], out[3]);
+    } else {
+      out[0] = lo;
+      out[1] = hi;
+    }
+  }
+  static C10_ALWAYS_INLINE void load(const scalar_t* p, Vec (&out)[kParts]) {
+    typename Lanes<scalar_t>::Vec lo, hi;
+    Lanes<scalar_t>::load(p, lo, hi);
+    widen_block(lo, hi, out);
+  }
+  // The first `count` < kBlock values; `valid[j]` lanes of part j hold data, the rest 0.
+  static C10_ALWAYS_INLINE void load_partial(const scalar_t* p, int64_t count, Vec (&out)[kParts], int64_t (&valid)[kParts]) {
+    typename Lanes<scalar_t>::Vec lo, hi;
+    Lanes<scalar_t>::load_partial(p, count, lo, hi);
+    widen_block(lo, hi, out);
+    FASTBN_UNROLL for (int j = 0; j < kParts; ++j) valid[j] = std::clamp<int64_t>(count - j * Vec::size(), 0, Vec::size());
+  }
+  // v with the lanes past `valid` set to 0 (multiplied by a 1/0 mask: a short
+  // run's tail costs a load and a multiply, not a branchy lane blend).
+  static C10_ALWAYS_INLINE Vec keep(const Vec& v, int64_t valid) {
+    if (valid == Vec::size()) return v;
+    // Vec::size() ones then Vec::size() zeros: from index size - valid, `valid` ones.
+    static const std::array<red_t, 2 * Vec::size()> ones_then_zeros = [] {
+      std::array<red_t, 2 * Vec::size()> mask{};
+      for (int64_t i = 0; i < Vec::size(); ++i) mask[i] = red_t(1);
+      return mask;
+    }();
+    return v * Vec::loadu(ones_then_zeros.data() + Vec::size() - valid);
+  }
+};
+
+// kParts vector accumulators whose lanes are added up in double when flushed
+// (per piece of a few thousand values, or per channel and part of a planar pass).
+template <typename scalar_t>
+struct LaneSums {
+  using R = ReduceLanes<scalar_t>;
+  using red_t = typename R::red_t;
+  typename R::Vec acc[R::kParts];
+  LaneSums() { clear(); }
+  void clear() {
+    for (auto& a : acc) a = typename R::Vec(red_t(0));
+  }
+  // The total of every lane, added pairwise (a short dependency chain).
+  double flush() {
+    typename R::Vec sum = acc[0];
+    if constexpr (R::kParts == 4) {
+      sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    } else {
+      for (int j = 1; j < R::kParts; ++j) sum = sum + acc[j];
+    }
+    constexpr int64_t kLanes = R::Vec::size();
+    __at_align__ red_t lanes[kLanes];
+    sum.store(lanes);
+    for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+      for (int64_t i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+    }
+    clear();
+    return lanes[0];
+  }
+};
+
+// sums += x - shift; squares += (x - shift)^2: both moments in one pass.
+// Summing deviations from a value near the data (the running mean) keeps the
+// rounding relative to the spread, not to the mean (x = 1e4 + randn). The
+// caller checks that the shift was close enough to the mean for the squares to
+// keep their precision (statistics_need_second_pass) and re-reads the piece
+// from L1 with span_sum_sq_dev otherwise.
+template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void span_sum_and_squares(const scalar_t* x, int64_t n, red_t shift, LaneSums<scalar_t>& sums,
+                                 LaneSums<scalar_t>& squares) {
+  using R = ReduceLanes<scalar_t>;
+  const typename R::Vec vshift(shift);
+  typename R::Vec v[R::kParts];
+  int64_t i = 0;
+  for (; i + R::kBlock <= n; i += R::kBlock) {
+    R::load(x + i, v);
+    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+      const auto d = v[j] - vshift;
+      sums.acc[j] += d;
+      squares.acc[j] = at::vec::fmadd(d, d, squares.acc[j]);
+    }
+  }
+  if (i < n) {  // padding lanes load as 0: mask them after the shift
+    int64_t valid[R::kParts];
+    R::load_partial(x + i, n - i, v, valid);
+    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+      const auto d = R::keep(v[j] - vshift, valid[j]);
+      sums.acc[j] += d;
+      squares.acc[j] = at::vec::fmadd(d, d, squares.acc[j]);
+    }
+  }
+}
+
+// acc += (x - mean)^2
+template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void span_sum_sq_dev(const scalar_t* x, int64_t n, red_t mean, LaneSums<scalar_t>& sums) {
+  using R = ReduceLanes<scalar_t>;
+  const typename R::Vec vmean(mean);
+  typename R::Vec v[R::kParts];
+  int64_t i = 0;
+  for (; i + R::kBlock <= n; i += R::kBlock) {
+    R::load(x + i, v);
+    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+      const auto d = v[j] - vmean;
+      sums.acc[j] = at::vec::fmadd(d, d, sums.acc[j]);
+    }
+  }
+  if (i < n) {
+    int64_t valid[R::kParts];
+    R::load_partial(x + i, n - i, v, valid);
+    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+      const auto d = R::keep(v[j] - vmean, valid[j]);
+      sums.acc[j] = at::vec::fmadd(d, d, sums.acc[j]);
+    }
+  }
+}
+
+// sum_dy += g; sum_dy_xmu += g * (x - mean), g = dy * act'(z [+ residual]); residual may be null.
+template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
+          typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t n, red_t mean,
+                               const ForwardCoefficients<acc_t>& fk, acc_t param, LaneSums<scalar_t>& sum_dy,
+                               LaneSums<scalar_t>& sum_dy_xmu) {
+  using L = Lanes<scalar_t>;
+  using R = ReduceLanes<scalar_t>;
+  const typename R::Vec vmean(mean);
+  const auto f = forward_vecs(fk);
+  const typename L::Vec vparam(param);
+  // padding lanes load dy = 0, so g = 0 there and adds nothing
+  for (int64_t i = 0; i < n; i += L::kBlock) {
+    const int64_t count = std::min<int64_t>(L::kBlock, n - i);
+    typename L::Vec dlo, dhi, xlo, xhi, rlo, rhi;
+    load_values(dy + i, count, dlo, dhi);
+    load_values(x + i, count, xlo, xhi);
+    load_residual<A>(residual, i, count, rlo, rhi);
+    typename R::Vec d[R::kParts], v[R::kParts];
+    R::widen_block(grad_before_activation<A>(dlo, xlo, rlo, f, vparam),
+                   grad_before_activation<A>(dhi, xhi, rhi, f, vparam), d);
+    R::widen_block(xlo, xhi, v);
+    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+      sum_dy.acc[j] += d[j];
+      sum_dy_xmu.acc[j] = at::vec::fmadd(d[j], v[j] - vmean, sum_dy_xmu.acc[j]);
+    }
+  }
+}
+
+// Columns: a block of `width` <= kBlock interleaved channels over `rows` rows
+// that lie `stride` values apart (channels_last, (N, C)). Accumulators stay in
+// registers down the column; per-channel arrays are padded to whole blocks.
+
+template <typename scalar_t, typename R = ReduceLanes<scalar_t>>
+C10_ALWAYS_INLINE void load_row_block(const scalar_t* p, int64_t width, typename R::Vec (&v)[R::kParts]) {
+  if (width == R::kBlock) {
+    R::load(p, v);
+  } else {  // lanes past width hold 0; their results are never stored
+    int64_t valid[R::kParts];
+    R::load_partial(p, width, v, valid);
+  }
+}
+
+template <typename red_t, int kParts, typename Vec>
+inline void store_block(const Vec (&acc)[kParts], red_t* out, int64_t width) {
+  __at_align__ red_t lanes[kParts * Vec::size()];
+  FASTBN_UNROLL for (int j = 0; j < kParts; ++j) acc[j].store(lanes + j * Vec::size());
+  for (int64_t i = 0; i < width; ++i) out[i] = lanes[i];
+}
+
+// sums[c] += sum over rows of (x[c] - shift[c]), squares[c] += of (x[c] - shift[c])^2.
+// sums and squares hold a whole block (padded arrays); lanes past width gather junk.
+template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void column_sum_and_squares(const scalar_t* x, int64_t rows, int64_t stride, int64_t width, const red_t* shift,
+                                   red_t* sums, red_t* squares) {
+  using R = ReduceLanes<scalar_t>;
+  using Vec = typename R::Vec;
+  Vec acc[R::kParts], acc_sq[R::kParts], vshift[R::kParts], v[R::kParts];
+  FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+    acc[j] = Vec::loadu(sums + j * Vec::size());
+    acc_sq[j] = Vec::loadu(squares + j * Vec::size());
+    vshift[j] = Vec::loadu(shift + j * Vec::size());
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    load_row_block(x + r * stride, width, v);
+    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+      const Vec d = v[j] - vshift[j];
+      acc[j] += d;
+      acc_sq[j] = at::vec::fmadd(d, d, acc_sq[j]);
+    }
+  }
+  FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+    acc[j].store(sums + j * Vec::size());
+    acc_sq[j].store(squares + j * Vec::size());
+  }
+}
+
+// out[c] = sum over rows of (x[c] - mean[c])^2
+template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void column_sum_sq_dev(const scalar_t* x, int64_t rows, int64_t stride, int64_t width, const red_t* mean,
+                              red_t* out) {
+  using R = ReduceLanes<scalar_t>;
+  using Vec = typename R::Vec;
+  Vec acc[R::kParts], vmean[R::kParts], v[R::kParts];
+  FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+    acc[j] = Vec(red_t(0));
+    vmean[j] = Vec::loadu(mean + j * Vec::size());
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    load_row_block(x + r * stride, width, v);
+    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+      const Vec d = v[j] - vmean[j];
+      acc[j] = at::vec::fmadd(d, d, acc[j]);
+    }
+  }
+  store_block<red_t, R::kParts>(acc, out, width);
+}
+
+// out_dy[c] += sum of g[c]; out_dy_xmu[c] += sum of g[c] * (x[c] - mean[c]), g = dy * act'(z [+ residual]);
+// out_dy and out_dy_xmu hold a whole block (padded arrays; lanes past width stay 0).
+template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
+          typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t rows,
+                                 int64_t stride, int64_t width,
+                                 const red_t* mean, const ForwardArrays<acc_t>& fk, int64_t c0, acc_t param,
+                                 red_t* out_dy, red_t* out_dy_xmu) {
+  using L = Lanes<scalar_t>;
+  using R = ReduceLanes<scalar_t>;
+  using RVec = typename R::Vec;
+  const ForwardVecs<typename L::Vec> f[2] = {forward_vecs(fk, c0), forward_vecs(fk, c0 + L::kVec)};
+  const typename L::Vec vparam(param);
+  RVec acc_dy[R::kParts], acc_dx[R::kParts], vmean[R::kParts], d[R::kParts], v[R::kParts];
+  FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+    acc_dy[j] = RVec::loadu(out_dy + j * RVec::size());
+    acc_dx[j] = RVec::loadu(out_dy_xmu + j * RVec::size());
+    vmean[j] = RVec::loadu(mean + j * RVec::size());
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    typename L::Vec g0, g1, x0, x1, r0, r1;
+    load_values(dy + r * stride, width, g0, g1);  // lanes past width: dy = 0, never stored
+    load_values(x + r * stride, width, x0, x1);
+    load_residual<A>(residual, r * stride, width, r0, r1);
+    R::widen_block(grad_before_activation<A>(g0, x0, r0, f[0], vparam),
+                   grad_before_activation<A>(g1, x1, r1, f[1], vparam), d);
+    R::widen_block(x0, x1, v);
+    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+      acc_dy[j] += d[j];
+      acc_dx[j] = at::vec::fmadd(d[j], v[j] - vmean[j], acc_dx[j]);
+    }
+  }
+  FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+    acc_dy[j].store(out_dy + j * RVec::size());
+    acc_dx[j].store(out_dy_xmu + j * RVec::size());
+  }
+}
+
+}  // namespace fastbn::cpu::CPU_CAPABILITY
