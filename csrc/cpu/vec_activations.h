@@ -3,19 +3,7 @@
 // Part of the CPU kernels' vector loops (vec_kernels.h lists them all); compiled once per ISA.
 #pragma once
 
-#include <ATen/OpMathType.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/macros/Macros.h>
-#include <array>
-#include <vector>
-
-#include "bn_math.h"
 #include "cpu/vec_lanes.h"
-
-#ifndef CPU_CAPABILITY
-#error "compiled once per ISA with CPU_CAPABILITY set: include only from csrc/cpu/per_isa/ (see setup.py)"
-#endif
 
 namespace fastbn::cpu::CPU_CAPABILITY {
 
