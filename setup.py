@@ -130,7 +130,6 @@ def make_extension():
             depends=depends,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
-            py_limited_api=True,
         )
     return CppExtension(
         "fastbn._C",
@@ -140,12 +139,12 @@ def make_extension():
         depends=depends,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=link_flags,
-        py_limited_api=True,
     )
 
 
+# Not built for Python's limited API: csrc/eager.cpp uses torch's Python bindings
+# (libtorch_python), which torch builds per Python version anyway.
 setup(
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtensionPerIsa},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -14,7 +14,6 @@
 // the Python autograd.Functions of fastbn/functions.py, which call the kernels
 // below autograd.
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -24,6 +23,7 @@
 #include <vector>
 
 #include "bn_checks.h"
+#include "op_handles.h"
 
 namespace fastbn {
 namespace {
@@ -34,46 +34,6 @@ using torch::autograd::variable_list;
 
 std::optional<Tensor> optional_tensor(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
-}
-
-// The signatures of the ops the autograd calls.
-using TrainSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&,
-                                                          const std::optional<Tensor>&, double, int64_t, double,
-                                                          const std::optional<Tensor>&);
-using EvalSignature = Tensor(const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
-                             const Tensor&, const Tensor&, double, int64_t, double, const std::optional<Tensor>&);
-using BackwardSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
-                                                             const std::optional<Tensor>&,
-                                                             const std::optional<Tensor>&, const Tensor&,
-                                                             const Tensor&, double, bool, int64_t, double);
-using AddActBackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
-    const Tensor&, const Tensor&, double, bool, int64_t, double);
-using CompositeBackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
-    const std::optional<Tensor>&, const std::optional<Tensor>&, double, bool, int64_t, double,
-    const std::optional<Tensor>&);
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-// The handles of the ops the autograd calls, looked up once (at the first call: the
-// schemas are registered when the library loads).
-struct OpHandles {
-  c10::TypedOperatorHandle<TrainSignature> train = op_handle<TrainSignature>("fastbn::batch_norm_train");
-  c10::TypedOperatorHandle<EvalSignature> eval = op_handle<EvalSignature>("fastbn::batch_norm_eval");
-  c10::TypedOperatorHandle<BackwardSignature> backward = op_handle<BackwardSignature>("fastbn::batch_norm_backward");
-  c10::TypedOperatorHandle<AddActBackwardSignature> add_act_backward =
-      op_handle<AddActBackwardSignature>("fastbn::batch_norm_add_act_backward");
-  c10::TypedOperatorHandle<CompositeBackwardSignature> composite_backward =
-      op_handle<CompositeBackwardSignature>("fastbn::batch_norm_backward_composite");
-};
-
-const OpHandles& ops() {
-  static const OpHandles handles;
-  return handles;
 }
 
 struct InputGrads {

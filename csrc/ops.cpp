@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_capability.h"
+#include "eager.h"
 #include "impl_switch.h"
 
 TORCH_LIBRARY(fastbn, m) {
@@ -142,6 +143,10 @@ PyMethodDef module_methods[] = {
     {"_get_cpu_capability", get_cpu_capability, METH_NOARGS, "The ISA whose CPU kernels run."},
     {"_set_cpu_capability", set_cpu_capability, METH_VARARGS, "Run another supported ISA's CPU kernels (tests)."},
     {"_cpu_capabilities", cpu_capabilities, METH_NOARGS, "The ISAs this CPU and build can run, lowest first."},
+    {"_train_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fastbn::eager_train_forward)),
+     METH_FASTCALL, "Eager training forward: batch_norm_train and the running-statistics update (eager.cpp)."},
+    {"_eval_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fastbn::eager_eval_forward)),
+     METH_FASTCALL, "Eager eval forward: batch_norm_eval (eager.cpp)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import inplace as _inplace
-from . import functions, interop, ops
+from . import _C, functions, interop, ops
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -234,8 +234,15 @@ def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor], running_
                                       "run under torch.func transforms; use inplace=False")
         return _inplace.batch_norm_act_inplace(input, running_mean, running_var, weight, bias, training, momentum,
                                                eps, activation, activation_param)
-    # the ops with their C++ autograd; under forward AD / torch.func, the Functions with a jvp (fastbn/functions.py)
     transforming = ops.transforms_active()
+    if not transforming and not torch.compiler.is_compiling():
+        # eager: the op (with its C++ autograd) and the running-statistics update in one C++ call (csrc/eager.cpp)
+        if not training:
+            return _C._eval_forward(input, weight, bias, running_mean, running_var, eps, activation, activation_param,
+                                    residual)
+        return _C._train_forward(input, weight, bias, running_mean, running_var, momentum, eps, activation,
+                                 activation_param, residual)
+    # compiled: the ops, which torch.compile traces; under forward AD / torch.func, the Functions with a jvp
     if transforming:
         train_op, eval_op = functions.BatchNormTrainFunction.apply, functions.BatchNormEvalFunction.apply
     else:
