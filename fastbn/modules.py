@@ -60,9 +60,17 @@ class _FastBatchNorm:
         functional.check_residual(input, residual)
         # Buffers are used for normalization outside training (when they exist) and
         # are updated only in training mode when tracked: the same rule as torch's.
-        # (Attributes read once: each parameter or buffer read goes through nn.Module.__getattr__.)
-        weight, bias, running_mean, running_var = self.weight, self.bias, self.running_mean, self.running_var
-        training, momentum, num_batches_tracked = self.training, self.momentum, self.num_batches_tracked
+        # Parameters and buffers are read from the module's dicts once: through nn.Module.__getattr__
+        # each read costs ~0.6 us (3 us of a small layer's forward). A name missing from its dict
+        # (a parametrization; torch.func.functional_call's swapped-in tensors) is read as an attribute.
+        params, buffers = self._parameters, self._buffers
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
+        running_mean = buffers["running_mean"] if "running_mean" in buffers else self.running_mean
+        running_var = buffers["running_var"] if "running_var" in buffers else self.running_var
+        num_batches_tracked = (buffers["num_batches_tracked"] if "num_batches_tracked" in buffers
+                               else self.num_batches_tracked)
+        training, momentum = self.training, self.momentum
         use_batch_stats = training or (running_mean is None and running_var is None)
         if training and not self.track_running_stats:
             running_mean = running_var = None

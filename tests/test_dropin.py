@@ -357,3 +357,29 @@ def test_vmap_runs_a_batching_rule(training, residual_batched):
             warnings.simplefilter("error", UserWarning)
             results.append(torch.func.vmap(fn, in_dims=(0, 0 if residual_batched else None))(xs, residual))
     torch.testing.assert_close(results[1], results[0])
+
+
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_parametrized_parameters_and_buffers_read_as_torch_reads_them():
+    """The module reads its tensors from its dicts where they are registered, and as attributes
+    where they are not: a parametrized weight (torch.nn.utils.parametrize) gives torch's result."""
+    from torch.nn.utils import parametrize
+
+    x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 3).requires_grad_(True)
+    results = {}
+    for name, cls in (("torch", nn.BatchNorm2d), ("fastbn", fastbn.BatchNorm2d)):
+        torch.manual_seed(0)
+        bn = cls(3).double()
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+        parametrize.register_parametrization(bn, "weight", _Doubled())
+        assert "weight" not in bn._parameters  # (read through the parametrization's property)
+        y = bn(x)
+        (grad_x, grad_w) = torch.autograd.grad((y * y).sum(), (x, bn.parametrizations.weight.original))
+        results[name] = (y, grad_x, grad_w, bn.running_mean.clone(), bn.running_var.clone())
+    for fast, ref in zip(results["fastbn"], results["torch"]):
+        torch.testing.assert_close(fast, ref)
