@@ -85,8 +85,11 @@ def forward_parts(options) -> List[Dict]:
                rv=bn.running_var, nbt=bn.num_batches_tracked, mean=mean, var=var, count=count)
     parts = {
         "module forward (all of it)": "bn(x)",
-        "read weight, bias, running stats, num_batches_tracked": "bn.weight; bn.bias; bn.running_mean; "
-                                                                 "bn.running_var; bn.num_batches_tracked",
+        "read weight, bias, running stats, num_batches_tracked as attributes (nn.Module.__getattr__)":
+            "bn.weight; bn.bias; bn.running_mean; bn.running_var; bn.num_batches_tracked",
+        "the same from the module's dicts (what fastbn's forward does)":
+            "p = bn._parameters; b = bn._buffers; p['weight']; p['bias']; b['running_mean']; b['running_var']; "
+            "b['num_batches_tracked']",
         "functional.check_batch_norm_args": "functional.check_batch_norm_args(x, rm, rv, w, b, True, 1e-5)",
         "functional.batch_norm_unchecked (op + update + routing)":
             "functional.batch_norm_unchecked(x, rm, rv, w, b, True, 0.1, 1e-5)",
