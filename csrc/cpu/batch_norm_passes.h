@@ -24,6 +24,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -103,9 +104,11 @@ inline int64_t interleaved_tasks(int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / 8));
 }
 
-// Rows per statistics piece: about 128 KiB of float, so the second pass over
-// the piece hits L2.
-inline int64_t rows_per_piece(int64_t C) { return std::clamp<int64_t>(32768 / std::max<int64_t>(C, 1), 8, 1024); }
+// Rows per statistics piece: about 512 KiB of float, so the second pass over
+// the piece hits L2 (1 MiB per core on Zen 4; 2 MiB on recent Intel cores). Each
+// piece ends in scalar work per channel (moments, the second-pass check, a
+// merge): with 128 KiB pieces and C = 256 that was about 40% of the statistics.
+inline int64_t rows_per_piece(int64_t C) { return std::clamp<int64_t>(131072 / std::max<int64_t>(C, 1), 8, 4096); }
 
 // Rows per parallel chunk of the elementwise passes.
 inline int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
@@ -143,8 +146,13 @@ inline bool larger_than_cache(const Geometry& g) {
 // per input, each block down the group and then the next group: memory is then
 // read in order (a whole piece block by block reads every row in pieces, which
 // the hardware prefetchers follow poorly from memory), and the group stays in L1
-// across its blocks.
-constexpr int64_t kReductionGroupBytes = 8192;
+// across its blocks. 1 KiB (4 rows of C = 64 floats): with the column loops
+// summing in float (kStatisticsGroupRows) 8 KiB groups read memory at about half
+// the rate of the double loops on 32,64,56,56 (statistics 930 -> 1860 µs, backward
+// sums 2210 -> 4130), 1 KiB groups about as fast as before (1190 / 2320) and
+// faster on C = 96 (64,96,28,28 backward sums 3580 -> 1470 µs): closer to
+// reading each row whole, in memory order.
+constexpr int64_t kReductionGroupBytes = 1024;
 template <typename scalar_t>
 inline int64_t reduction_group_rows(const Geometry& g, int64_t piece_rows) {
   if (!larger_than_cache<scalar_t>(g) || g.C <= Lanes<scalar_t>::kBlock) return piece_rows;
@@ -234,20 +242,52 @@ std::vector<Moments<double>> planar_channel_moments(const scalar_t* x, const Geo
   return merge_parts(parts, tasks, C);
 }
 
+// Whether a piece's shifted sums from column_sum_and_squares need the second
+// pass (column_sum_sq_dev). Its squares are float sums of up to
+// kStatisticsGroupRows terms when acc_t is float (relative error up to about 16
+// float eps), which M2 = squares - sum * offset multiplies by
+// 1 + n * offset^2 / M2: so float sums need the shift within about one standard
+// deviation of the piece's mean (the first shift, the mean of the first rows,
+// and the running means are), double sums within a thousand (as elsewhere).
+template <typename acc_t>
+inline bool column_statistics_need_second_pass(double shift, const Moments<double>& m) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return statistics_need_second_pass<double>(shift, m);
+  } else {
+    const double offset = m.mean - shift;
+    // false for NaN too, as statistics_need_second_pass
+    return !(offset * offset * double(m.count) <= m.m2) && !(offset == 0.0);
+  }
+}
+
+// Rows whose mean is the first shift of the interleaved statistics: near the
+// channel's mean, so that the first piece's float sums rarely need a second pass.
+constexpr int64_t kFirstShiftRows = 16;
+
 template <typename scalar_t>
 std::vector<Moments<double>> interleaved_channel_moments(const scalar_t* x, const Geometry& g) {
   using red_t = typename ReduceLanes<scalar_t>::red_t;
+  using acc_t = at::opmath_type<scalar_t>;  // the shifts' type (column_sum_and_squares subtracts in acc_t)
   const int64_t C = g.C, rows = g.count(), padded = round_up(C, 64);
   const int64_t tasks = interleaved_tasks(rows);
-  // Per-task moments, merged piece by piece (Chan).
-  std::vector<Moments<double>> task_moments(tasks * C, Moments<double>{0.0, 0.0, 0});
-  std::vector<red_t> first_row(padded, red_t(0));  // the first shift: keeps the sums small (see span_sum_and_squares)
-  for (int64_t c = 0; c < C; ++c) first_row[c] = finite_shift(red_t(x[c]));
+  // Per-task moments, merged piece by piece (Chan), as arrays (every channel has
+  // the same count): the loops over channels at the end of each piece vectorize.
+  std::vector<double> task_mean(tasks * C, 0.0), task_m2(tasks * C, 0.0);
+  std::vector<int64_t> task_count(tasks, 0);
+  // the first shift, the mean of the first rows: keeps the sums small (see span_sum_and_squares)
+  std::vector<double> first_rows_sum(C, 0.0);
+  const int64_t first_rows = std::min(rows, kFirstShiftRows);
+  for (int64_t r = 0; r < first_rows; ++r) {
+    for (int64_t c = 0; c < C; ++c) first_rows_sum[c] += double(x[r * C + c]);
+  }
+  std::vector<acc_t> first_shift(padded, acc_t(0));
+  for (int64_t c = 0; c < C; ++c) first_shift[c] = finite_shift(acc_t(first_rows_sum[c] / double(first_rows)));
   at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
     std::vector<red_t> piece_mean(padded, red_t(0)), piece_m2(padded, red_t(0));
     for (int64_t t = t_begin; t < t_end; ++t) {
-      Moments<double>* moments = task_moments.data() + t * C;
-      std::vector<red_t> shift = first_row;  // this task's, following its running means
+      double* mean = task_mean.data() + t * C;
+      double* m2 = task_m2.data() + t * C;
+      std::vector<acc_t> shift = first_shift;  // this task's, following its running means
       const auto [r_begin, r_end] = part_range(rows, tasks, t);
       for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
         const int64_t n = std::min(r_end, r + rows_per_piece(C)) - r;
@@ -263,20 +303,30 @@ std::vector<Moments<double>> interleaved_channel_moments(const scalar_t* x, cons
         for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
           bool second_pass = false;
           for (int64_t c = c0; c < c0 + width; ++c) {
-            const auto m = moments_from_shifted_sums<double>(shift[c], piece_mean[c], piece_m2[c], n);
+            const auto m = moments_from_shifted_sums<double>(double(shift[c]), piece_mean[c], piece_m2[c], n);
             piece_mean[c] = m.mean;
             piece_m2[c] = m.m2;
-            second_pass = second_pass || statistics_need_second_pass<double>(shift[c], m);
+            second_pass |= column_statistics_need_second_pass<acc_t>(double(shift[c]), m);
           }
           if (second_pass) column_sum_sq_dev(piece + c0, n, C, width, piece_mean.data() + c0, piece_m2.data() + c0);
         });
+        const int64_t count = task_count[t];
         for (int64_t c = 0; c < C; ++c) {
-          moments[c] = moments_merge(moments[c], Moments<double>{piece_mean[c], piece_m2[c], n});
-          shift[c] = finite_shift(red_t(moments[c].mean));  // the next piece sums about the running mean
+          const auto merged = moments_merge(Moments<double>{mean[c], m2[c], count},
+                                            Moments<double>{piece_mean[c], piece_m2[c], n});
+          mean[c] = merged.mean;
+          m2[c] = merged.m2;
+          // the next piece sums about the running mean (rounded to acc_t, so that the sums are about this value)
+          shift[c] = finite_shift(acc_t(merged.mean));
         }
+        task_count[t] += n;
       }
     }
   });
+  std::vector<Moments<double>> task_moments(tasks * C);
+  for (int64_t t = 0; t < tasks; ++t) {
+    for (int64_t c = 0; c < C; ++c) task_moments[t * C + c] = {task_mean[t * C + c], task_m2[t * C + c], task_count[t]};
+  }
   return merge_parts(task_moments, tasks, C);
 }
 
@@ -436,14 +486,14 @@ BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
       }
     });
   } else {
-    std::vector<red_t> mean_red(padded, red_t(0));
-    for (int64_t c = 0; c < C; ++c) mean_red[c] = red_t(a.mean[c]);
+    std::vector<acc_t> mean_padded(padded, acc_t(0));  // padded for the column loops' block loads
+    std::copy(a.mean, a.mean + C, mean_padded.begin());
     parallel_parts(g.count(), tasks, [&](int64_t t, int64_t r_begin, int64_t r_end) {
       // down columns of rows, a piece (or group, see reduction_group_rows) of rows at a time
       for_each_row_group(r_begin, r_end, reduction_group_rows<scalar_t>(g, rows_per_piece(C)), [&](int64_t r, int64_t n) {
         for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
           column_backward_sums<A>(a.dy + r * C + c0, a.x + r * C + c0, offset_or_null(a.residual, r * C + c0), n, C,
-                                  width, mean_red.data() + c0, forward_k, c0, a.act_param,
+                                  width, mean_padded.data() + c0, forward_k, c0, a.act_param,
                                   part_dy.data() + t * padded + c0, part_dy_xmu.data() + t * padded + c0);
         });
       });

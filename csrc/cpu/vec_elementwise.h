@@ -88,7 +88,7 @@ inline void tile_forward(const scalar_t* x, const scalar_t* residual, scalar_t* 
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
   const Vec vparam(param);
-  auto block = [&](int64_t r, int64_t c0, const ForwardVecs<Vec>& f0, const ForwardVecs<Vec>& f1) {
+  auto block = [&](int64_t r, int64_t c0, const ForwardVecs<Vec>& f0, const ForwardVecs<Vec>& f1) C10_ALWAYS_INLINE_ATTRIBUTE {
     const int64_t width = std::min<int64_t>(L::kBlock, C - c0);
     const int64_t at = r * C + c0;
     Vec v0, v1;
@@ -128,7 +128,7 @@ inline void tile_backward(const scalar_t* dy, const scalar_t* x, const scalar_t*
     ForwardVecs<Vec> f0, f1;
     Vec mean0, mean1, kdy0, kdy1, kxmu0, kxmu1, kconst0, kconst1;
   };
-  auto coefficients = [&](int64_t c0) {
+  auto coefficients = [&](int64_t c0) C10_ALWAYS_INLINE_ATTRIBUTE {
     const int64_t c1 = c0 + L::kVec;
     return Coefficients{forward_vecs(fk, c0), forward_vecs(fk, c1),
                         Vec::loadu(k.mean.data() + c0), Vec::loadu(k.mean.data() + c1),
@@ -136,7 +136,7 @@ inline void tile_backward(const scalar_t* dy, const scalar_t* x, const scalar_t*
                         Vec::loadu(k.k_xmu.data() + c0), Vec::loadu(k.k_xmu.data() + c1),
                         Vec::loadu(k.k_const.data() + c0), Vec::loadu(k.k_const.data() + c1)};
   };
-  auto block = [&](int64_t r, int64_t c0, const Coefficients& q) {
+  auto block = [&](int64_t r, int64_t c0, const Coefficients& q) C10_ALWAYS_INLINE_ATTRIBUTE {
     const int64_t width = std::min<int64_t>(L::kBlock, C - c0);
     const int64_t at = r * C + c0;
     Vec d0, d1, v0, v1, r0, r1;

@@ -96,9 +96,11 @@ void stats_into(const Tensor& x, const Geometry& g, const Tensor& mean, const Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastbn_batch_norm_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto moments = channel_moments(x.const_data_ptr<scalar_t>(), g);
+    acc_t* mean_out = mean.data_ptr<acc_t>();  // data_ptr() checks the dtype: once, not per channel
+    acc_t* var_out = var.data_ptr<acc_t>();
     for (int64_t c = 0; c < g.C; ++c) {
-      mean.data_ptr<acc_t>()[c] = acc_t(moments[c].mean);
-      var.data_ptr<acc_t>()[c] = acc_t(moments_biased_var(moments[c]));
+      mean_out[c] = acc_t(moments[c].mean);
+      var_out[c] = acc_t(moments_biased_var(moments[c]));
     }
   });
 }
@@ -110,9 +112,11 @@ void backward_reduce_into(const PhaseOperands& o, Activation act, double eps, do
     const auto args = backward_args<scalar_t, acc_t>(o, eps, activation_param);
     FASTBN_ACTIVATION_SWITCH(act, A, [&] {
       const BackwardSums sums = backward_sums<A>(args);
+      acc_t* sum_dy_out = sum_dy.data_ptr<acc_t>();  // as in stats_into
+      acc_t* sum_dy_xmu_out = sum_dy_xmu.data_ptr<acc_t>();
       for (int64_t c = 0; c < o.g.C; ++c) {
-        sum_dy.data_ptr<acc_t>()[c] = acc_t(sums.dy[c]);
-        sum_dy_xmu.data_ptr<acc_t>()[c] = acc_t(sums.dy_xmu[c]);
+        sum_dy_out[c] = acc_t(sums.dy[c]);
+        sum_dy_xmu_out[c] = acc_t(sums.dy_xmu[c]);
       }
     });
   });
