@@ -31,6 +31,7 @@
 #include "bn_checks.h"
 #include "bn_math.h"
 #include "cpu/vec_kernels.h"
+#include "cpu/work_division.h"
 
 #ifndef CPU_CAPABILITY
 #error "compiled once per ISA with CPU_CAPABILITY set: include only from csrc/cpu/per_isa/ (see setup.py)"
@@ -38,14 +39,6 @@
 
 // One copy per ISA (see per_isa/batch_norm_kernels.cpp).
 namespace fastbn::cpu::CPU_CAPABILITY {
-
-// Values per statistics piece: 16 KiB of float, so its second pass hits L1.
-constexpr int64_t kPiece = 4096;
-
-// The j-th of `parts` near-equal ranges of [0, count).
-inline std::pair<int64_t, int64_t> part_range(int64_t count, int64_t parts, int64_t j) {
-  return {count * j / parts, count * (j + 1) / parts};
-}
 
 // Pointer arithmetic on a tensor that may be absent (null stays null).
 template <typename T>
@@ -66,106 +59,6 @@ template <typename acc_t>
 ChannelParams<acc_t> channel_params(const at::Tensor& weight, const at::Tensor& bias) {
   return {weight.defined() ? weight.const_data_ptr<acc_t>() : nullptr,
           bias.defined() ? bias.const_data_ptr<acc_t>() : nullptr};
-}
-
-// ------------------------------------------------------------------ work division
-
-// Parts a planar pass splits the values into: one per thread, at least kPiece values each.
-inline int64_t planar_tasks(const Geometry& g) {
-  return std::clamp<int64_t>(g.N * g.C * g.S / kPiece, 1, at::get_num_threads());
-}
-
-// Calls task(t, begin, end) in parallel for the `tasks` parts of [0, total).
-template <typename F>
-inline void parallel_parts(int64_t total, int64_t tasks, const F& task) {
-  at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const auto [begin, end] = part_range(total, tasks, t);
-      task(t, begin, end);
-    }
-  });
-}
-
-// Calls f(offset, length, c) for each run of one plane (one sample's values of
-// channel c) within the flat range [begin, end) of a planar tensor.
-template <typename F>
-inline void for_each_plane_run(int64_t begin, int64_t end, const Geometry& g, const F& f) {
-  if (begin >= end) return;
-  int64_t c = begin / g.S % g.C;  // then counted: no division per run (short runs: S = 25)
-  for (int64_t length = std::min(g.S - begin % g.S, end - begin); begin < end;
-       begin += length, length = std::min(g.S, end - begin)) {
-    f(begin, length, c);
-    if (++c == g.C) c = 0;
-  }
-}
-
-// Number of row blocks the interleaved reductions split R rows into.
-inline int64_t interleaved_tasks(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / 8));
-}
-
-// Rows per statistics piece: about 512 KiB of float, so the second pass over
-// the piece hits L2 (1 MiB per core on Zen 4; 2 MiB on recent Intel cores). Each
-// piece ends in scalar work per channel (moments, the second-pass check, a
-// merge): with 128 KiB pieces and C = 256 that was about 40% of the statistics.
-inline int64_t rows_per_piece(int64_t C) { return std::clamp<int64_t>(131072 / std::max<int64_t>(C, 1), 8, 4096); }
-
-// Rows per parallel chunk of the elementwise passes.
-inline int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
-
-// Calls f(first_row, rows) for consecutive groups of `group` rows covering [begin, end).
-template <typename F>
-inline void for_each_row_group(int64_t begin, int64_t end, int64_t group, const F& f) {
-  for (int64_t r = begin; r < end; r += group) f(r, std::min(group, end - r));
-}
-
-// Calls f(first_row, rows) for tiles of about 4096 values (tile_forward /
-// tile_backward) covering the rows [begin, end).
-template <typename F>
-inline void for_each_row_tile(int64_t begin, int64_t end, int64_t C, const F& f) {
-  for_each_row_group(begin, end, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), f);
-}
-
-// Calls f(c0, width) for each block of interleaved channels.
-template <typename scalar_t, typename F>
-inline void for_each_channel_block(int64_t C, const F& f) {
-  constexpr int64_t kBlock = Lanes<scalar_t>::kBlock;
-  for (int64_t c0 = 0; c0 < C; c0 += kBlock) f(c0, std::min(kBlock, C - c0));
-}
-
-// Whether a tensor of g's size is too large to stay in the caches between
-// passes (kStreamingBytes, about half a server L3).
-template <typename scalar_t>
-inline bool larger_than_cache(const Geometry& g) {
-  return g.N * g.C * g.S * int64_t(sizeof(scalar_t)) >= kStreamingBytes;
-}
-
-// Rows an interleaved reduction walks down one channel block before the next
-// block. In cache: a whole piece (`piece_rows`). A tensor too large for the cache
-// whose rows span several blocks is walked in groups of about kReductionGroupBytes
-// per input, each block down the group and then the next group: memory is then
-// read in order (a whole piece block by block reads every row in pieces, which
-// the hardware prefetchers follow poorly from memory), and the group stays in L1
-// across its blocks. 1 KiB (4 rows of C = 64 floats): with the column loops
-// summing in float (kStatisticsGroupRows) 8 KiB groups read memory at about half
-// the rate of the double loops on 32,64,56,56 (statistics 930 -> 1860 µs, backward
-// sums 2210 -> 4130), 1 KiB groups about as fast as before (1190 / 2320) and
-// faster on C = 96 (64,96,28,28 backward sums 3580 -> 1470 µs): closer to
-// reading each row whole, in memory order.
-constexpr int64_t kReductionGroupBytes = 1024;
-template <typename scalar_t>
-inline int64_t reduction_group_rows(const Geometry& g, int64_t piece_rows) {
-  if (!larger_than_cache<scalar_t>(g) || g.C <= Lanes<scalar_t>::kBlock) return piece_rows;
-  return std::clamp<int64_t>(kReductionGroupBytes / (g.C * int64_t(sizeof(scalar_t))), 1, piece_rows);
-}
-
-// Whether an output of g's size is written with streaming stores; for rows
-// (interleaved) they also need every row to start 64-byte aligned.
-template <typename scalar_t>
-inline bool stream_output(const Geometry& g, const scalar_t* out) {
-  if (!larger_than_cache<scalar_t>(g)) return false;
-  if (g.layout == Layout::Planar) return true;
-  return reinterpret_cast<uintptr_t>(out) % 64 == 0 && (g.C * int64_t(sizeof(scalar_t))) % 64 == 0;
 }
 
 // ------------------------------------------------------------------ statistics
