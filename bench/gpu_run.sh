@@ -25,6 +25,13 @@
 #   BENCH_ARGS=""             extra arguments for `python -m bench` (e.g. --quick)
 #   SANITIZE_PYTEST_ARGS      pytest selection for the sanitizer runs
 #                             (default: tests/test_cuda.py without the >2^31-element case)
+#   SANITIZE_TOOLS            default "memcheck racecheck"
+#   DEADLINE_S                seconds the whole script may take (default: no limit): a lent
+#                             GPU's call has a hard limit, and what is killed at it returns
+#                             nothing. Each step then stops in time for the summary, and the
+#                             steps after a step that used the time up are skipped.
+#   TEST_TIMEOUT_S, SANITIZE_TIMEOUT_S, BENCH_TIMEOUT_S
+#                             a cap on one step (for each sanitizer tool) within DEADLINE_S
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -35,6 +42,21 @@ export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export PATH="$CUDA_HOME/bin:$PATH"
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build test sanitize bench)
+
+# Seconds the next step may run: its cap, within what DEADLINE_S leaves (15 s kept for
+# the summary); 0 when nothing is left.
+step_limit() {
+    local cap="${1:-0}" left
+    if [ -n "${DEADLINE_S:-}" ]; then
+        left=$((DEADLINE_S - SECONDS - 15))
+        [ "$left" -lt 0 ] && left=0
+        if [ "$cap" = 0 ] || [ "$cap" -gt "$left" ]; then cap=$left; [ "$cap" = 0 ] && { echo 0; return; }; fi
+    fi
+    [ "$cap" = 0 ] && cap=86400  # no limit asked for
+    echo "$cap"
+}
+# Runs "$@" for at most $1 seconds (exit code 124 when stopped there).
+limited() { local seconds=$1; shift; timeout --kill-after=10 "$seconds" "$@"; }
 
 wants() { local step; for step in "${steps[@]}"; do [ "$step" = "$1" ] && return 0; done; return 1; }
 say() { echo "== gpu_run: $*" | tee -a "$OUT/gpu_run.log"; }
@@ -65,7 +87,7 @@ if wants build; then
     else
         build_command=("$PYTHON" setup.py build_ext --inplace)
     fi
-    if ! "${build_command[@]}" > "$OUT/build.log" 2>&1; then
+    if ! limited "$(step_limit 0)" "${build_command[@]}" > "$OUT/build.log" 2>&1; then
         tail -n 60 "$OUT/build.log"
         say "BUILD FAILED (${build_command[*]}), stopping"
         exit 1
@@ -79,12 +101,16 @@ if wants build; then
     say "built in $((SECONDS - start)) s: $(ls fastbn/_C*.so 2>/dev/null | tr '\n' ' ')"
     # The smallest check that the CUDA kernels load and run, before spending time on tests.
     if ! "$PYTHON" - > "$OUT/smoke.log" 2>&1 <<'EOF'
+import os
+os.environ["FASTBN_CUDA_KERNELS"] = "1"  # fastbn's kernels, not the torch fallback of unvalidated builds
 import torch, fastbn, fastbn.functional
-x = torch.randn(4, 3, 5, 5, device="cuda")
+x = 3 + 2 * torch.randn(4, 3, 5, 5, device="cuda")
 mean, var = torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")
 y = fastbn.functional.batch_norm(x, mean.clone(), var.clone(), training=True)
 reference = torch.nn.functional.batch_norm(x, mean.clone(), var.clone(), training=True)
-print("fastbn CUDA smoke run, max |fastbn - torch| =", (y - reference).abs().max().item())
+error = (y - reference).abs().max().item()
+print("fastbn CUDA smoke run, max |fastbn - torch| =", error)
+assert error < 1e-4, error
 EOF
     then
         cat "$OUT/smoke.log"
@@ -97,11 +123,16 @@ fi
 
 pytest_rc="not run"
 if wants test; then
-    say "pytest tests ${PYTEST_ARGS:--q}, log: $OUT/pytest.log"
-    # shellcheck disable=SC2086  # PYTEST_ARGS is meant to split into words
-    "$PYTHON" -m pytest tests ${PYTEST_ARGS:--q} 2>&1 | tee "$OUT/pytest.log"
-    pytest_rc=${PIPESTATUS[0]}
-    say "pytest exit code: $pytest_rc"
+    limit=$(step_limit "${TEST_TIMEOUT_S:-0}")
+    if [ "$limit" = 0 ]; then
+        pytest_rc="skipped: DEADLINE_S reached"
+    else
+        say "pytest tests ${PYTEST_ARGS:--q} (at most $limit s), log: $OUT/pytest.log"
+        # shellcheck disable=SC2086  # PYTEST_ARGS is meant to split into words
+        limited "$limit" "$PYTHON" -m pytest tests ${PYTEST_ARGS:--q} 2>&1 | tee "$OUT/pytest.log"
+        pytest_rc=${PIPESTATUS[0]}
+        say "pytest exit code: $pytest_rc"
+    fi
 fi
 
 sanitize_rc="not run"
@@ -118,11 +149,13 @@ if wants sanitize; then
         sanitize_rc="no compute-sanitizer"
     else
         sanitize_rc=0
-        for tool in memcheck racecheck; do
-            say "compute-sanitizer --tool $tool, pytest -q ${sanitize_args[*]}, log: $OUT/sanitizer-$tool.log"
+        for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
+            limit=$(step_limit "${SANITIZE_TIMEOUT_S:-0}")
+            if [ "$limit" = 0 ]; then say "compute-sanitizer $tool skipped: DEADLINE_S reached"; sanitize_rc=124; continue; fi
+            say "compute-sanitizer --tool $tool, pytest -q ${sanitize_args[*]} (at most $limit s), log: $OUT/sanitizer-$tool.log"
             # kns=fastbn: only fastbn's kernels (namespace fastbn::cuda), not torch's references
-            "$sanitizer" --tool "$tool" --kernel-name kns=fastbn --error-exitcode 97 --target-processes all \
-                "$PYTHON" -m pytest -q "${sanitize_args[@]}" 2>&1 | tee "$OUT/sanitizer-$tool.log"
+            limited "$limit" "$sanitizer" --tool "$tool" --kernel-name kns=fastbn --error-exitcode 97 \
+                --target-processes all "$PYTHON" -m pytest -q "${sanitize_args[@]}" 2>&1 | tee "$OUT/sanitizer-$tool.log"
             rc=${PIPESTATUS[0]}
             say "compute-sanitizer $tool exit code: $rc"
             [ "$rc" = 0 ] || sanitize_rc=$rc
@@ -132,19 +165,24 @@ fi
 
 bench_rc="not run"
 if wants bench; then
-    say "benchmark, tables: $OUT/bench-cuda.md, progress: $OUT/bench-cuda.log"
-    # shellcheck disable=SC2086  # BENCH_ARGS is meant to split into words
-    "$PYTHON" -m bench --device cuda --json "$OUT/bench-cuda.json" --plot "$OUT/bench-cuda.png" \
-        ${BENCH_ARGS:-} 2> "$OUT/bench-cuda.log" | tee "$OUT/bench-cuda.md"
-    bench_rc=${PIPESTATUS[0]}
-    [ "$bench_rc" = 0 ] || tail -n 30 "$OUT/bench-cuda.log"
-    say "benchmark exit code: $bench_rc"
+    limit=$(step_limit "${BENCH_TIMEOUT_S:-0}")
+    if [ "$limit" = 0 ]; then
+        bench_rc="skipped: DEADLINE_S reached"
+    else
+        say "benchmark (at most $limit s), tables: $OUT/bench-cuda.md, progress: $OUT/bench-cuda.log"
+        # shellcheck disable=SC2086  # BENCH_ARGS is meant to split into words
+        limited "$limit" "$PYTHON" -m bench --device cuda --json "$OUT/bench-cuda.json" --plot "$OUT/bench-cuda.png" \
+            ${BENCH_ARGS:-} 2> "$OUT/bench-cuda.log" | tee "$OUT/bench-cuda.md"
+        bench_rc=${PIPESTATUS[0]}
+        [ "$bench_rc" = 0 ] || tail -n 30 "$OUT/bench-cuda.log"
+        say "benchmark exit code: $bench_rc"
+    fi
 fi
 
 say "summary: build $build_status, pytest exit code $pytest_rc, compute-sanitizer exit code $sanitize_rc," \
     "benchmark exit code $bench_rc" | tee "$OUT/summary.txt"
 for rc in "$pytest_rc" "$sanitize_rc" "$bench_rc"; do
-    [ "$rc" = "no compute-sanitizer" ] && rc=1
+    case "$rc" in "no compute-sanitizer" | skipped*) rc=1 ;; esac
     if [ "$rc" != "not run" ] && [ "$rc" != 0 ]; then exit "$rc"; fi
 done
 exit 0
