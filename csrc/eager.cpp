@@ -11,6 +11,7 @@
 // Functions). The arguments were checked by functional.check_batch_norm_args.
 #include "eager.h"
 
+#include <ATen/core/LegacyTypeDispatch.h>  // AutoDispatchBelowADInplaceOrView: torch 2.11 brings it in through no other include here
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
