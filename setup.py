@@ -65,6 +65,16 @@ X86_CAPABILITY_FLAGS = [
 PER_ISA_SOURCES = sorted(glob.glob("csrc/cpu/per_isa/*.cpp"))
 
 
+def loaded_libstdcxx():
+    """The path of the libstdc++ this process (torch) loaded, on Linux; else None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:
+        return None
+    return min(paths) if paths else None
+
+
 def cpu_capabilities():
     """(name, compiler flags) of each ISA the CPU kernels are compiled for, lowest first."""
     if platform.machine().lower() in ("x86_64", "amd64") and platform.system() != "Windows":
@@ -125,6 +135,15 @@ def make_extension():
     if platform.system() == "Linux":
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
+        # Link the C++ runtime torch runs with, by its path, ahead of the compiler's own
+        # choice. A toolchain that finds only a static libstdc++ (seen on a GPU machine:
+        # a g++ wrapper whose -B folder holds libstdc++.a) otherwise puts a second copy
+        # of the runtime into the extension, and torch's error messages, built with one
+        # copy's streams and locale and read with the other's, crash the process
+        # (SIGSEGV in std::ostream, at the first TORCH_CHECK that fails in a CUDA file).
+        libstdcxx = loaded_libstdcxx()
+        if libstdcxx:
+            link_flags.append(libstdcxx)
     if use_cuda:
         # No GPU visible means torch cannot guess the architectures (it crashes with IndexError).
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -1,0 +1,62 @@
+"""How the extension is built: what a toolchain can get wrong without any kernel being wrong."""
+import struct
+import sys
+
+import pytest
+import torch
+
+import fastbn  # noqa: F401  (loads fastbn._C)
+
+EXTENSION_PATH = sys.modules["fastbn._C"].__file__
+
+
+def needed_libraries(path):
+    """The DT_NEEDED entries of a 64-bit little-endian ELF shared object."""
+    with open(path, "rb") as file:
+        data = file.read()
+    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, f"{path}: not a 64-bit little-endian ELF file"
+    section_offset = struct.unpack_from("<Q", data, 0x28)[0]
+    section_size, section_count = struct.unpack_from("<HH", data, 0x3A)
+    # (name, type, flags, address, offset, size, link, info, align, entry size)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, section_offset + i * section_size) for i in range(section_count)]
+    dynamic = next(section for section in sections if section[1] == 6)  # SHT_DYNAMIC
+    strings_offset = sections[dynamic[6]][4]  # its string table
+    names = []
+    for entry in range(dynamic[4], dynamic[4] + dynamic[5], 16):
+        tag, value = struct.unpack_from("<qQ", data, entry)
+        if tag == 0:  # DT_NULL
+            break
+        if tag == 1:  # DT_NEEDED
+            start = strings_offset + value
+            names.append(data[start:data.index(b"\0", start)].decode())
+    return names
+
+
+def loaded_libstdcxx():
+    with open("/proc/self/maps") as maps:
+        return {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads ELF files and /proc (Linux)")
+def test_extension_shares_torchs_cpp_runtime():
+    """The extension links the shared libstdc++ that torch runs with, not a copy of its own.
+
+    A toolchain that finds only libstdc++.a (a g++ wrapper on a GPU machine did) links a
+    second C++ runtime into the extension: then the messages of fastbn's errors, written
+    through one copy's streams with the other's locale, come out cut short after the first
+    number (test_errors.py failed so) or crash the process (a SIGSEGV in std::ostream, seen
+    on the GPU). setup.py links torch's libstdc++ by its path to prevent it.
+    """
+    torch.zeros(1)  # (torch's libraries are loaded)
+    assert loaded_libstdcxx(), "torch runs without a shared libstdc++ here: nothing to share"
+    needed = needed_libraries(EXTENSION_PATH)
+    assert any(name.startswith("libstdc++.so") for name in needed), (
+        f"{EXTENSION_PATH} does not link libstdc++ dynamically (it needs {needed}): "
+        "the C++ runtime was linked in statically")
+
+
+def test_error_messages_keep_their_numbers():
+    """A check's message formats its numbers (the C++ runtime's streams work in the extension)."""
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.raises(RuntimeError, match=r"weight should contain 3 elements not 5 \(one per channel"):
+        torch.ops.fastbn.batch_norm_train(x, torch.randn(5), None, 1e-5)
