@@ -11,7 +11,6 @@ import os
 import platform
 import re
 import subprocess
-import sysconfig
 
 # torch.utils.cpp_extension reads CUDA_HOME when it is imported, so default it first;
 # without it torch guesses /usr/local and linking fails (-lcudart not found).
@@ -62,12 +61,7 @@ X86_CAPABILITY_FLAGS = [
     ("DEFAULT", []),
     ("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
     ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]),
-    # AVX512 plus the bfloat16 conversion instruction (vcvtneps2bf16): at::vec's AVX512
-    # vectors, and bfloat16 stores in one instruction (csrc/cpu/vec_lanes.h).
-    ("AVX512_BF16", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-mavx512bf16"]),
 ]
-# The at::vec implementation a capability compiles with, where not its own name.
-AT_VEC_CAPABILITY = {"AVX512_BF16": "AVX512"}
 PER_ISA_SOURCES = sorted(glob.glob("csrc/cpu/per_isa/*.cpp"))
 
 
@@ -81,22 +75,10 @@ def loaded_libstdcxx():
     return min(paths) if paths else None
 
 
-def compiler_accepts(flags):
-    """Whether the C++ compiler setuptools will use compiles a file with these flags."""
-    compiler = (os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++").split()
-    try:
-        return subprocess.run(compiler + flags + ["-x", "c++", "-fsyntax-only", "-"], input="int main() {}\n",
-                              capture_output=True, text=True, timeout=60).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
 def cpu_capabilities():
     """(name, compiler flags) of each ISA the CPU kernels are compiled for, lowest first."""
     if platform.machine().lower() in ("x86_64", "amd64") and platform.system() != "Windows":
-        # A compiler without -mavx512bf16 (GCC before 10) builds the others.
-        return [(name, flags) for name, flags in X86_CAPABILITY_FLAGS
-                if name != "AVX512_BF16" or compiler_accepts(flags)]
+        return X86_CAPABILITY_FLAGS
     return X86_CAPABILITY_FLAGS[:1]
 
 
@@ -116,13 +98,10 @@ class BuildExtensionPerIsa(BuildExtension):
         cxx_flags = ext.extra_compile_args["cxx"]  # with the flags BuildExtension added
 
         def compile_for(capability, flags):
-            macros = [("CPU_CAPABILITY", capability), (f"CPU_CAPABILITY_{capability}", None)]
-            if capability in AT_VEC_CAPABILITY:
-                macros.append((f"CPU_CAPABILITY_{AT_VEC_CAPABILITY[capability]}", None))
             return self.compiler.compile(
                 PER_ISA_SOURCES,
                 output_dir=os.path.join(self.build_temp, f"cpu_{capability}"),
-                macros=ext.define_macros + macros,
+                macros=ext.define_macros + [("CPU_CAPABILITY", capability), (f"CPU_CAPABILITY_{capability}", None)],
                 include_dirs=ext.include_dirs,
                 debug=self.debug,
                 extra_postargs=cxx_flags + flags,
@@ -144,10 +123,7 @@ def make_extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     # Without ISA flags: the operator entry points, checks and the ISA choice.
-    capabilities = [name for name, _ in cpu_capabilities()]
-    macros = [("FASTBN_X86_KERNELS", None)] if len(capabilities) > 1 else []
-    if "AVX512_BF16" in capabilities:
-        macros.append(("FASTBN_AVX512_BF16_KERNELS", None))
+    macros = [("FASTBN_X86_KERNELS", None)] if len(cpu_capabilities()) > 1 else []
     # setuptools relinks when one of these is newer than the extension; the
     # per-ISA objects are rebuilt by their own (ninja) dependency tracking.
     depends = sorted(PER_ISA_SOURCES + glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))

@@ -133,8 +133,7 @@ def test_every_isa_past_the_streaming_threshold(dtype, channels_last):
 
 
 def test_capabilities_follow_the_cpu_flags():
-    """DEFAULT everywhere; AVX2 with avx2, fma and f16c; AVX512 with avx512 f, bw, vl and dq as well;
-    AVX512_BF16 with avx512_bf16 too (where the compiler built it: GCC 10 or later)."""
+    """DEFAULT everywhere; AVX2 with avx2, fma and f16c; AVX512 with avx512 f, bw, vl and dq as well."""
     assert ISAS[0] == "DEFAULT"
     if not (sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")):
         assert ISAS == ("DEFAULT",) or platform.machine().lower() in ("x86_64", "amd64")
@@ -146,8 +145,6 @@ def test_capabilities_follow_the_cpu_flags():
         expected.append("AVX2")
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
             expected.append("AVX512")
-            if "avx512_bf16" in flags:
-                expected.append("AVX512_BF16")
     assert list(ISAS) == expected
 
 
@@ -165,7 +162,7 @@ def test_use_cpu_capability_switches_and_restores():
     with pytest.raises(KeyError), fastbn.ops.use_cpu_capability(ISAS[0]):
         raise KeyError("inside the block")
     assert fastbn.ops.CPU_CAPABILITY == before == fastbn.ops._C._get_cpu_capability()
-    for name in ["AVX9", ""] + [c for c in ("AVX2", "AVX512", "AVX512_BF16") if c not in ISAS]:
+    for name in ["AVX9", ""] + [c for c in ("AVX2", "AVX512") if c not in ISAS]:
         with pytest.raises(ValueError, match="cpu capability"), fastbn.ops.use_cpu_capability(name):
             pass
         assert fastbn.ops.CPU_CAPABILITY == before == fastbn.ops._C._get_cpu_capability()
@@ -186,7 +183,7 @@ def test_environment_chooses_at_run_time():
 
 
 def test_environment_naming_no_supported_capability_fails_the_import():
-    for name in ["AVX9"] + [c for c in ("AVX2", "AVX512", "AVX512_BF16") if c not in ISAS]:
+    for name in ["AVX9"] + [c for c in ("AVX2", "AVX512") if c not in ISAS]:
         result = import_with(name)
         assert result.returncode != 0, f"{name}: imported"
         assert "ImportError: fastbn: FASTBN_CPU_CAPABILITY" in result.stderr and name in result.stderr, result.stderr
@@ -204,8 +201,7 @@ def vector_code_reachable_outside_isa_code(library):
                                  check=True).stdout
     function_start = re.compile(r"^([0-9a-f]+) <(.+)>:$")
     reference = re.compile(r"\b([0-9a-f]+) <([^>+]+?)(@plt)?(?:\+0x[0-9a-f]+)?>")
-    # the mangled fastbn::cpu::AVX2 / at::vec::AVX512 / ...::AVX512_BF16 ...
-    isa_named = re.compile(r"4AVX2|6AVX512|11AVX512_BF16")
+    isa_named = re.compile(r"4AVX2|6AVX512")  # the mangled fastbn::cpu::AVX2 / at::vec::AVX512 ...
     names, vector_code, references, current = {}, set(), [], None
     for line in disassembly.splitlines():
         match = function_start.match(line)
@@ -248,54 +244,3 @@ def test_no_vector_code_reachable_outside_isa_code():
         assert ISAS == ("DEFAULT",)
         return
     assert vector_code_reachable_outside_isa_code(fastbn.ops._C.__file__) == []
-
-
-FLOAT_SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
-
-
-def outputs_of_every_op(x, weight, bias, grad):
-    """What each CPU op writes for a bfloat16 input: training and evaluation forward,
-    the fused backward, the phase ops' grad_input."""
-    y, mean, var = torch.ops.fastbn.batch_norm_train(x, weight, bias, 1e-5)
-    y_eval = torch.ops.fastbn.batch_norm_eval(x, weight, bias, mean, var, 1e-5)
-    grads = torch.ops.fastbn.batch_norm_backward(grad, x, weight, bias, mean, var, 1e-5, True)
-    sum_dy, sum_dy_xmu = torch.ops.fastbn.batch_norm_backward_reduce(grad, x, weight, bias, mean, var, 1e-5)
-    count = x.numel() // x.shape[1]
-    grad_elemt = torch.ops.fastbn.batch_norm_backward_elemt(grad, x, weight, bias, mean, var, sum_dy, sum_dy_xmu,
-                                                            1e-5, count)
-    return {"train": y, "eval": y_eval, "grad_input": grads[0], "backward_elemt": grad_elemt}
-
-
-@pytest.mark.skipif("AVX512_BF16" not in ISAS, reason="the CPU has no avx512_bf16 (or the build no AVX512_BF16)")
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_avx512_bf16_stores_round_as_avx512(channels_last):
-    """AVX512_BF16 is AVX512 with bfloat16 stores in one instruction: the same bits
-    (round to nearest even), past the streaming threshold, from an unaligned start."""
-    x = random_input(shape_for(torch.bfloat16, channels_last), torch.bfloat16, channels_last=channels_last)
-    x, buffer = unaligned_copy(x)
-    grad = random_input(x.shape, torch.bfloat16, channels_last=channels_last, mean=0.5)
-    weight, bias = torch.randn(x.shape[1]), torch.randn(x.shape[1])
-    results = {}
-    for isa in ("AVX512", "AVX512_BF16"):
-        with fastbn.ops.use_cpu_capability(isa):
-            results[isa] = outputs_of_every_op(x, weight, bias, grad)
-        assert_guards_intact(buffer, isa)
-    for name, expected in results["AVX512"].items():
-        assert torch.equal(results["AVX512_BF16"][name], expected), name
-
-
-@pytest.mark.skipif("AVX512_BF16" not in ISAS, reason="the CPU has no avx512_bf16 (or the build no AVX512_BF16)")
-def test_avx512_bf16_flushes_only_values_below_floats_smallest_normal():
-    """The one difference vec_lanes.h documents: vcvtneps2bf16 reads float denormals as
-    zero, so outputs under float's smallest normal (1.2e-38) store as zeros."""
-    x = random_input((4, 3, 7, 9), torch.bfloat16)
-    weight = torch.tensor([1.0, 3e-39, 1e-45])  # channel 1: denormal outputs; 2: the smallest denormal
-    bias = torch.zeros(3)
-    with fastbn.ops.use_cpu_capability("AVX512"):
-        exact = torch.ops.fastbn.batch_norm_train(x, weight, bias, 1e-5)[0]
-    with fastbn.ops.use_cpu_capability("AVX512_BF16"):
-        flushed = torch.ops.fastbn.batch_norm_train(x, weight, bias, 1e-5)[0]
-    tiny = exact.float().abs() < FLOAT_SMALLEST_NORMAL
-    assert tiny[:, 1].any() and (exact[:, 1] != 0).any()  # (the case is there)
-    assert torch.equal(flushed[~tiny], exact[~tiny])
-    assert (flushed[tiny] == 0).all()

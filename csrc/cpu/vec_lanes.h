@@ -57,24 +57,9 @@ struct Lanes {
       hi = count > kVec ? Vec::loadu(p + kVec, count - kVec) : Vec(acc_t(0));
     }
   }
-  // A block of accumulation-type values as scalar_t (kReduced). bfloat16 under
-  // AVX512_BF16: vcvtneps2bf16, one instruction per 16 values, where at::vec rounds
-  // with integer instructions (about a third of a bfloat16 backward's element pass).
-  // Both round to nearest even; the instruction also reads float denormals as zero,
-  // so |values| under 1.2e-38 (float's smallest normal) store as signed zeros.
-  static C10_ALWAYS_INLINE Vectorized<scalar_t> narrow(const Vec& lo, const Vec& hi) {
-#if defined(CPU_CAPABILITY_AVX512_BF16)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      const auto low = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(lo));
-      const auto high = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(hi));
-      return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
-    }
-#endif
-    return at::vec::convert_from_float<scalar_t>(lo, hi);
-  }
   static C10_ALWAYS_INLINE void store(scalar_t* p, const Vec& lo, const Vec& hi) {
     if constexpr (kReduced) {
-      narrow(lo, hi).store(p);
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
     } else {
       lo.store(p);
       hi.store(p + kVec);
@@ -87,7 +72,7 @@ struct Lanes {
   static C10_ALWAYS_INLINE void store_stream(scalar_t* p, const Vec& lo, const Vec& hi) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (kReduced) {
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), __m512i(narrow(lo, hi)));
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), __m512i(at::vec::convert_from_float<scalar_t>(lo, hi)));
     } else if constexpr (std::is_same_v<scalar_t, float>) {
       _mm512_stream_ps(p, lo);
       _mm512_stream_ps(p + kVec, hi);
@@ -97,7 +82,7 @@ struct Lanes {
     }
 #elif defined(CPU_CAPABILITY_AVX2)
     if constexpr (kReduced) {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), __m256i(narrow(lo, hi)));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), __m256i(at::vec::convert_from_float<scalar_t>(lo, hi)));
     } else if constexpr (std::is_same_v<scalar_t, float>) {
       _mm256_stream_ps(p, lo);
       _mm256_stream_ps(p + kVec, hi);
@@ -111,7 +96,7 @@ struct Lanes {
   }
   static C10_ALWAYS_INLINE void store_partial(scalar_t* p, int64_t count, const Vec& lo, const Vec& hi) {
     if constexpr (kReduced) {
-      narrow(lo, hi).store(p, count);
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(p, count);
     } else {
       lo.store(p, std::min<int64_t>(count, kVec));
       if (count > kVec) hi.store(p + kVec, count - kVec);
