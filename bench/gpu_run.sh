@@ -5,6 +5,14 @@
 #   bench/gpu_run.sh                 # build, test, sanitize, bench
 #   bench/gpu_run.sh build test      # only some steps (e.g. to split across calls
 #   bench/gpu_run.sh bench           #  that each have a time limit)
+#   bench/gpu_run.sh lease           # all four, sized for one call on a lent GPU (below)
+#
+# lease: what one call of this workplace's device tool can hold (10 minutes a call,
+# 15 minutes of device time a session, at most 8 files back): DEADLINE_S=540, the
+# tests that run on the GPU (-k cuda, 60 s a test where pytest-timeout is installed),
+# memcheck then racecheck for at most 75 s each, a 72-row benchmark capped at 120 s;
+# everything written to a scratch folder and packed into $OUT/gpu_results.tgz (one
+# file) at the end, also when a step fails. Any knob below set in the environment wins.
 #
 # sanitize: tests/test_cuda.py under compute-sanitizer --tool memcheck and --tool
 # racecheck, checking fastbn's kernels only: the out-of-bounds accesses and
@@ -42,6 +50,21 @@ export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export PATH="$CUDA_HOME/bin:$PATH"
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build test sanitize bench)
+if [ "${steps[*]}" = "lease" ]; then
+    steps=(build test sanitize bench)
+    export DEADLINE_S="${DEADLINE_S:-540}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" PYTHONUNBUFFERED=1
+    export TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-150}" SANITIZE_TIMEOUT_S="${SANITIZE_TIMEOUT_S:-75}"
+    export BENCH_TIMEOUT_S="${BENCH_TIMEOUT_S:-120}"
+    per_test_limit=""
+    "$PYTHON" -c "import pytest_timeout" 2>/dev/null && per_test_limit="--timeout 60"
+    export PYTEST_ARGS="${PYTEST_ARGS:--q -k cuda -p no:cacheprovider -rfE $per_test_limit}"
+    export BENCH_ARGS="${BENCH_ARGS:---case train_fwd_bwd,eval_fwd --shape 64,256,56,56 --min-run-time 0.05 --rounds 2}"
+    # One file back: a scratch folder, packed into the real OUT on the way out.
+    packed_out="$OUT/gpu_results.tgz"
+    OUT="$(mktemp -d)/gpu_results"
+    mkdir -p "$OUT"
+    trap 'tar czf "$packed_out" -C "$(dirname "$OUT")" gpu_results && echo "== gpu_run: results in $packed_out"' EXIT
+fi
 
 # Seconds the next step may run: its cap, within what DEADLINE_S leaves (15 s kept for
 # the summary); 0 when nothing is left.
