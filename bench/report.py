@@ -32,6 +32,15 @@ def check_cell(row: Row) -> str:
     return "ok" if row.fastbn_error is not None else "—"
 
 
+def compiled_cell(row: Row) -> str:
+    """torch.compile's time, with its note (off against float64) beside it; the note alone
+    where it did not compile."""
+    if row.compiled_s is None:
+        return row.compiled_note[:60] or "—"
+    time = f"{row.compiled_s * 1e6:.1f}"
+    return f"{time} ({row.compiled_note})" if row.compiled_note else time
+
+
 def markdown_table(rows: Sequence[Row], copy_gbps: float, fastbn_name: str) -> str:
     compiled = any(row.compiled_s is not None or row.compiled_note for row in rows)
     extra = " torch.compile µs | vs torch.compile |" if compiled else ""
@@ -53,8 +62,7 @@ def markdown_table(rows: Sequence[Row], copy_gbps: float, fastbn_name: str) -> s
             format_or_dash(row.torch_s and row.torch_s * 1e6, "{:.1f}"), fastbn_time, speedup,
             format_or_dash(row.gbps(row.torch_s), "{:.1f}"), format_or_dash(fastbn_gbps, "{:.1f}"),
             format_or_dash(percent, "{:.0f}%"), check_cell(row),
-        ] + ([format_or_dash(row.compiled_s and row.compiled_s * 1e6, "{:.1f}") if not row.compiled_note
-              else row.compiled_note[:60], format_or_dash(row.speedup_vs_compiled, "{:.2f}x")] if compiled else [])) + " |")
+        ] + ([compiled_cell(row), format_or_dash(row.speedup_vs_compiled, "{:.2f}x")] if compiled else [])) + " |")
     return "\n".join(lines)
 
 

@@ -104,3 +104,17 @@ def test_import_fastbn_does_not_import_the_benchmark():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_compiled_cell_says_when_torch_compile_did_not_compile_or_was_off():
+    from bench.report import compiled_cell
+    from bench.row import Row
+    row = Row("train_fwd_bwd", (2, 4, 3, 3), "nchw", "float32", 0)
+    assert compiled_cell(row) == "—"
+    row.compiled_note = "BackendCompilerFailed: no compiler"
+    assert compiled_cell(row) == "BackendCompilerFailed: no compiler"
+    row.compiled_s = 1.5e-3
+    row.compiled_note = "torch.compile off 2.2e-01"  # timed all the same, and said
+    assert compiled_cell(row) == "1500.0 (torch.compile off 2.2e-01)"
+    row.compiled_note = ""
+    assert compiled_cell(row) == "1500.0"
