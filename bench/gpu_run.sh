@@ -12,7 +12,8 @@
 # tests that run on the GPU (-k cuda, 60 s a test where pytest-timeout is installed),
 # memcheck then racecheck for at most 75 s each, a 72-row benchmark capped at 120 s;
 # everything written to a scratch folder and packed into $OUT/gpu_results.tgz (one
-# file) at the end, also when a step fails. Any knob below set in the environment wins.
+# file) at the end, also when a step fails; wheels in .whl/ installed first. Any knob
+# below set in the environment wins.
 #
 # sanitize: tests/test_cuda.py under compute-sanitizer --tool memcheck and --tool
 # racecheck, checking fastbn's kernels only: the out-of-bounds accesses and
@@ -59,6 +60,13 @@ if [ "${steps[*]}" = "lease" ]; then
     "$PYTHON" -c "import pytest_timeout" 2>/dev/null && per_test_limit="--timeout 60"
     export PYTEST_ARGS="${PYTEST_ARGS:--q -k cuda -p no:cacheprovider -rfE $per_test_limit}"
     export BENCH_ARGS="${BENCH_ARGS:---case train_fwd_bwd,eval_fwd --shape 64,256,56,56 --min-run-time 0.05 --rounds 2}"
+    # Test-only packages a machine's image may lack (expecttest, for torch's test
+    # database), carried as wheels in .whl/ (ignored by git; see bench/NOTES.md).
+    if compgen -G ".whl/*.whl" > /dev/null; then
+        wheels_site="$(mktemp -d)"
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$wheels_site" .whl/*.whl \
+            && export PYTHONPATH="$wheels_site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
     # One file back: a scratch folder, packed into the real OUT on the way out.
     packed_out="$OUT/gpu_results.tgz"
     OUT="$(mktemp -d)/gpu_results"
