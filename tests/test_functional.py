@@ -197,3 +197,53 @@ def test_channel_that_jumps_far_from_its_first_values(channels_last, device):
     assert_within_budget(y_fast, y_torch, y_ref, "output")
     _, var = torch.ops.fastbn.batch_norm_stats(x)
     torch.testing.assert_close(var.double(), x.double().var((0, 2, 3), unbiased=False), rtol=1e-6, atol=0)
+
+
+def data_whose_first_values_are_far_from_the_mean(pattern, shape, dtype, channels_last):
+    """Inputs on which the kernels' first shift (first value, or mean of the first block
+    of a sample's plane) lies several standard deviations from the channel's mean."""
+    x = random_input(shape, torch.float64, "cpu", mean=0.0, std=1.0)
+    if pattern == "outlier":
+        x[0, :, 0, 0] = 1e3
+    elif pattern == "sample_offsets":  # the spread between samples dominates the variance
+        x = 0.05 * x + 4.0 * torch.randn(shape[0], shape[1], 1, 1, dtype=torch.float64)
+    elif pattern == "jump":
+        x[shape[0] // 2:] += 300.0
+    elif pattern == "first_block_far":  # all near 100 but the first 32 values of each plane of sample 0
+        x[0, :, 0, :32] = 0.3 + 0.1 * x[0, :, 0, :32]
+        x[0, :, 0, 32:] = 100.0 + 2.0 * x[0, :, 0, 32:]
+        x[0, :, 1:] = 100.0 + 2.0 * x[0, :, 1:]
+        x[1:] = 100.0 + 2.0 * x[1:]
+    x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["planar", "channels_last"])
+@pytest.mark.parametrize("pattern", ["outlier", "sample_offsets", "jump", "first_block_far"])
+@pytest.mark.parametrize("shape", [(16, 3, 9, 9), (8, 2, 70, 70)], ids=str)
+def test_reduced_dtype_statistics_far_from_the_first_values(shape, pattern, channels_last, dtype, device):
+    """bfloat16 and half sum their statistics in float groups about a shift, which needs
+    that shift within about a standard deviation of the mean: where it is not, the
+    second pass must restore the variance to float precision, and the gradients' float
+    group sums stay within budget."""
+    x = data_whose_first_values_are_far_from_the_mean(pattern, shape, dtype, channels_last).to(device)
+    mean, var = torch.ops.fastbn.batch_norm_stats(x)
+    ref = x.double()
+    torch.testing.assert_close(var.double(), ref.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=0)
+    torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=0,
+                               atol=1e-6 * ref.abs().amax((0, 2, 3)).max().item())
+    weight = (1.0 + 0.5 * torch.randn(shape[1], dtype=torch.float64)).to(dtype=dtype, device=device)
+    bias = torch.randn(shape[1], dtype=torch.float64).to(dtype=dtype, device=device)
+    grad = random_input(shape, dtype, device, channels_last)
+    results = []
+    for fn, inputs in ((fastbn.functional.batch_norm, (x, weight, bias)),
+                       (F.batch_norm, (x, weight, bias)),
+                       (F.batch_norm, (x.double(), weight.double(), bias.double()))):
+        inputs = [t.detach().clone().requires_grad_() for t in inputs]
+        y = fn(inputs[0], None, None, inputs[1], inputs[2], True)
+        y.backward(grad.to(y.dtype))
+        results.append([y.detach()] + [t.grad for t in inputs])
+    for what, ours, theirs, reference in zip(("output", "grad_input", "grad_weight", "grad_bias"), *results):
+        assert_within_budget(ours, theirs, reference, what)

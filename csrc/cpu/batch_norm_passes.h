@@ -70,23 +70,72 @@ inline red_t finite_shift(red_t value) {
   return value - value == red_t(0) ? value : red_t(0);
 }
 
+// Whether shifted sums (span_sum_and_squares, column_sum_and_squares) need
+// the second pass about the piece's mean. Sums in double keep their precision
+// with the shift within about a thousand standard deviations of the mean
+// (statistics_need_second_pass). Float groups (the column sums of every dtype,
+// the span sums of bfloat16 and half) round their squares to about
+// kStatisticsGroupRows float eps, which M2 = squares - sum * offset multiplies
+// by 1 + n * offset^2 / M2: they need the shift within about one standard
+// deviation of the piece's mean (a mean of the first values, and the running
+// means, are).
+template <bool kFloatGroups>
+inline bool shifted_sums_need_second_pass(double shift, const Moments<double>& m) {
+  if constexpr (!kFloatGroups) {
+    return statistics_need_second_pass<double>(shift, m);
+  } else {
+    const double offset = m.mean - shift;
+    // false for NaN too, as statistics_need_second_pass
+    return !(offset * offset * double(m.count) <= m.m2) && !(offset == 0.0);
+  }
+}
+
+// A shift for span_sum_and_squares: finite (see finite_shift) and, for its
+// float groups, a float value (they subtract it in float; the moments add back
+// the same value in double).
+template <typename scalar_t>
+inline double span_shift(double value) {
+  if constexpr (Lanes<scalar_t>::kReduced) value = double(static_cast<typename Lanes<scalar_t>::acc_t>(value));
+  return finite_shift(value);
+}
+
+// The first shift of a planar run's statistics: for double sums the first
+// value; for float groups the mean of the first block of values (closer to
+// the mean: see shifted_sums_need_second_pass).
+template <typename scalar_t>
+inline double first_shift(const scalar_t* x, int64_t n) {
+  using L = Lanes<scalar_t>;
+  if constexpr (!L::kReduced) {
+    return span_shift<scalar_t>(double(x[0]));
+  } else {
+    const int64_t count = std::min(n, L::kBlock);
+    typename L::Vec lo, hi;
+    load_values(x, count, lo, hi);  // lanes past count load as 0
+    __at_align__ typename L::acc_t lanes[L::kVec];
+    (lo + hi).store(lanes);
+    double sum = 0.0;
+    for (int64_t i = 0; i < L::kVec; ++i) sum += double(lanes[i]);
+    return span_shift<scalar_t>(sum / double(count));
+  }
+}
+
 // Moments of n contiguous values, kept in double.
 template <typename scalar_t>
 Moments<double> span_moments(const scalar_t* x, int64_t n) {
   using red_t = typename ReduceLanes<scalar_t>::red_t;
-  red_t shift = finite_shift(red_t(x[0]));  // the span's first value, then the running mean
+  red_t shift = first_shift(x, n);  // then the running mean
   Moments<double> total{0.0, 0.0, 0};
   LaneSums<scalar_t> sums, squares;
   for (int64_t p = 0; p < n; p += kPiece) {
     const int64_t len = std::min(n - p, kPiece);
     span_sum_and_squares(x + p, len, shift, sums, squares);
     Moments<double> piece = moments_from_shifted_sums<double>(shift, sums.flush(), squares.flush(), len);
-    if (statistics_need_second_pass<double>(shift, piece)) {
+    if (shifted_sums_need_second_pass<Lanes<scalar_t>::kReduced>(shift, piece)) {
       span_sum_sq_dev(x + p, len, red_t(piece.mean), squares);
       piece.m2 = squares.flush();
     }
     total = moments_merge(total, piece);
-    shift = finite_shift(red_t(total.mean));
+    shift = span_shift<scalar_t>(total.mean);
   }
   return total;
 }
@@ -116,14 +165,14 @@ std::vector<Moments<double>> planar_channel_moments(const scalar_t* x, const Geo
     std::vector<LaneSums<scalar_t>> sums(C), squares(C);
     std::vector<int64_t> counts(C, 0);
     for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
-      if (counts[c] == 0) shift[c] = finite_shift(red_t(x[offset]));
+      if (counts[c] == 0) shift[c] = first_shift(x + offset, length);
       span_sum_and_squares(x + offset, length, shift[c], sums[c], squares[c]);
       counts[c] += length;
     });
     for (int64_t c = 0; c < C; ++c) {
       if (counts[c] == 0) continue;
       Moments<double> m = moments_from_shifted_sums<double>(shift[c], sums[c].flush(), squares[c].flush(), counts[c]);
-      if (statistics_need_second_pass<double>(shift[c], m)) {
+      if (shifted_sums_need_second_pass<Lanes<scalar_t>::kReduced>(shift[c], m)) {
         m = Moments<double>{0.0, 0.0, 0};
         for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t run_c) {
           if (run_c == c) m = moments_merge(m, span_moments(x + offset, length));
@@ -133,24 +182,6 @@ std::vector<Moments<double>> planar_channel_moments(const scalar_t* x, const Geo
     }
   });
   return merge_parts(parts, tasks, C);
-}
-
-// Whether a piece's shifted sums from column_sum_and_squares need the second
-// pass (column_sum_sq_dev). Its squares are float sums of up to
-// kStatisticsGroupRows terms when acc_t is float (relative error up to about 16
-// float eps), which M2 = squares - sum * offset multiplies by
-// 1 + n * offset^2 / M2: so float sums need the shift within about one standard
-// deviation of the piece's mean (the first shift, the mean of the first rows,
-// and the running means are), double sums within a thousand (as elsewhere).
-template <typename acc_t>
-inline bool column_statistics_need_second_pass(double shift, const Moments<double>& m) {
-  if constexpr (std::is_same_v<acc_t, double>) {
-    return statistics_need_second_pass<double>(shift, m);
-  } else {
-    const double offset = m.mean - shift;
-    // false for NaN too, as statistics_need_second_pass
-    return !(offset * offset * double(m.count) <= m.m2) && !(offset == 0.0);
-  }
 }
 
 // Rows whose mean is the first shift of the interleaved statistics: near the
@@ -173,14 +204,14 @@ std::vector<Moments<double>> interleaved_channel_moments(const scalar_t* x, cons
   for (int64_t r = 0; r < first_rows; ++r) {
     for (int64_t c = 0; c < C; ++c) first_rows_sum[c] += double(x[r * C + c]);
   }
-  std::vector<acc_t> first_shift(padded, acc_t(0));
-  for (int64_t c = 0; c < C; ++c) first_shift[c] = finite_shift(acc_t(first_rows_sum[c] / double(first_rows)));
+  std::vector<acc_t> first_shifts(padded, acc_t(0));
+  for (int64_t c = 0; c < C; ++c) first_shifts[c] = finite_shift(acc_t(first_rows_sum[c] / double(first_rows)));
   at::parallel_for(0, tasks, 1, [&](int64_t t_begin, int64_t t_end) {
     std::vector<red_t> piece_mean(padded, red_t(0)), piece_m2(padded, red_t(0));
     for (int64_t t = t_begin; t < t_end; ++t) {
       double* mean = task_mean.data() + t * C;
       double* m2 = task_m2.data() + t * C;
-      std::vector<acc_t> shift = first_shift;  // this task's, following its running means
+      std::vector<acc_t> shift = first_shifts;  // this task's, following its running means
       const auto [r_begin, r_end] = part_range(rows, tasks, t);
       for (int64_t r = r_begin; r < r_end; r += rows_per_piece(C)) {
         const int64_t n = std::min(r_end, r + rows_per_piece(C)) - r;
@@ -199,7 +230,7 @@ std::vector<Moments<double>> interleaved_channel_moments(const scalar_t* x, cons
             const auto m = moments_from_shifted_sums<double>(double(shift[c]), piece_mean[c], piece_m2[c], n);
             piece_mean[c] = m.mean;
             piece_m2[c] = m.m2;
-            second_pass |= column_statistics_need_second_pass<acc_t>(double(shift[c]), m);
+            second_pass |= shifted_sums_need_second_pass<std::is_same_v<acc_t, float>>(double(shift[c]), m);
           }
           if (second_pass) column_sum_sq_dev(piece + c0, n, C, width, piece_mean.data() + c0, piece_m2.data() + c0);
         });

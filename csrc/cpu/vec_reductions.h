@@ -28,6 +28,21 @@ C10_ALWAYS_INLINE void widen(const Vectorized<float>& v, Vectorized<double>& lo,
 #endif
 }
 
+// v with the lanes past `valid` set to 0 (multiplied by a 1/0 mask: a short
+// run's tail costs a load and a multiply, not a branchy lane blend).
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> keep_first(const Vectorized<T>& v, int64_t valid) {
+  constexpr int64_t kLanes = Vectorized<T>::size();
+  if (valid == kLanes) return v;
+  // kLanes ones then kLanes zeros: from index kLanes - valid, `valid` ones.
+  static const std::array<T, 2 * kLanes> ones_then_zeros = [] {
+    std::array<T, 2 * kLanes> mask{};
+    for (int64_t i = 0; i < kLanes; ++i) mask[i] = T(1);
+    return mask;
+  }();
+  return v * Vectorized<T>::loadu(ones_then_zeros.data() + kLanes - valid);
+}
+
 template <typename scalar_t>
 struct ReduceLanes {
   using red_t = double;
@@ -58,19 +73,26 @@ struct ReduceLanes {
     widen_block(lo, hi, out);
     FASTBN_UNROLL for (int j = 0; j < kParts; ++j) valid[j] = std::clamp<int64_t>(count - j * Vec::size(), 0, Vec::size());
   }
-  // v with the lanes past `valid` set to 0 (multiplied by a 1/0 mask: a short
-  // run's tail costs a load and a multiply, not a branchy lane blend).
-  static C10_ALWAYS_INLINE Vec keep(const Vec& v, int64_t valid) {
-    if (valid == Vec::size()) return v;
-    // Vec::size() ones then Vec::size() zeros: from index size - valid, `valid` ones.
-    static const std::array<red_t, 2 * Vec::size()> ones_then_zeros = [] {
-      std::array<red_t, 2 * Vec::size()> mask{};
-      for (int64_t i = 0; i < Vec::size(); ++i) mask[i] = red_t(1);
-      return mask;
-    }();
-    return v * Vec::loadu(ones_then_zeros.data() + Vec::size() - valid);
-  }
+  static C10_ALWAYS_INLINE Vec keep(const Vec& v, int64_t valid) { return keep_first(v, valid); }
 };
+
+// Column reductions sum a few rows in the accumulation type acc_t (float for
+// float/half/bfloat16: no conversion, half the vector work of double) and add
+// each group's sums into the double accumulators, so the long sums over many
+// rows stay in double; the planar (span) reductions of reduced dtypes do the
+// same with groups of a few blocks of a run. Rows go in pairs into two sets of accumulators (two
+// dependency chains: an add or fma every row on one chain would wait on its
+// latency). Group sizes:
+//  - statistics: deviations from a shift near the mean, whose sum is small next
+//    to the mean it corrects: 16 rows (see shifted_sums_need_second_pass);
+//  - backward sums: the result itself (grad_bias, grad_weight) is a sum of the
+//    terms, each float rounding costs a fraction of its last place. 4 rows: in
+//    a simulation (random normal terms, 63 to 250 rows) the error of the float
+//    result stayed within 1.24 units in the last place of the largest channel
+//    (16 rows: 2.03; torch's own float32 results, within 2x of which the tests
+//    hold us, were 0.4-2.5 units off on small shapes).
+constexpr int64_t kStatisticsGroupRows = 16;
+constexpr int64_t kBackwardGroupRows = 4;
 
 // kParts vector accumulators whose lanes are added up in double when flushed
 // (per piece of a few thousand values, or per channel and part of a planar pass).
@@ -106,30 +128,64 @@ struct LaneSums {
 // Summing deviations from a value near the data (the running mean) keeps the
 // rounding relative to the spread, not to the mean (x = 1e4 + randn). The
 // caller checks that the shift was close enough to the mean for the squares to
-// keep their precision (statistics_need_second_pass) and re-reads the piece
-// from L1 with span_sum_sq_dev otherwise.
+// keep their precision (shifted_sums_need_second_pass) and re-reads the piece
+// from L1 with span_sum_sq_dev otherwise. float32 sums in double; reduced
+// dtypes (bfloat16, half) sum groups of kStatisticsGroupRows blocks in float
+// about a float shift and add each group into the double lanes, as the column
+// statistics do (which needs a shift within about a standard deviation).
 template <typename scalar_t, typename red_t = typename ReduceLanes<scalar_t>::red_t>
 inline void span_sum_and_squares(const scalar_t* x, int64_t n, red_t shift, LaneSums<scalar_t>& sums,
                                  LaneSums<scalar_t>& squares) {
+  using L = Lanes<scalar_t>;
   using R = ReduceLanes<scalar_t>;
-  const typename R::Vec vshift(shift);
-  typename R::Vec v[R::kParts];
-  int64_t i = 0;
-  for (; i + R::kBlock <= n; i += R::kBlock) {
-    R::load(x + i, v);
-    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
-      const auto d = v[j] - vshift;
-      sums.acc[j] += d;
-      squares.acc[j] = at::vec::fmadd(d, d, squares.acc[j]);
+  if constexpr (L::kReduced) {
+    using AVec = typename L::Vec;
+    using acc_t = typename L::acc_t;
+    const AVec vshift(static_cast<acc_t>(shift)), zero(acc_t(0));
+    typename R::Vec wide[R::kParts];
+    constexpr int64_t kGroup = kStatisticsGroupRows * L::kBlock;
+    for (int64_t start = 0; start < n; start += kGroup) {
+      const int64_t end = std::min(n, start + kGroup);
+      AVec s0 = zero, s1 = zero, q0 = zero, q1 = zero;
+      for (int64_t i = start; i < end; i += L::kBlock) {
+        const int64_t count = std::min<int64_t>(L::kBlock, end - i);
+        AVec a0, a1;
+        load_values(x + i, count, a0, a1);
+        if (count != L::kBlock) {  // padding lanes load as 0: mask them after the shift
+          int64_t valid[2] = {std::min<int64_t>(count, L::kVec), std::max<int64_t>(count - L::kVec, 0)};
+          a0 = keep_first(a0 - vshift, valid[0]);
+          a1 = keep_first(a1 - vshift, valid[1]);
+        } else {
+          a0 = a0 - vshift, a1 = a1 - vshift;
+        }
+        s0 += a0, s1 += a1;
+        q0 = at::vec::fmadd(a0, a0, q0), q1 = at::vec::fmadd(a1, a1, q1);
+      }
+      R::widen_block(s0, s1, wide);
+      FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) sums.acc[j] += wide[j];
+      R::widen_block(q0, q1, wide);
+      FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) squares.acc[j] += wide[j];
     }
-  }
-  if (i < n) {  // padding lanes load as 0: mask them after the shift
-    int64_t valid[R::kParts];
-    R::load_partial(x + i, n - i, v, valid);
-    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
-      const auto d = R::keep(v[j] - vshift, valid[j]);
-      sums.acc[j] += d;
-      squares.acc[j] = at::vec::fmadd(d, d, squares.acc[j]);
+  } else {
+    const typename R::Vec vshift(shift);
+    typename R::Vec v[R::kParts];
+    int64_t i = 0;
+    for (; i + R::kBlock <= n; i += R::kBlock) {
+      R::load(x + i, v);
+      FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+        const auto d = v[j] - vshift;
+        sums.acc[j] += d;
+        squares.acc[j] = at::vec::fmadd(d, d, squares.acc[j]);
+      }
+    }
+    if (i < n) {  // padding lanes load as 0: mask them after the shift
+      int64_t valid[R::kParts];
+      R::load_partial(x + i, n - i, v, valid);
+      FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+        const auto d = R::keep(v[j] - vshift, valid[j]);
+        sums.acc[j] += d;
+        squares.acc[j] = at::vec::fmadd(d, d, squares.acc[j]);
+      }
     }
   }
 }
@@ -159,6 +215,11 @@ inline void span_sum_sq_dev(const scalar_t* x, int64_t n, red_t mean, LaneSums<s
 }
 
 // sum_dy += g; sum_dy_xmu += g * (x - mean), g = dy * act'(z [+ residual]); residual may be null.
+// float32 widens every block to double: grad_weight is a sum of terms that
+// largely cancel, and a float rounding per term failed the parity budget against
+// torch's double sums. Reduced dtypes (bfloat16, half) sum groups of
+// kBackwardGroupRows blocks in float (acc_t) and add each group into the
+// double lanes, as the column sums do: torch sums them in float too.
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
           typename red_t = typename ReduceLanes<scalar_t>::red_t>
 inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t n, red_t mean,
@@ -166,23 +227,50 @@ inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, const scal
                                LaneSums<scalar_t>& sum_dy_xmu) {
   using L = Lanes<scalar_t>;
   using R = ReduceLanes<scalar_t>;
-  const typename R::Vec vmean(mean);
   const auto f = forward_vecs(fk);
   const typename L::Vec vparam(param);
-  // padding lanes load dy = 0, so g = 0 there and adds nothing
-  for (int64_t i = 0; i < n; i += L::kBlock) {
+  // g and x of the block at i (padding lanes load dy = 0, so g = 0 there and adds nothing)
+  auto block = [&](int64_t i, typename L::Vec& glo, typename L::Vec& ghi, typename L::Vec& xlo,
+                   typename L::Vec& xhi) C10_ALWAYS_INLINE_ATTRIBUTE {
     const int64_t count = std::min<int64_t>(L::kBlock, n - i);
-    typename L::Vec dlo, dhi, xlo, xhi, rlo, rhi;
-    load_values(dy + i, count, dlo, dhi);
+    typename L::Vec rlo, rhi;
+    load_values(dy + i, count, glo, ghi);
     load_values(x + i, count, xlo, xhi);
     load_residual<A>(residual, i, count, rlo, rhi);
-    typename R::Vec d[R::kParts], v[R::kParts];
-    R::widen_block(grad_before_activation<A>(dlo, xlo, rlo, f, vparam),
-                   grad_before_activation<A>(dhi, xhi, rhi, f, vparam), d);
-    R::widen_block(xlo, xhi, v);
-    FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
-      sum_dy.acc[j] += d[j];
-      sum_dy_xmu.acc[j] = at::vec::fmadd(d[j], v[j] - vmean, sum_dy_xmu.acc[j]);
+    glo = grad_before_activation<A>(glo, xlo, rlo, f, vparam);
+    ghi = grad_before_activation<A>(ghi, xhi, rhi, f, vparam);
+  };
+  if constexpr (L::kReduced) {
+    using AVec = typename L::Vec;
+    const AVec vmean(static_cast<acc_t>(mean)), zero(acc_t(0));  // mean is the operator's acc_t batch mean
+    typename R::Vec wide[R::kParts];
+    constexpr int64_t kGroup = kBackwardGroupRows * L::kBlock;
+    for (int64_t start = 0; start < n; start += kGroup) {
+      const int64_t end = std::min(n, start + kGroup);
+      AVec s0 = zero, s1 = zero, p0 = zero, p1 = zero;
+      for (int64_t i = start; i < end; i += L::kBlock) {
+        AVec g0, g1, x0, x1;
+        block(i, g0, g1, x0, x1);
+        s0 += g0, s1 += g1;
+        p0 = at::vec::fmadd(g0, x0 - vmean, p0), p1 = at::vec::fmadd(g1, x1 - vmean, p1);
+      }
+      R::widen_block(s0, s1, wide);
+      FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) sum_dy.acc[j] += wide[j];
+      R::widen_block(p0, p1, wide);
+      FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) sum_dy_xmu.acc[j] += wide[j];
+    }
+  } else {
+    const typename R::Vec vmean(mean);
+    for (int64_t i = 0; i < n; i += L::kBlock) {
+      typename L::Vec glo, ghi, xlo, xhi;
+      block(i, glo, ghi, xlo, xhi);
+      typename R::Vec d[R::kParts], v[R::kParts];
+      R::widen_block(glo, ghi, d);
+      R::widen_block(xlo, xhi, v);
+      FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+        sum_dy.acc[j] += d[j];
+        sum_dy_xmu.acc[j] = at::vec::fmadd(d[j], v[j] - vmean, sum_dy_xmu.acc[j]);
+      }
     }
   }
 }
@@ -208,22 +296,6 @@ inline void store_block(const Vec (&acc)[kParts], red_t* out, int64_t width) {
   for (int64_t i = 0; i < width; ++i) out[i] = lanes[i];
 }
 
-// Column reductions sum a few rows in the accumulation type acc_t (float for
-// float/half/bfloat16: no conversion, half the vector work of double) and add
-// each group's sums into the double accumulators, so the long sums over many
-// rows stay in double. Rows go in pairs into two sets of accumulators (two
-// dependency chains: an add or fma every row on one chain would wait on its
-// latency). Group sizes:
-//  - statistics: deviations from a shift near the mean, whose sum is small next
-//    to the mean it corrects: 16 rows (see column_statistics_need_second_pass);
-//  - backward sums: the result itself (grad_bias, grad_weight) is a sum of the
-//    terms, each float rounding costs a fraction of its last place. 4 rows: in
-//    a simulation (random normal terms, 63 to 250 rows) the error of the float
-//    result stayed within 1.24 units in the last place of the largest channel
-//    (16 rows: 2.03; torch's own float32 results, within 2x of which the tests
-//    hold us, were 0.4-2.5 units off on small shapes).
-constexpr int64_t kStatisticsGroupRows = 16;
-constexpr int64_t kBackwardGroupRows = 4;
 
 // sums[c] += sum over rows of (x[c] - shift[c]), squares[c] += of (x[c] - shift[c])^2.
 // sums and squares hold a whole block (padded arrays); lanes past width gather junk.
