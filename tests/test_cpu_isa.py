@@ -24,6 +24,7 @@ from conftest import ALL_DTYPES, assert_within_budget, random_input
 
 ISAS = fastbn.ops.CPU_CAPABILITIES
 STREAMING_BYTES = 16 << 20  # kStreamingBytes in csrc/cpu/vec_kernels.h
+ROW_ORDER_BYTES = 4 << 20  # kRowOrderBytes in csrc/cpu/work_division.h
 GUARD = 7.0
 
 
@@ -130,6 +131,27 @@ def test_every_isa_past_the_streaming_threshold(dtype, channels_last):
                                                                     sum_dy_xmu, 1e-5, count)
             assert_within_budget(grad_input, expected[1], reference[1], f"{isa}: batch_norm_backward_elemt")
             assert_guards_intact(x_buffer, f"{isa}: phase ops")
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_every_isa_channels_last_between_row_order_and_streaming(dtype):
+    """channels_last tensors whose elementwise passes walk rows in memory order but
+    store normally (kRowOrderBytes <= size < kStreamingBytes), with 80 channels (a
+    partial channel block in every vector width), under each ISA."""
+    per_sample = 80 * 33 * 35 * dtype.itemsize
+    shape = (ROW_ORDER_BYTES // per_sample + 1, 80, 33, 35)
+    assert ROW_ORDER_BYTES <= torch.Size(shape).numel() * dtype.itemsize < STREAMING_BYTES
+    x = random_input(shape, dtype, channels_last=True)
+    grad = random_input(shape, dtype, channels_last=True, mean=0.1, std=1.0)
+    state = random_state(80)
+    expected = training_step(make_bn(nn.BatchNorm2d, state, dtype), x, grad)
+    reference = training_step(make_bn(nn.BatchNorm2d, state, torch.float64), x.double(), grad.double())
+    for isa in ISAS:
+        with fastbn.ops.use_cpu_capability(isa):
+            fast = training_step(make_bn(fastbn.BatchNorm2d, state, dtype), x, grad)
+            assert fast[0].is_contiguous(memory_format=torch.channels_last)
+            for actual, torch_result, ref, what in zip(fast, expected, reference, STEP_OUTPUTS):
+                assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
 
 
 def test_capabilities_follow_the_cpu_flags():

@@ -282,12 +282,12 @@ ForwardArrays<acc_t> forward_arrays(const acc_t* mean, const acc_t* var, Channel
 template <Activation A, typename scalar_t, typename acc_t>
 void forward_apply_all(const scalar_t* x, const scalar_t* residual, scalar_t* y, const ForwardArrays<acc_t>& coef,
                        const Geometry& g, acc_t act_param) {
-  const bool stream = stream_output(g, y), large = larger_than_cache<scalar_t>(g);
+  const bool stream = stream_output(g, y), in_row_order = tiles_in_row_order<scalar_t>(g);
   if (g.layout == Layout::Interleaved) {
     at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
       for_each_row_tile(r_begin, r_end, g.C, [&](int64_t r, int64_t rows) {
         tile_forward<A>(x + r * g.C, offset_or_null(residual, r * g.C), y + r * g.C, rows, g.C, coef, act_param,
-                        stream, large);
+                        stream, in_row_order);
       });
       stream_fence(stream);
     });
@@ -472,7 +472,7 @@ void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<
     channel_coef[c] = {acc_t(k.mean), acc_t(k.k_dy), acc_t(k.k_xmu), acc_t(k.k_const)};
     coef.set(c, channel_coef[c]);
   }
-  const bool stream = stream_output(g, out.dx), large = larger_than_cache<scalar_t>(g);
+  const bool stream = stream_output(g, out.dx), in_row_order = tiles_in_row_order<scalar_t>(g);
   if (g.layout == Layout::Planar) {
     parallel_parts(g.N * g.C * g.S, planar_tasks(g), [&](int64_t, int64_t begin, int64_t end) {
       for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
@@ -489,7 +489,7 @@ void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<
       const int64_t at = r * g.C;
       tile_backward<A>(a.dy + at, a.x + at, offset_or_null(a.residual, at), out.dx + at,
                        offset_or_null(out.grad_residual, at), rows, g.C, forward_k, coef, a.act_param, stream,
-                       large);
+                       in_row_order);
     });
     stream_fence(stream);
   });
