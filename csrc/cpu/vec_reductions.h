@@ -124,6 +124,19 @@ struct LaneSums {
   }
 };
 
+// Adds a float group sum (the two halves of a block already added: one float
+// vector) into the double lanes of a span reduction. Adding the halves first
+// halves the conversions and double adds of each flush, which for short runs
+// (49 values of a 7x7 plane: one flush per run) were most of the reduction.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void add_group(const Vectorized<float>& group, LaneSums<scalar_t>& lanes) {
+  static_assert(ReduceLanes<scalar_t>::kParts >= 2, "a float vector widens into two double vectors");
+  Vectorized<double> lo, hi;
+  widen(group, lo, hi);
+  lanes.acc[0] += lo;
+  lanes.acc[1] += hi;
+}
+
 // sums += x - shift; squares += (x - shift)^2: both moments in one pass.
 // Summing deviations from a value near the data (the running mean) keeps the
 // rounding relative to the spread, not to the mean (x = 1e4 + randn). The
@@ -142,7 +155,6 @@ inline void span_sum_and_squares(const scalar_t* x, int64_t n, red_t shift, Lane
     using AVec = typename L::Vec;
     using acc_t = typename L::acc_t;
     const AVec vshift(static_cast<acc_t>(shift)), zero(acc_t(0));
-    typename R::Vec wide[R::kParts];
     constexpr int64_t kGroup = kStatisticsGroupRows * L::kBlock;
     for (int64_t start = 0; start < n; start += kGroup) {
       const int64_t end = std::min(n, start + kGroup);
@@ -161,10 +173,8 @@ inline void span_sum_and_squares(const scalar_t* x, int64_t n, red_t shift, Lane
         s0 += a0, s1 += a1;
         q0 = at::vec::fmadd(a0, a0, q0), q1 = at::vec::fmadd(a1, a1, q1);
       }
-      R::widen_block(s0, s1, wide);
-      FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) sums.acc[j] += wide[j];
-      R::widen_block(q0, q1, wide);
-      FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) squares.acc[j] += wide[j];
+      add_group(s0 + s1, sums);
+      add_group(q0 + q1, squares);
     }
   } else {
     const typename R::Vec vshift(shift);
@@ -243,7 +253,6 @@ inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, const scal
   if constexpr (L::kReduced) {
     using AVec = typename L::Vec;
     const AVec vmean(static_cast<acc_t>(mean)), zero(acc_t(0));  // mean is the operator's acc_t batch mean
-    typename R::Vec wide[R::kParts];
     constexpr int64_t kGroup = kBackwardGroupRows * L::kBlock;
     for (int64_t start = 0; start < n; start += kGroup) {
       const int64_t end = std::min(n, start + kGroup);
@@ -254,10 +263,8 @@ inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, const scal
         s0 += g0, s1 += g1;
         p0 = at::vec::fmadd(g0, x0 - vmean, p0), p1 = at::vec::fmadd(g1, x1 - vmean, p1);
       }
-      R::widen_block(s0, s1, wide);
-      FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) sum_dy.acc[j] += wide[j];
-      R::widen_block(p0, p1, wide);
-      FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) sum_dy_xmu.acc[j] += wide[j];
+      add_group(s0 + s1, sum_dy);
+      add_group(p0 + p1, sum_dy_xmu);
     }
   } else {
     const typename R::Vec vmean(mean);
