@@ -80,9 +80,9 @@ struct ReduceLanes {
 // float/half/bfloat16: no conversion, half the vector work of double) and add
 // each group's sums into the double accumulators, so the long sums over many
 // rows stay in double; the planar (span) reductions of reduced dtypes do the
-// same with groups of a few blocks of a run. Rows go in pairs into two sets of accumulators (two
-// dependency chains: an add or fma every row on one chain would wait on its
-// latency). Group sizes:
+// same with groups of that many blocks of a run. In the column loops rows go in
+// pairs into two sets of accumulators (two dependency chains: an add or fma
+// every row on one chain would wait on its latency). Group sizes:
 //  - statistics: deviations from a shift near the mean, whose sum is small next
 //    to the mean it corrects: 16 rows (see shifted_sums_need_second_pass);
 //  - backward sums: the result itself (grad_bias, grad_weight) is a sum of the
@@ -302,7 +302,6 @@ inline void store_block(const Vec (&acc)[kParts], red_t* out, int64_t width) {
   FASTBN_UNROLL for (int j = 0; j < kParts; ++j) acc[j].store(lanes + j * Vec::size());
   for (int64_t i = 0; i < width; ++i) out[i] = lanes[i];
 }
-
 
 // sums[c] += sum over rows of (x[c] - shift[c]), squares[c] += of (x[c] - shift[c])^2.
 // sums and squares hold a whole block (padded arrays); lanes past width gather junk.

@@ -89,11 +89,17 @@ inline void for_each_channel_block(int64_t C, const F& f) {
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) f(c0, std::min(kBlock, C - c0));
 }
 
+// Bytes of a tensor of g's size.
+template <typename scalar_t>
+inline int64_t tensor_bytes(const Geometry& g) {
+  return g.N * g.C * g.S * int64_t(sizeof(scalar_t));
+}
+
 // Whether a tensor of g's size is too large to stay in the caches between
 // passes (kStreamingBytes, about half a server L3).
 template <typename scalar_t>
 inline bool larger_than_cache(const Geometry& g) {
-  return g.N * g.C * g.S * int64_t(sizeof(scalar_t)) >= kStreamingBytes;
+  return tensor_bytes<scalar_t>(g) >= kStreamingBytes;
 }
 
 // Whether the interleaved elementwise passes walk each tile's rows in memory
@@ -105,7 +111,7 @@ inline bool larger_than_cache(const Geometry& g) {
 constexpr int64_t kRowOrderBytes = int64_t(4) << 20;
 template <typename scalar_t>
 inline bool tiles_in_row_order(const Geometry& g) {
-  return g.N * g.C * g.S * int64_t(sizeof(scalar_t)) >= kRowOrderBytes;
+  return tensor_bytes<scalar_t>(g) >= kRowOrderBytes;
 }
 
 // Rows an interleaved reduction walks down one channel block before the next
