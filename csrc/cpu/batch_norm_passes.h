@@ -442,7 +442,7 @@ void eval_backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOut
   using Vec = typename Lanes<scalar_t>::Vec;
   const Vec vparam(a.act_param);
   for_each_block<scalar_t>(a.g, forward_k, [&](int64_t off, int64_t width, const ForwardVecs<Vec>& f0,
-                                                const ForwardVecs<Vec>& f1) {
+                                                const ForwardVecs<Vec>& f1) C10_ALWAYS_INLINE_ATTRIBUTE {
     Vec d0, d1, x0, x1, r0, r1;
     load_values(a.dy + off, width, d0, d1);
     load_values(a.x + off, width, x0, x1);
