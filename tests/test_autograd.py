@@ -119,3 +119,36 @@ def test_torch_compile_fullgraph_matches_eager(device):
         torch.testing.assert_close(compiled_model.bn.running_mean, eager.bn.running_mean)
         torch.testing.assert_close(compiled_model.bn.running_var, eager.bn.running_var)
         assert compiled_model.bn.num_batches_tracked.item() == eager.bn.num_batches_tracked.item()
+
+
+def test_compiled_autograd_matches_eager():
+    """torch's compiled autograd (the backward graph captured and compiled) runs fastbn's backward:
+    the op's C++ autograd is a torch::autograd::Function, whose node compiled autograd can lift
+    (a hand-written Node would need compiled_args / apply_with_saved, bench/NOTES.md)."""
+    from torch._dynamo import compiled_autograd
+
+    torch._dynamo.reset()
+    compiled_backwards = []
+
+    def compiler_fn(graph_module):
+        compiled_backwards.append(graph_module)
+        return torch.compile(graph_module, backend="eager")
+
+    for module_class in (fastbn.BatchNorm2d, nn.BatchNorm2d):
+        torch.manual_seed(0)
+        bn = module_class(4)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1.0, 1.0)
+        x = random_input((3, 4, 5, 6)).requires_grad_()
+        dy = torch.randn(3, 4, 5, 6)
+        if module_class is fastbn.BatchNorm2d:
+            with compiled_autograd._enable(compiler_fn):
+                bn(x).backward(dy)
+            compiled = (x.grad, bn.weight.grad, bn.bias.grad)
+        else:
+            bn(x).backward(dy)
+            reference = (x.grad, bn.weight.grad, bn.bias.grad)
+    assert len(compiled_backwards) == 1
+    for got, want, name in zip(compiled, reference, ("input", "weight", "bias")):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
