@@ -203,6 +203,8 @@ at::ScalarType accumulate_dtype(at::ScalarType input_dtype) {
 
 at::Tensor to_accumulate(const std::optional<at::Tensor>& vec, at::ScalarType acc_dtype) {
   if (!vec.has_value() || !vec->defined()) return at::Tensor();
+  // (the usual case returns at once: Tensor::to is a dispatcher call even when it changes nothing)
+  if (vec->scalar_type() == acc_dtype && vec->is_contiguous()) return *vec;
   return vec->to(acc_dtype).contiguous();
 }
 
@@ -294,8 +296,9 @@ BackwardCall backward_call(const at::Tensor& grad_output, const at::Tensor& inpu
   b.grad_input = at::empty(input.sizes(), layout);
   if (b.residual.defined()) b.grad_residual = at::empty(input.sizes(), layout);
   const auto acc = input.options().dtype(accumulate_dtype(input.scalar_type()));
-  b.grad_weight = at::zeros({b.o.g.C}, acc);
-  b.grad_bias = at::zeros({b.o.g.C}, acc);
+  // The kernels write every channel's gradient; without values they do not run, and the gradients are 0.
+  b.grad_weight = b.empty() ? at::zeros({b.o.g.C}, acc) : at::empty({b.o.g.C}, acc);
+  b.grad_bias = b.empty() ? at::zeros({b.o.g.C}, acc) : at::empty({b.o.g.C}, acc);
   check_activation_param(act, activation_param, op);
   return b;
 }
