@@ -13,11 +13,13 @@
 // AD and torch.func transforms, which a C++ autograd Function cannot serve, use
 // the Python autograd.Functions of fastbn/functions.py, which call the kernels
 // below autograd.
+#include <ATen/FuncTorchTLS.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -149,12 +151,33 @@ struct BatchNormEval : public torch::autograd::Function<BatchNormEval> {
   }
 };
 
+// Whether autograd must see the call, as in torch's generated kernels (compute_requires_grad):
+// grad mode on and an input that requires grad. Dual tensors (forward AD) and functorch
+// transforms also go to the Function, which refuses them with its own message; every
+// other call (no_grad, inference, constants) runs the kernel without building a node
+// (the node, its context and saved variables are most of a small layer's forward).
+bool needs_autograd(std::initializer_list<const Tensor*> tensors) {
+  if (at::functorch::functorchTLSAccessor()) return true;
+  const bool grad_mode = at::GradMode::is_enabled();
+  for (const Tensor* t : tensors) {
+    if (t == nullptr || !t->defined()) continue;
+    if ((grad_mode && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined()) return true;
+  }
+  return false;
+}
+
+const Tensor* tensor_or_null(const std::optional<Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(const Tensor& input, const std::optional<Tensor>& weight,
                                                              const std::optional<Tensor>& bias, double eps,
                                                              int64_t activation, double activation_param,
                                                              const std::optional<Tensor>& residual) {
   // (an autograd Function cannot take an undefined tensor: the kernels' message first)
   check_defined(input, "input", "fastbn.batch_norm_train");
+  if (!needs_autograd({&input, tensor_or_null(weight), tensor_or_null(bias), tensor_or_null(residual)})) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return ops().train.call(input, weight, bias, eps, activation, activation_param, residual);
+  }
   variable_list outputs = BatchNormTrain::apply(input, weight, bias, eps, activation, activation_param, residual);
   return {std::move(outputs[0]), std::move(outputs[1]), std::move(outputs[2])};
 }
@@ -167,6 +190,13 @@ Tensor batch_norm_eval_autograd(const Tensor& input, const std::optional<Tensor>
   check_defined(input, "input", op);
   check_defined(running_mean, "running_mean", op);
   check_defined(running_var, "running_var", op);
+  // (the running statistics get no gradient, but a dual one still needs the Function's refusal)
+  if (!needs_autograd({&input, tensor_or_null(weight), tensor_or_null(bias), &running_mean, &running_var,
+                       tensor_or_null(residual)})) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return ops().eval.call(input, weight, bias, running_mean, running_var, eps, activation, activation_param,
+                           residual);
+  }
   return BatchNormEval::apply(input, weight, bias, running_mean, running_var, eps, activation, activation_param,
                               residual)[0];
 }

@@ -152,3 +152,40 @@ def test_compiled_autograd_matches_eager():
     assert len(compiled_backwards) == 1
     for got, want, name in zip(compiled, reference, ("input", "weight", "bias")):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_direct_op_calls_refuse_dual_tensors(grad_mode):
+    """The ops' C++ autograd has no jvp: a dual tensor passed to the op itself (not through
+    fastbn.functional, which routes forward AD to Functions with a jvp) gets an error, with grad
+    mode on or off, never an output silently without its tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = random_input((3, 4, 5, 6))
+    running_mean, running_var = torch.randn(4), torch.rand(4) + 0.5
+    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="jvp"):
+            torch.ops.fastbn.batch_norm_train(dual, None, None, 1e-5)
+        with pytest.raises(RuntimeError, match="jvp"):
+            torch.ops.fastbn.batch_norm_eval(dual, None, None, running_mean, running_var, 1e-5)
+        dual_stats = fwAD.make_dual(running_mean, torch.ones(4))
+        with pytest.raises(RuntimeError, match="jvp"):
+            torch.ops.fastbn.batch_norm_eval(x, None, None, dual_stats, running_var, 1e-5)
+
+
+def test_ops_without_grad_build_no_graph():
+    """Under no_grad, or with no input that requires grad, the ops return plain tensors (the
+    kernel runs without an autograd node), equal to the recorded call's."""
+    x = random_input((3, 4, 5, 6))
+    weight = (1 + 0.5 * torch.randn(4)).requires_grad_()
+    bias = torch.randn(4).requires_grad_()
+    recorded = torch.ops.fastbn.batch_norm_train(x, weight, bias, 1e-5)
+    assert recorded[0].grad_fn is not None
+    with torch.no_grad():
+        plain = torch.ops.fastbn.batch_norm_train(x, weight, bias, 1e-5)
+    constants = torch.ops.fastbn.batch_norm_train(x, weight.detach(), bias.detach(), 1e-5)
+    for outputs in (plain, constants):
+        assert all(t.grad_fn is None and not t.requires_grad for t in outputs)
+        for got, want in zip(outputs, recorded):
+            torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
