@@ -154,6 +154,31 @@ def test_every_isa_channels_last_between_row_order_and_streaming(dtype):
                 assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
 
 
+@pytest.mark.parametrize("planar", [True, False], ids=["planar", "channels_last"])
+def test_every_isa_rounds_bfloat16_outputs_to_nearest_even(planar):
+    """bfloat16 outputs are the float result rounded to nearest even, NaN and infinities
+    kept, in whole blocks and in tails (planar runs load whole bfloat16 blocks as their even
+    and odd values and store them back that way), under each ISA: the eval forward with
+    mean 0, variance 1 - eps and bias 0 is x * weight, rounded once."""
+    shape = (3, 4, 7, 9)  # runs of 63 values: whole blocks and a tail in every vector width
+    x = (torch.randn(shape) * 100).to(torch.bfloat16)
+    flat = x.view(-1)
+    flat[[0, 40, 70, 200]] = torch.tensor([float("nan"), float("inf"), float("-inf"), 3e38], dtype=torch.bfloat16)
+    flat[[5, 90]] = torch.tensor([1e-39, -1e-39], dtype=torch.bfloat16)  # subnormals
+    if not planar:
+        x = x.contiguous(memory_format=torch.channels_last)
+    # weights whose products with bfloat16 values need rounding, ties included (1 + 2^-8)
+    weight = torch.tensor([1 + 2 ** -8, 1.5 + 2 ** -9, 0.75, -3 - 2 ** -7])
+    running_mean, running_var, eps = torch.zeros(4), torch.full((4,), 1 - 2 ** -10), 2 ** -10
+    expected = (x.float() * weight.view(1, -1, 1, 1)).to(torch.bfloat16)
+    for isa in ISAS:
+        with fastbn.ops.use_cpu_capability(isa):
+            y = torch.ops.fastbn.batch_norm_eval(x, weight, torch.zeros(4), running_mean, running_var, eps)
+        assert torch.equal(y.isnan(), expected.isnan()), isa
+        finite = ~expected.isnan()
+        assert torch.equal(y[finite].view(torch.int16), expected[finite].view(torch.int16)), isa
+
+
 def test_capabilities_follow_the_cpu_flags():
     """DEFAULT everywhere; AVX2 with avx2, fma and f16c; AVX512 with avx512 f, bw, vl and dq as well."""
     assert ISAS[0] == "DEFAULT"

@@ -96,12 +96,12 @@ C10_ALWAYS_INLINE Vec grad_before_activation(const Vec& dy, const Vec& x, const 
 }
 
 // Loads the residual's block, or zeros where there is none (only activations read it).
-template <Activation A, typename scalar_t, typename Vec>
+template <Activation A, Order O = Order::Memory, typename scalar_t, typename Vec>
 C10_ALWAYS_INLINE void load_residual(const scalar_t* residual, int64_t offset, int64_t count, Vec& lo, Vec& hi) {
   if (A == Activation::Identity || residual == nullptr) {
     lo = hi = Vec(typename Vec::value_type(0));
   } else {
-    load_values(residual + offset, count, lo, hi);
+    load_values<O>(residual + offset, count, lo, hi);
   }
 }
 

@@ -43,16 +43,16 @@ inline void span_forward(const scalar_t* x, const scalar_t* residual, scalar_t* 
   const Vec vparam(param);
   for_each_span_block(y, n, stream, [&](int64_t i, int64_t count, bool streamed) C10_ALWAYS_INLINE_ATTRIBUTE {
     Vec lo, hi;
-    load_values(x + i, count, lo, hi);
+    load_values<Order::Any>(x + i, count, lo, hi);
     lo = f.z(lo);
     hi = f.z(hi);
     if (residual != nullptr) {
       Vec rlo, rhi;
-      load_values(residual + i, count, rlo, rhi);
+      load_values<Order::Any>(residual + i, count, rlo, rhi);
       lo = lo + rlo;
       hi = hi + rhi;
     }
-    store_values(y + i, count, vec_activation<A>(lo, vparam), vec_activation<A>(hi, vparam), streamed);
+    store_values<Order::Any>(y + i, count, vec_activation<A>(lo, vparam), vec_activation<A>(hi, vparam), streamed);
   });
 }
 
@@ -67,15 +67,15 @@ inline void span_backward(const scalar_t* dy, const scalar_t* x, const scalar_t*
   const Vec vparam(param), vmean(k.mean), vkdy(k.k_dy), vkxmu(k.k_xmu), vkconst(k.k_const);
   for_each_span_block(dx, n, stream, [&](int64_t i, int64_t count, bool streamed) C10_ALWAYS_INLINE_ATTRIBUTE {
     Vec dlo, dhi, xlo, xhi, rlo, rhi;
-    load_values(dy + i, count, dlo, dhi);
-    load_values(x + i, count, xlo, xhi);
-    load_residual<A>(residual, i, count, rlo, rhi);
+    load_values<Order::Any>(dy + i, count, dlo, dhi);
+    load_values<Order::Any>(x + i, count, xlo, xhi);
+    load_residual<A, Order::Any>(residual, i, count, rlo, rhi);
     const Vec glo = grad_before_activation<A>(dlo, xlo, rlo, f, vparam);
     const Vec ghi = grad_before_activation<A>(dhi, xhi, rhi, f, vparam);
-    store_values(dx + i, count, at::vec::fmadd(glo, vkdy, at::vec::fmadd(xlo - vmean, vkxmu, vkconst)),
-                 at::vec::fmadd(ghi, vkdy, at::vec::fmadd(xhi - vmean, vkxmu, vkconst)), streamed);
+    store_values<Order::Any>(dx + i, count, at::vec::fmadd(glo, vkdy, at::vec::fmadd(xlo - vmean, vkxmu, vkconst)),
+                             at::vec::fmadd(ghi, vkdy, at::vec::fmadd(xhi - vmean, vkxmu, vkconst)), streamed);
     // grad_residual's alignment may differ from dx's: plain stores
-    if (grad_residual != nullptr) store_values(grad_residual + i, count, glo, ghi);
+    if (grad_residual != nullptr) store_values<Order::Any>(grad_residual + i, count, glo, ghi);
   });
 }
 

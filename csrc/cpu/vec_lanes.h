@@ -104,22 +104,107 @@ struct Lanes {
   }
 };
 
-// Loads the first `count` <= kBlock values at p (the rest of the lanes 0).
-template <typename scalar_t, typename Vec>
+// The order of a block's values in its two vectors. Memory: values 0 .. kVec - 1 in the
+// first vector, the rest in the second. Any: whatever order is cheapest, for loops whose
+// lanes do not depend on their position (every value of a planar run shares its channel's
+// coefficients; a sum ignores order), which must load every operand of a block and store
+// its results in the same order. Whole bfloat16 blocks then come as their even- and
+// odd-indexed values (EvenOddBFloat16: one load and two bit operations instead of two
+// widening shuffles, and back without the pack and permute); partial blocks keep memory
+// order, which their lane masks (keep_first) assume.
+enum class Order { Memory, Any };
+
+template <typename scalar_t>
+struct EvenOddBFloat16 {
+  static constexpr bool kAvailable = false;
+};
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+template <>
+struct EvenOddBFloat16<c10::BFloat16> {
+  static constexpr bool kAvailable = true;
+  using Vec = Vectorized<float>;
+#if defined(CPU_CAPABILITY_AVX512)
+  using Bits = __m512i;
+  static C10_ALWAYS_INLINE Bits load_bits(const void* p) { return _mm512_loadu_si512(p); }
+  static C10_ALWAYS_INLINE Bits all(int32_t v) { return _mm512_set1_epi32(v); }
+  static C10_ALWAYS_INLINE Bits shift_left(Bits v) { return _mm512_slli_epi32(v, 16); }
+  static C10_ALWAYS_INLINE Bits shift_right(Bits v) { return _mm512_srli_epi32(v, 16); }
+  static C10_ALWAYS_INLINE Bits bit_and(Bits a, Bits b) { return _mm512_and_si512(a, b); }
+  static C10_ALWAYS_INLINE Bits bit_or(Bits a, Bits b) { return _mm512_or_si512(a, b); }
+  static C10_ALWAYS_INLINE Bits add(Bits a, Bits b) { return _mm512_add_epi32(a, b); }
+  static C10_ALWAYS_INLINE Bits bits(const Vec& v) { return _mm512_castps_si512(v); }
+  static C10_ALWAYS_INLINE Vec as_float(Bits v) { return _mm512_castsi512_ps(v); }
+  static C10_ALWAYS_INLINE Bits nan_lanes(const Vec& v) { return _mm512_movm_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)); }
+  static C10_ALWAYS_INLINE void store_bits(void* p, Bits v) { _mm512_storeu_si512(p, v); }
+  static C10_ALWAYS_INLINE void stream_bits(void* p, Bits v) { _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v); }
+#else
+  using Bits = __m256i;
+  static C10_ALWAYS_INLINE Bits load_bits(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static C10_ALWAYS_INLINE Bits all(int32_t v) { return _mm256_set1_epi32(v); }
+  static C10_ALWAYS_INLINE Bits shift_left(Bits v) { return _mm256_slli_epi32(v, 16); }
+  static C10_ALWAYS_INLINE Bits shift_right(Bits v) { return _mm256_srli_epi32(v, 16); }
+  static C10_ALWAYS_INLINE Bits bit_and(Bits a, Bits b) { return _mm256_and_si256(a, b); }
+  static C10_ALWAYS_INLINE Bits bit_or(Bits a, Bits b) { return _mm256_or_si256(a, b); }
+  static C10_ALWAYS_INLINE Bits add(Bits a, Bits b) { return _mm256_add_epi32(a, b); }
+  static C10_ALWAYS_INLINE Bits bits(const Vec& v) { return _mm256_castps_si256(v); }
+  static C10_ALWAYS_INLINE Vec as_float(Bits v) { return _mm256_castsi256_ps(v); }
+  static C10_ALWAYS_INLINE Bits nan_lanes(const Vec& v) { return _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)); }
+  static C10_ALWAYS_INLINE void store_bits(void* p, Bits v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  static C10_ALWAYS_INLINE void stream_bits(void* p, Bits v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v); }
+#endif
+  static constexpr int32_t kHigh = int32_t(0xffff0000u);
+
+  // A block as two float vectors: the values at even indices (the low halves of the
+  // 32-bit words, shifted up) and at odd indices (the high halves, masked).
+  static C10_ALWAYS_INLINE void load(const c10::BFloat16* p, Vec& even, Vec& odd) {
+    const Bits v = load_bits(p);
+    even = as_float(shift_left(v));
+    odd = as_float(bit_and(v, all(kHigh)));
+  }
+  // The float rounded to bfloat16 in the high half of each word: round to nearest
+  // even, a NaN to all ones (0xffff, as at::vec's conversion), bits for bits the same.
+  static C10_ALWAYS_INLINE Bits rounded(const Vec& v) {
+    const Bits b = bits(v);
+    const Bits lsb = bit_and(shift_right(b), all(1));
+    return bit_or(add(b, add(lsb, all(0x7fff))), nan_lanes(v));
+  }
+  static C10_ALWAYS_INLINE Bits pack(const Vec& even, const Vec& odd) {
+    return bit_or(bit_and(rounded(odd), all(kHigh)), shift_right(rounded(even)));
+  }
+  static C10_ALWAYS_INLINE void store(c10::BFloat16* p, const Vec& even, const Vec& odd) { store_bits(p, pack(even, odd)); }
+  static C10_ALWAYS_INLINE void store_stream(c10::BFloat16* p, const Vec& even, const Vec& odd) {
+    stream_bits(p, pack(even, odd));
+  }
+};
+#endif
+
+// Loads the first `count` <= kBlock values at p (the rest of the lanes 0), in order O.
+template <Order O = Order::Memory, typename scalar_t, typename Vec>
 C10_ALWAYS_INLINE void load_values(const scalar_t* p, int64_t count, Vec& lo, Vec& hi) {
   if (count == Lanes<scalar_t>::kBlock) {
-    Lanes<scalar_t>::load(p, lo, hi);
+    if constexpr (O == Order::Any && EvenOddBFloat16<scalar_t>::kAvailable) {
+      EvenOddBFloat16<scalar_t>::load(p, lo, hi);
+    } else {
+      Lanes<scalar_t>::load(p, lo, hi);
+    }
   } else {
     Lanes<scalar_t>::load_partial(p, count, lo, hi);
   }
 }
 
-// Stores the first `count` <= kBlock values at p; a whole block as a streaming
-// store when `stream` (p then aligned, see stream_head).
-template <typename T, typename Vec>
+// Stores the first `count` <= kBlock values at p, loaded in order O; a whole block as a
+// streaming store when `stream` (p then aligned, see stream_head).
+template <Order O = Order::Memory, typename T, typename Vec>
 C10_ALWAYS_INLINE void store_values(T* p, int64_t count, const Vec& lo, const Vec& hi, bool stream = false) {
   if (count != Lanes<T>::kBlock) {
     Lanes<T>::store_partial(p, count, lo, hi);
+  } else if constexpr (O == Order::Any && EvenOddBFloat16<T>::kAvailable) {
+    if (stream) {
+      EvenOddBFloat16<T>::store_stream(p, lo, hi);
+    } else {
+      EvenOddBFloat16<T>::store(p, lo, hi);
+    }
   } else if (stream) {
     Lanes<T>::store_stream(p, lo, hi);
   } else {

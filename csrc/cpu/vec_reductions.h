@@ -162,7 +162,7 @@ inline void span_sum_and_squares(const scalar_t* x, int64_t n, red_t shift, Lane
       for (int64_t i = start; i < end; i += L::kBlock) {
         const int64_t count = std::min<int64_t>(L::kBlock, end - i);
         AVec a0, a1;
-        load_values(x + i, count, a0, a1);
+        load_values<Order::Any>(x + i, count, a0, a1);
         if (count != L::kBlock) {  // padding lanes load as 0: mask them after the shift
           int64_t valid[2] = {std::min<int64_t>(count, L::kVec), std::max<int64_t>(count - L::kVec, 0)};
           a0 = keep_first(a0 - vshift, valid[0]);
@@ -244,9 +244,9 @@ inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, const scal
                    typename L::Vec& xhi) C10_ALWAYS_INLINE_ATTRIBUTE {
     const int64_t count = std::min<int64_t>(L::kBlock, n - i);
     typename L::Vec rlo, rhi;
-    load_values(dy + i, count, glo, ghi);
-    load_values(x + i, count, xlo, xhi);
-    load_residual<A>(residual, i, count, rlo, rhi);
+    load_values<Order::Any>(dy + i, count, glo, ghi);
+    load_values<Order::Any>(x + i, count, xlo, xhi);
+    load_residual<A, Order::Any>(residual, i, count, rlo, rhi);
     glo = grad_before_activation<A>(glo, xlo, rlo, f, vparam);
     ghi = grad_before_activation<A>(ghi, xhi, rhi, f, vparam);
   };
