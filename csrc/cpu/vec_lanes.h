@@ -135,12 +135,16 @@ struct EvenOddBFloat16<c10::BFloat16> {
   static C10_ALWAYS_INLINE Bits add(Bits a, Bits b) { return _mm512_add_epi32(a, b); }
   static C10_ALWAYS_INLINE Bits bits(const Vec& v) { return _mm512_castps_si512(v); }
   static C10_ALWAYS_INLINE Vec as_float(Bits v) { return _mm512_castsi512_ps(v); }
-  static C10_ALWAYS_INLINE Bits nan_lanes(const Vec& v) { return _mm512_movm_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)); }
+  static C10_ALWAYS_INLINE Bits nan_lanes(const Vec& v) {
+    return _mm512_movm_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q));
+  }
   static C10_ALWAYS_INLINE void store_bits(void* p, Bits v) { _mm512_storeu_si512(p, v); }
   static C10_ALWAYS_INLINE void stream_bits(void* p, Bits v) { _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v); }
 #else
   using Bits = __m256i;
-  static C10_ALWAYS_INLINE Bits load_bits(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static C10_ALWAYS_INLINE Bits load_bits(const void* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
   static C10_ALWAYS_INLINE Bits all(int32_t v) { return _mm256_set1_epi32(v); }
   static C10_ALWAYS_INLINE Bits shift_left(Bits v) { return _mm256_slli_epi32(v, 16); }
   static C10_ALWAYS_INLINE Bits shift_right(Bits v) { return _mm256_srli_epi32(v, 16); }
@@ -149,7 +153,9 @@ struct EvenOddBFloat16<c10::BFloat16> {
   static C10_ALWAYS_INLINE Bits add(Bits a, Bits b) { return _mm256_add_epi32(a, b); }
   static C10_ALWAYS_INLINE Bits bits(const Vec& v) { return _mm256_castps_si256(v); }
   static C10_ALWAYS_INLINE Vec as_float(Bits v) { return _mm256_castsi256_ps(v); }
-  static C10_ALWAYS_INLINE Bits nan_lanes(const Vec& v) { return _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)); }
+  static C10_ALWAYS_INLINE Bits nan_lanes(const Vec& v) {
+    return _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
   static C10_ALWAYS_INLINE void store_bits(void* p, Bits v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
   static C10_ALWAYS_INLINE void stream_bits(void* p, Bits v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v); }
 #endif
@@ -172,7 +178,9 @@ struct EvenOddBFloat16<c10::BFloat16> {
   static C10_ALWAYS_INLINE Bits pack(const Vec& even, const Vec& odd) {
     return bit_or(bit_and(rounded(odd), all(kHigh)), shift_right(rounded(even)));
   }
-  static C10_ALWAYS_INLINE void store(c10::BFloat16* p, const Vec& even, const Vec& odd) { store_bits(p, pack(even, odd)); }
+  static C10_ALWAYS_INLINE void store(c10::BFloat16* p, const Vec& even, const Vec& odd) {
+    store_bits(p, pack(even, odd));
+  }
   static C10_ALWAYS_INLINE void store_stream(c10::BFloat16* p, const Vec& even, const Vec& odd) {
     stream_bits(p, pack(even, odd));
   }
