@@ -13,8 +13,8 @@
 // AD and torch.func transforms, which a C++ autograd Function cannot serve, use
 // the Python autograd.Functions of fastbn/functions.py, which call the kernels
 // below autograd.
-#include <ATen/FuncTorchTLS.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -157,7 +157,13 @@ struct BatchNormEval : public torch::autograd::Function<BatchNormEval> {
 // other call (no_grad, inference, constants) runs the kernel without building a node
 // (the node, its context and saved variables are most of a small layer's forward).
 bool needs_autograd(std::initializer_list<const Tensor*> tensors) {
-  if (at::functorch::functorchTLSAccessor()) return true;
+  // a transform active now (what torch._C._are_functorch_transforms_active tests; functorch's
+  // thread-local state itself stays allocated after the first transform)
+  const auto included = c10::impl::tls_local_dispatch_key_set().included_;
+  if (included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+      included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode)) {
+    return true;
+  }
   const bool grad_mode = at::GradMode::is_enabled();
   for (const Tensor* t : tensors) {
     if (t == nullptr || !t->defined()) continue;

@@ -149,7 +149,8 @@ PhaseOperands backward_phase_operands(const at::Tensor& grad_output, const at::T
 
 // The fused backward ops' checked operands and their outputs, allocated:
 // grad_input and (with a residual) grad_residual in the layout of describe(input),
-// grad_weight and grad_bias zeros of the accumulation dtype.
+// grad_weight and grad_bias in the accumulation dtype: zeros when empty() (no kernel
+// runs), else uninitialized (the kernels assign every channel's; none may accumulate).
 struct BackwardCall {
   PhaseOperands o;
   at::Tensor residual;  // dense in o.g.format, or undefined
