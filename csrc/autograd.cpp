@@ -17,9 +17,9 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
-#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -151,12 +151,13 @@ struct BatchNormEval : public torch::autograd::Function<BatchNormEval> {
   }
 };
 
-// Whether autograd must see the call, as in torch's generated kernels (compute_requires_grad):
-// grad mode on and an input that requires grad. Dual tensors (forward AD) and functorch
+// Whether autograd must see the call, as in torch's generated kernels: grad mode on and an
+// input that requires grad (compute_requires_grad). Dual tensors (forward AD) and functorch
 // transforms also go to the Function, which refuses them with its own message; every
 // other call (no_grad, inference, constants) runs the kernel without building a node
 // (the node, its context and saved variables are most of a small layer's forward).
-bool needs_autograd(std::initializer_list<const Tensor*> tensors) {
+template <typename... Tensors>
+bool needs_autograd(const Tensors&... tensors) {
   // a transform active now (what torch._C._are_functorch_transforms_active tests; functorch's
   // thread-local state itself stays allocated after the first transform)
   const auto included = c10::impl::tls_local_dispatch_key_set().included_;
@@ -164,15 +165,8 @@ bool needs_autograd(std::initializer_list<const Tensor*> tensors) {
       included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode)) {
     return true;
   }
-  const bool grad_mode = at::GradMode::is_enabled();
-  for (const Tensor* t : tensors) {
-    if (t == nullptr || !t->defined()) continue;
-    if ((grad_mode && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined()) return true;
-  }
-  return false;
+  return torch::autograd::compute_requires_grad(tensors...) || (torch::autograd::isFwGradDefined(tensors) || ...);
 }
-
-const Tensor* tensor_or_null(const std::optional<Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(const Tensor& input, const std::optional<Tensor>& weight,
                                                              const std::optional<Tensor>& bias, double eps,
@@ -180,7 +174,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(const Tensor& input
                                                              const std::optional<Tensor>& residual) {
   // (an autograd Function cannot take an undefined tensor: the kernels' message first)
   check_defined(input, "input", "fastbn.batch_norm_train");
-  if (!needs_autograd({&input, tensor_or_null(weight), tensor_or_null(bias), tensor_or_null(residual)})) {
+  if (!needs_autograd(input, weight, bias, residual)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return ops().train.call(input, weight, bias, eps, activation, activation_param, residual);
   }
@@ -197,8 +191,7 @@ Tensor batch_norm_eval_autograd(const Tensor& input, const std::optional<Tensor>
   check_defined(running_mean, "running_mean", op);
   check_defined(running_var, "running_var", op);
   // (the running statistics get no gradient, but a dual one still needs the Function's refusal)
-  if (!needs_autograd({&input, tensor_or_null(weight), tensor_or_null(bias), &running_mean, &running_var,
-                       tensor_or_null(residual)})) {
+  if (!needs_autograd(input, weight, bias, running_mean, running_var, residual)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return ops().eval.call(input, weight, bias, running_mean, running_var, eps, activation, activation_param,
                            residual);
