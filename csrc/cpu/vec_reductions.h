@@ -137,6 +137,69 @@ C10_ALWAYS_INLINE void add_group(const Vectorized<float>& group, LaneSums<scalar
   lanes.acc[1] += hi;
 }
 
+// Lane j of the result: the sum of all lanes of v[j] (kLanes vectors added up across
+// their lanes at once, about 3 operations per vector instead of a shuffle tree each).
+// Each level interleaves pairs of vectors and adds the two halves: a vector then holds
+// twice as many partial sums, each over half as many lanes. Pairing v[j] with
+// v[j + half], half = kLanes / 2 first, puts the sums in natural order: bit b of a
+// result lane is the choice made at the level where half = 2^b. v is overwritten.
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<T> sum_lanes_of_each(Vectorized<T> (&v)[Vectorized<T>::size()]) {
+  constexpr int64_t kLanes = Vectorized<T>::size();
+  FASTBN_UNROLL for (int64_t half = kLanes / 2; half >= 1; half /= 2) {
+    FASTBN_UNROLL for (int64_t j = 0; j < half; ++j) {
+      const auto interleaved = at::vec::interleave2(v[j], v[j + half]);
+      v[j] = interleaved.first + interleaved.second;
+    }
+  }
+  return v[0];
+}
+
+// A reduced dtype's (bfloat16, half) float group of n <= kStatisticsGroupRows * kBlock
+// values: the lanes of sum(x - shift) and sum((x - shift)^2), for the caller to add up.
+template <typename scalar_t, typename AVec = typename Lanes<scalar_t>::Vec>
+C10_ALWAYS_INLINE void group_sum_and_squares(const scalar_t* x, int64_t n, const AVec& vshift, AVec& sum,
+                                             AVec& squares) {
+  using L = Lanes<scalar_t>;
+  static_assert(L::kReduced, "float groups are for reduced dtypes");
+  const AVec zero(typename L::acc_t(0));
+  AVec s0 = zero, s1 = zero, q0 = zero, q1 = zero;
+  for (int64_t i = 0; i < n; i += L::kBlock) {
+    const int64_t count = std::min<int64_t>(L::kBlock, n - i);
+    AVec a0, a1;
+    load_values<Order::Any>(x + i, count, a0, a1);
+    if (count != L::kBlock) {  // padding lanes load as 0: mask them after the shift
+      int64_t valid[2] = {std::min<int64_t>(count, L::kVec), std::max<int64_t>(count - L::kVec, 0)};
+      a0 = keep_first(a0 - vshift, valid[0]);
+      a1 = keep_first(a1 - vshift, valid[1]);
+    } else {
+      a0 = a0 - vshift, a1 = a1 - vshift;
+    }
+    s0 += a0, s1 += a1;
+    q0 = at::vec::fmadd(a0, a0, q0), q1 = at::vec::fmadd(a1, a1, q1);
+  }
+  sum = s0 + s1;
+  squares = q0 + q1;
+}
+
+// The statistics of kLanes consecutive runs of n <= kStatisticsGroupRows * kBlock
+// values of a reduced dtype, run j about shifts[j]: lane j of `sums` is run j's
+// sum(x - shifts[j]), of `squares` its sum((x - shifts[j])^2). For short planar runs
+// (7x7 planes), where flushing one run's lanes into its channel's double lanes cost
+// more than summing the run.
+template <typename scalar_t, typename acc_t = typename Lanes<scalar_t>::acc_t>
+inline void runs_sum_and_squares(const scalar_t* x, int64_t n, const acc_t* shifts, Vectorized<acc_t>& sums,
+                                 Vectorized<acc_t>& squares) {
+  using AVec = Vectorized<acc_t>;
+  constexpr int64_t kRuns = AVec::size();
+  AVec run_sums[kRuns], run_squares[kRuns];
+  for (int64_t j = 0; j < kRuns; ++j) {
+    group_sum_and_squares(x + j * n, n, AVec(shifts[j]), run_sums[j], run_squares[j]);
+  }
+  sums = sum_lanes_of_each(run_sums);
+  squares = sum_lanes_of_each(run_squares);
+}
+
 // sums += x - shift; squares += (x - shift)^2: both moments in one pass.
 // Summing deviations from a value near the data (the running mean) keeps the
 // rounding relative to the spread, not to the mean (x = 1e4 + randn). The
@@ -153,28 +216,13 @@ inline void span_sum_and_squares(const scalar_t* x, int64_t n, red_t shift, Lane
   using R = ReduceLanes<scalar_t>;
   if constexpr (L::kReduced) {
     using AVec = typename L::Vec;
-    using acc_t = typename L::acc_t;
-    const AVec vshift(static_cast<acc_t>(shift)), zero(acc_t(0));
+    const AVec vshift(static_cast<typename L::acc_t>(shift));
     constexpr int64_t kGroup = kStatisticsGroupRows * L::kBlock;
     for (int64_t start = 0; start < n; start += kGroup) {
-      const int64_t end = std::min(n, start + kGroup);
-      AVec s0 = zero, s1 = zero, q0 = zero, q1 = zero;
-      for (int64_t i = start; i < end; i += L::kBlock) {
-        const int64_t count = std::min<int64_t>(L::kBlock, end - i);
-        AVec a0, a1;
-        load_values<Order::Any>(x + i, count, a0, a1);
-        if (count != L::kBlock) {  // padding lanes load as 0: mask them after the shift
-          int64_t valid[2] = {std::min<int64_t>(count, L::kVec), std::max<int64_t>(count - L::kVec, 0)};
-          a0 = keep_first(a0 - vshift, valid[0]);
-          a1 = keep_first(a1 - vshift, valid[1]);
-        } else {
-          a0 = a0 - vshift, a1 = a1 - vshift;
-        }
-        s0 += a0, s1 += a1;
-        q0 = at::vec::fmadd(a0, a0, q0), q1 = at::vec::fmadd(a1, a1, q1);
-      }
-      add_group(s0 + s1, sums);
-      add_group(q0 + q1, squares);
+      AVec group_sum, group_squares;
+      group_sum_and_squares(x + start, std::min(n - start, kGroup), vshift, group_sum, group_squares);
+      add_group(group_sum, sums);
+      add_group(group_squares, squares);
     }
   } else {
     const typename R::Vec vshift(shift);
@@ -224,6 +272,52 @@ inline void span_sum_sq_dev(const scalar_t* x, int64_t n, red_t mean, LaneSums<s
   }
 }
 
+// A reduced dtype's float group of n <= kBackwardGroupRows * kBlock values: the lanes of
+// sum(g) and sum(g * (x - mean)), g = dy * act'(z [+ residual]), for the caller to add up.
+template <Activation A, typename scalar_t, typename AVec = typename Lanes<scalar_t>::Vec>
+C10_ALWAYS_INLINE void group_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t n,
+                                           const AVec& vmean, const ForwardVecs<AVec>& f, const AVec& vparam,
+                                           AVec& sum_dy, AVec& sum_dy_xmu) {
+  using L = Lanes<scalar_t>;
+  static_assert(L::kReduced, "float groups are for reduced dtypes");
+  const AVec zero(typename L::acc_t(0));
+  AVec s0 = zero, s1 = zero, p0 = zero, p1 = zero;
+  for (int64_t i = 0; i < n; i += L::kBlock) {
+    // padding lanes load dy = 0, so g = 0 there and adds nothing
+    const int64_t count = std::min<int64_t>(L::kBlock, n - i);
+    AVec g0, g1, x0, x1, r0, r1;
+    load_values<Order::Any>(dy + i, count, g0, g1);
+    load_values<Order::Any>(x + i, count, x0, x1);
+    load_residual<A, Order::Any>(residual, i, count, r0, r1);
+    g0 = grad_before_activation<A>(g0, x0, r0, f, vparam);
+    g1 = grad_before_activation<A>(g1, x1, r1, f, vparam);
+    s0 += g0, s1 += g1;
+    p0 = at::vec::fmadd(g0, x0 - vmean, p0), p1 = at::vec::fmadd(g1, x1 - vmean, p1);
+  }
+  sum_dy = s0 + s1;
+  sum_dy_xmu = p0 + p1;
+}
+
+// The backward sums of kLanes consecutive runs of n <= kBackwardGroupRows * kBlock values
+// of a reduced dtype, run j of channel channels[j]: lane j of `sum_dy` / `sum_dy_xmu` is
+// run j's sum(g) / sum(g * (x - mean)) (see runs_sum_and_squares).
+template <Activation A, typename scalar_t, typename acc_t = typename Lanes<scalar_t>::acc_t>
+inline void runs_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t n,
+                               const int64_t* channels, const acc_t* mean, const ForwardArrays<acc_t>& fk,
+                               acc_t param, Vectorized<acc_t>& sum_dy, Vectorized<acc_t>& sum_dy_xmu) {
+  using AVec = Vectorized<acc_t>;
+  constexpr int64_t kRuns = AVec::size();
+  const AVec vparam(param);
+  AVec run_dy[kRuns], run_dy_xmu[kRuns];
+  for (int64_t j = 0; j < kRuns; ++j) {
+    const int64_t c = channels[j];
+    group_backward_sums<A>(dy + j * n, x + j * n, residual == nullptr ? nullptr : residual + j * n, n, AVec(mean[c]),
+                           forward_vecs(fk.get(c)), vparam, run_dy[j], run_dy_xmu[j]);
+  }
+  sum_dy = sum_lanes_of_each(run_dy);
+  sum_dy_xmu = sum_lanes_of_each(run_dy_xmu);
+}
+
 // sum_dy += g; sum_dy_xmu += g * (x - mean), g = dy * act'(z [+ residual]); residual may be null.
 // float32 widens every block to double: grad_weight is a sum of terms that
 // largely cancel, and a float rounding per term failed the parity budget against
@@ -239,34 +333,29 @@ inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, const scal
   using R = ReduceLanes<scalar_t>;
   const auto f = forward_vecs(fk);
   const typename L::Vec vparam(param);
-  // g and x of the block at i (padding lanes load dy = 0, so g = 0 there and adds nothing)
-  auto block = [&](int64_t i, typename L::Vec& glo, typename L::Vec& ghi, typename L::Vec& xlo,
-                   typename L::Vec& xhi) C10_ALWAYS_INLINE_ATTRIBUTE {
-    const int64_t count = std::min<int64_t>(L::kBlock, n - i);
-    typename L::Vec rlo, rhi;
-    load_values<Order::Any>(dy + i, count, glo, ghi);
-    load_values<Order::Any>(x + i, count, xlo, xhi);
-    load_residual<A, Order::Any>(residual, i, count, rlo, rhi);
-    glo = grad_before_activation<A>(glo, xlo, rlo, f, vparam);
-    ghi = grad_before_activation<A>(ghi, xhi, rhi, f, vparam);
-  };
   if constexpr (L::kReduced) {
     using AVec = typename L::Vec;
-    const AVec vmean(static_cast<acc_t>(mean)), zero(acc_t(0));  // mean is the operator's acc_t batch mean
+    const AVec vmean(static_cast<acc_t>(mean));  // mean is the operator's acc_t batch mean
     constexpr int64_t kGroup = kBackwardGroupRows * L::kBlock;
     for (int64_t start = 0; start < n; start += kGroup) {
-      const int64_t end = std::min(n, start + kGroup);
-      AVec s0 = zero, s1 = zero, p0 = zero, p1 = zero;
-      for (int64_t i = start; i < end; i += L::kBlock) {
-        AVec g0, g1, x0, x1;
-        block(i, g0, g1, x0, x1);
-        s0 += g0, s1 += g1;
-        p0 = at::vec::fmadd(g0, x0 - vmean, p0), p1 = at::vec::fmadd(g1, x1 - vmean, p1);
-      }
-      add_group(s0 + s1, sum_dy);
-      add_group(p0 + p1, sum_dy_xmu);
+      AVec group_dy, group_dy_xmu;
+      group_backward_sums<A>(dy + start, x + start, residual == nullptr ? nullptr : residual + start,
+                             std::min(n - start, kGroup), vmean, f, vparam, group_dy, group_dy_xmu);
+      add_group(group_dy, sum_dy);
+      add_group(group_dy_xmu, sum_dy_xmu);
     }
   } else {
+    // g and x of the block at i (padding lanes load dy = 0, so g = 0 there and adds nothing)
+    auto block = [&](int64_t i, typename L::Vec& glo, typename L::Vec& ghi, typename L::Vec& xlo,
+                     typename L::Vec& xhi) C10_ALWAYS_INLINE_ATTRIBUTE {
+      const int64_t count = std::min<int64_t>(L::kBlock, n - i);
+      typename L::Vec rlo, rhi;
+      load_values<Order::Any>(dy + i, count, glo, ghi);
+      load_values<Order::Any>(x + i, count, xlo, xhi);
+      load_residual<A, Order::Any>(residual, i, count, rlo, rhi);
+      glo = grad_before_activation<A>(glo, xlo, rlo, f, vparam);
+      ghi = grad_before_activation<A>(ghi, xhi, rhi, f, vparam);
+    };
     const typename R::Vec vmean(mean);
     for (int64_t i = 0; i < n; i += L::kBlock) {
       typename L::Vec glo, ghi, xlo, xhi;

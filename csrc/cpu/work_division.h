@@ -55,6 +55,33 @@ inline void for_each_plane_run(int64_t begin, int64_t end, const Geometry& g, co
   }
 }
 
+// for_each_plane_run for reductions that take kRuns whole runs at once: calls
+// group(offset, c) for kRuns consecutive whole runs starting at channel c (the
+// channels c, c + 1, ... wrap around to 0 at C: a group may span samples, and with
+// C < kRuns hold a channel more than once) and single(offset, length, c) for the
+// runs left over at the ends of [begin, end), in memory order.
+template <int64_t kRuns, typename Single, typename Group>
+inline void for_each_plane_run_group(int64_t begin, int64_t end, const Geometry& g, const Single& single,
+                                     const Group& group) {
+  if (begin >= end) return;
+  int64_t c = begin / g.S % g.C;
+  int64_t offset = begin;
+  if (offset % g.S != 0) {  // the part starts inside a run
+    const int64_t length = std::min(g.S - offset % g.S, end - offset);
+    single(offset, length, c);
+    offset += length;
+    if (++c == g.C) c = 0;
+  }
+  for (; offset + kRuns * g.S <= end; offset += kRuns * g.S) {
+    group(offset, c);
+    c = (c + kRuns) % g.C;
+  }
+  for (; offset < end; offset += g.S) {
+    single(offset, std::min(g.S, end - offset), c);
+    if (++c == g.C) c = 0;
+  }
+}
+
 // Number of row blocks the interleaved reductions split R rows into.
 inline int64_t interleaved_tasks(int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / 8));
