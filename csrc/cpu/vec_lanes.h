@@ -8,6 +8,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/macros/Macros.h>
 #include <array>
+#include <cstring>
 #include <vector>
 
 #include "bn_math.h"
@@ -108,11 +109,13 @@ struct Lanes {
 // first vector, the rest in the second. Any: whatever order is cheapest, for loops whose
 // lanes do not depend on their position (every value of a planar run shares its channel's
 // coefficients; a sum ignores order), which must load every operand of a block and store
-// its results in the same order. Whole bfloat16 blocks then come as their even- and
-// odd-indexed values (EvenOddBFloat16: one load and two bit operations instead of two
-// widening shuffles, and back without the pack and permute); partial blocks keep memory
-// order, which their lane masks (keep_first) assume.
-enum class Order { Memory, Any };
+// its results in the same order. bfloat16 blocks then come as their even- and odd-indexed
+// values (EvenOddBFloat16: one load and two bit operations instead of two widening
+// shuffles, and back without the pack and permute), partial blocks too (padding lanes
+// load as 0 wherever they land). AnyWholeBlocks: the same for whole blocks, memory order
+// for partial ones, for loops that mask a partial block's padding lanes (keep_first
+// assumes memory order).
+enum class Order { Memory, AnyWholeBlocks, Any };
 
 template <typename scalar_t>
 struct EvenOddBFloat16 {
@@ -140,6 +143,14 @@ struct EvenOddBFloat16<c10::BFloat16> {
   }
   static C10_ALWAYS_INLINE void store_bits(void* p, Bits v) { _mm512_storeu_si512(p, v); }
   static C10_ALWAYS_INLINE void stream_bits(void* p, Bits v) { _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v); }
+  // the first count of the 32 16-bit values (masked: nothing read or written past them)
+  static C10_ALWAYS_INLINE __mmask32 first(int64_t count) { return __mmask32((uint64_t(1) << count) - 1); }
+  static C10_ALWAYS_INLINE Bits load_bits_partial(const void* p, int64_t count) {
+    return _mm512_maskz_loadu_epi16(first(count), p);
+  }
+  static C10_ALWAYS_INLINE void store_bits_partial(void* p, int64_t count, Bits v) {
+    _mm512_mask_storeu_epi16(p, first(count), v);
+  }
 #else
   using Bits = __m256i;
   static C10_ALWAYS_INLINE Bits load_bits(const void* p) {
@@ -158,6 +169,18 @@ struct EvenOddBFloat16<c10::BFloat16> {
   }
   static C10_ALWAYS_INLINE void store_bits(void* p, Bits v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
   static C10_ALWAYS_INLINE void stream_bits(void* p, Bits v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v); }
+  // the first count of the 16 16-bit values, through a buffer (AVX2 has no 16-bit masked
+  // loads and stores; at::vec's partial loadu and store copy through one too)
+  static C10_ALWAYS_INLINE Bits load_bits_partial(const void* p, int64_t count) {
+    __at_align__ uint16_t buffer[16] = {};
+    std::memcpy(buffer, p, count * sizeof(uint16_t));
+    return load_bits(buffer);
+  }
+  static C10_ALWAYS_INLINE void store_bits_partial(void* p, int64_t count, Bits v) {
+    __at_align__ uint16_t buffer[16];
+    store_bits(buffer, v);
+    std::memcpy(p, buffer, count * sizeof(uint16_t));
+  }
 #endif
   static constexpr int32_t kHigh = int32_t(0xffff0000u);
 
@@ -184,18 +207,30 @@ struct EvenOddBFloat16<c10::BFloat16> {
   static C10_ALWAYS_INLINE void store_stream(c10::BFloat16* p, const Vec& even, const Vec& odd) {
     stream_bits(p, pack(even, odd));
   }
+  // The first count < kBlock values (the rest of the lanes 0), and back.
+  static C10_ALWAYS_INLINE void load_partial(const c10::BFloat16* p, int64_t count, Vec& even, Vec& odd) {
+    const Bits v = load_bits_partial(p, count);
+    even = as_float(shift_left(v));
+    odd = as_float(bit_and(v, all(kHigh)));
+  }
+  static C10_ALWAYS_INLINE void store_partial(c10::BFloat16* p, int64_t count, const Vec& even, const Vec& odd) {
+    store_bits_partial(p, count, pack(even, odd));
+  }
 };
 #endif
 
 // Loads the first `count` <= kBlock values at p (the rest of the lanes 0), in order O.
 template <Order O = Order::Memory, typename scalar_t, typename Vec>
 C10_ALWAYS_INLINE void load_values(const scalar_t* p, int64_t count, Vec& lo, Vec& hi) {
+  constexpr bool kEvenOdd = O != Order::Memory && EvenOddBFloat16<scalar_t>::kAvailable;
   if (count == Lanes<scalar_t>::kBlock) {
-    if constexpr (O == Order::Any && EvenOddBFloat16<scalar_t>::kAvailable) {
+    if constexpr (kEvenOdd) {
       EvenOddBFloat16<scalar_t>::load(p, lo, hi);
     } else {
       Lanes<scalar_t>::load(p, lo, hi);
     }
+  } else if constexpr (kEvenOdd && O == Order::Any) {
+    EvenOddBFloat16<scalar_t>::load_partial(p, count, lo, hi);
   } else {
     Lanes<scalar_t>::load_partial(p, count, lo, hi);
   }
@@ -205,9 +240,14 @@ C10_ALWAYS_INLINE void load_values(const scalar_t* p, int64_t count, Vec& lo, Ve
 // streaming store when `stream` (p then aligned, see stream_head).
 template <Order O = Order::Memory, typename T, typename Vec>
 C10_ALWAYS_INLINE void store_values(T* p, int64_t count, const Vec& lo, const Vec& hi, bool stream = false) {
+  constexpr bool kEvenOdd = O != Order::Memory && EvenOddBFloat16<T>::kAvailable;
   if (count != Lanes<T>::kBlock) {
-    Lanes<T>::store_partial(p, count, lo, hi);
-  } else if constexpr (O == Order::Any && EvenOddBFloat16<T>::kAvailable) {
+    if constexpr (kEvenOdd && O == Order::Any) {
+      EvenOddBFloat16<T>::store_partial(p, count, lo, hi);
+    } else {
+      Lanes<T>::store_partial(p, count, lo, hi);
+    }
+  } else if constexpr (kEvenOdd) {
     if (stream) {
       EvenOddBFloat16<T>::store_stream(p, lo, hi);
     } else {

@@ -167,7 +167,7 @@ C10_ALWAYS_INLINE void group_sum_and_squares(const scalar_t* x, int64_t n, const
   for (int64_t i = 0; i < n; i += L::kBlock) {
     const int64_t count = std::min<int64_t>(L::kBlock, n - i);
     AVec a0, a1;
-    load_values<Order::Any>(x + i, count, a0, a1);
+    load_values<Order::AnyWholeBlocks>(x + i, count, a0, a1);
     if (count != L::kBlock) {  // padding lanes load as 0: mask them after the shift
       int64_t valid[2] = {std::min<int64_t>(count, L::kVec), std::max<int64_t>(count - L::kVec, 0)};
       a0 = keep_first(a0 - vshift, valid[0]);
