@@ -154,6 +154,47 @@ def test_every_isa_channels_last_between_row_order_and_streaming(dtype):
                 assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
 
 
+@pytest.mark.parametrize("dtype,channels", [(torch.float32, 40), (torch.float32, 72), (torch.bfloat16, 72)],
+                         ids=str)
+def test_every_isa_channels_last_rows_past_the_streaming_threshold(dtype, channels):
+    """channels_last tensors too large for the cache with a few channel blocks per row,
+    whose reductions walk whole rows (rows_sum_and_squares, rows_backward_sums): 40 and
+    72 channels are 2 and 3 blocks of 32 (the last one partial) with AVX-512, 3 and 5
+    of 16 with AVX2; a training step and a fused activation with a residual, under each
+    ISA, against torch in the same dtype and a float64 reference."""
+    per_sample = channels * 32 * 32 * dtype.itemsize
+    shape = (STREAMING_BYTES // per_sample + 1, channels, 32, 32)
+    x = random_input(shape, dtype, channels_last=True)
+    grad = random_input(shape, dtype, channels_last=True, mean=0.1, std=1.0)
+    residual = random_input(shape, dtype, channels_last=True, mean=-0.3, std=1.0)
+    state = random_state(channels)
+    expected = training_step(make_bn(nn.BatchNorm2d, state, dtype), x, grad)
+    reference = training_step(make_bn(nn.BatchNorm2d, state, torch.float64), x.double(), grad.double())
+
+    def activated_step(bn, x, residual, act):
+        x, residual = x.detach().requires_grad_(), residual.detach().requires_grad_()
+        y = act(bn(x) + residual) if act is not None else bn(x, residual)
+        y.backward(grad.to(x.dtype))
+        return y.detach(), x.grad, residual.grad, bn.weight.grad, bn.bias.grad
+
+    # float32 parameters: see test_every_isa_short_planar_runs
+    leaky = nn.LeakyReLU(0.2)
+    activated_torch = activated_step(make_bn(nn.BatchNorm2d, state, torch.float32), x, residual, leaky)
+    activated_reference = activated_step(make_bn(nn.BatchNorm2d, state, torch.float64), x.double(),
+                                         residual.double(), leaky)
+    names = ("activated output", "activated grad_input", "grad_residual", "activated grad_weight",
+             "activated grad_bias")
+    for isa in ISAS:
+        with fastbn.ops.use_cpu_capability(isa):
+            fast = training_step(make_bn(fastbn.BatchNorm2d, state, dtype), x, grad)
+            for actual, torch_result, ref, what in zip(fast, expected, reference, STEP_OUTPUTS):
+                assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
+            fused = make_bn(fastbn.BatchNorm2d, state, torch.float32, activation="leaky_relu", activation_param=0.2)
+            activated = activated_step(fused, x, residual, None)
+            for actual, torch_result, ref, what in zip(activated, activated_torch, activated_reference, names):
+                assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
+
+
 # Planar runs short enough that half/bfloat16 reductions take a vector's width of runs at
 # once (planar_grouped_moments, planar_grouped_backward_sums): statistics up to 16 blocks
 # per run, backward sums up to 4 (a block is 32 values with AVX-512, 16 with AVX2 and

@@ -522,4 +522,106 @@ inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, const sc
   }
 }
 
+// Rows: `rows` consecutive rows of C interleaved channels, C in kBlocks blocks (the
+// last one may be partial), walked in memory order with every channel's float group
+// sums in registers; each group of rows is added into the double arrays (padded to
+// whole blocks). For tensors too large for the cache with a few blocks per row: the
+// column loops then take a group of about 1 KiB at a time (see reduction_group_rows),
+// and loading and storing their double accumulators for every such group made the
+// statistics about twice as slow as torch's x.sum over the same channels_last tensor.
+
+// The width of block b of a row of C channels in kBlocks blocks of kBlock.
+template <int kBlocks, int64_t kBlock>
+C10_ALWAYS_INLINE int64_t row_block_width(int b, int64_t C) {
+  return b + 1 < kBlocks ? kBlock : C - (kBlocks - 1) * kBlock;
+}
+
+// Adds a float group's block sums (two vectors) into the double array at out.
+template <typename scalar_t, typename AVec, typename red_t>
+C10_ALWAYS_INLINE void add_block_group(const AVec& lo, const AVec& hi, red_t* out) {
+  using R = ReduceLanes<scalar_t>;
+  typename R::Vec wide[R::kParts];
+  R::widen_block(lo, hi, wide);
+  FASTBN_UNROLL for (int j = 0; j < R::kParts; ++j) {
+    (R::Vec::loadu(out + j * R::Vec::size()) + wide[j]).store(out + j * R::Vec::size());
+  }
+}
+
+// sums[c] += sum over rows of (x[c] - shift[c]), squares[c] += of (x[c] - shift[c])^2
+// (column_sum_and_squares for whole rows).
+template <int kBlocks, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
+          typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void rows_sum_and_squares(const scalar_t* x, int64_t rows, int64_t C, const acc_t* shift, red_t* sums,
+                                 red_t* squares) {
+  using L = Lanes<scalar_t>;
+  using AVec = typename L::Vec;
+  AVec shifts[kBlocks][2];
+  FASTBN_UNROLL for (int b = 0; b < kBlocks; ++b) {
+    shifts[b][0] = AVec::loadu(shift + b * L::kBlock);
+    shifts[b][1] = AVec::loadu(shift + b * L::kBlock + L::kVec);
+  }
+  const AVec zero(acc_t(0));
+  for (int64_t g = 0; g < rows; g += kStatisticsGroupRows) {
+    const int64_t end = std::min(rows, g + kStatisticsGroupRows);
+    AVec s[kBlocks][2], q[kBlocks][2];
+    FASTBN_UNROLL for (int b = 0; b < kBlocks; ++b) s[b][0] = s[b][1] = q[b][0] = q[b][1] = zero;
+    for (int64_t r = g; r < end; ++r) {
+      FASTBN_UNROLL for (int b = 0; b < kBlocks; ++b) {
+        AVec a0, a1;  // a partial block's padding lanes: 0 - 0 (the shift arrays are padded with 0)
+        load_values(x + r * C + b * L::kBlock, row_block_width<kBlocks, L::kBlock>(b, C), a0, a1);
+        a0 = a0 - shifts[b][0], a1 = a1 - shifts[b][1];
+        s[b][0] += a0, s[b][1] += a1;
+        q[b][0] = at::vec::fmadd(a0, a0, q[b][0]), q[b][1] = at::vec::fmadd(a1, a1, q[b][1]);
+      }
+    }
+    FASTBN_UNROLL for (int b = 0; b < kBlocks; ++b) {
+      add_block_group<scalar_t>(s[b][0], s[b][1], sums + b * L::kBlock);
+      add_block_group<scalar_t>(q[b][0], q[b][1], squares + b * L::kBlock);
+    }
+  }
+}
+
+// out_dy[c] += sum of g[c]; out_dy_xmu[c] += sum of g[c] * (x[c] - mean[c]) over rows
+// (column_backward_sums for whole rows; mean and fk's arrays padded).
+template <int kBlocks, Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
+          typename red_t = typename ReduceLanes<scalar_t>::red_t>
+inline void rows_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t rows,
+                               int64_t C, const acc_t* mean, const ForwardArrays<acc_t>& fk, acc_t param,
+                               red_t* out_dy, red_t* out_dy_xmu) {
+  using L = Lanes<scalar_t>;
+  using AVec = typename L::Vec;
+  const AVec vparam(param), zero(acc_t(0));
+  AVec means[kBlocks][2];
+  FASTBN_UNROLL for (int b = 0; b < kBlocks; ++b) {
+    means[b][0] = AVec::loadu(mean + b * L::kBlock);
+    means[b][1] = AVec::loadu(mean + b * L::kBlock + L::kVec);
+  }
+  for (int64_t g = 0; g < rows; g += kBackwardGroupRows) {
+    const int64_t end = std::min(rows, g + kBackwardGroupRows);
+    AVec s[kBlocks][2], p[kBlocks][2];
+    FASTBN_UNROLL for (int b = 0; b < kBlocks; ++b) s[b][0] = s[b][1] = p[b][0] = p[b][1] = zero;
+    for (int64_t r = g; r < end; ++r) {
+      FASTBN_UNROLL for (int b = 0; b < kBlocks; ++b) {
+        // lanes past the width: dy = 0, so g = 0 (never stored)
+        const int64_t at = r * C + b * L::kBlock, width = row_block_width<kBlocks, L::kBlock>(b, C);
+        AVec g0, g1, x0, x1, r0, r1;
+        load_values(dy + at, width, g0, g1);
+        load_values(x + at, width, x0, x1);
+        load_residual<A>(residual, at, width, r0, r1);
+        if constexpr (A != Activation::Identity) {  // (the identity's gradient needs no coefficients)
+          g0 = grad_before_activation<A>(g0, x0, r0, forward_vecs(fk, b * L::kBlock), vparam);
+          g1 = grad_before_activation<A>(g1, x1, r1, forward_vecs(fk, b * L::kBlock + L::kVec), vparam);
+        }
+        s[b][0] += g0, s[b][1] += g1;
+        p[b][0] = at::vec::fmadd(g0, x0 - means[b][0], p[b][0]);
+        p[b][1] = at::vec::fmadd(g1, x1 - means[b][1], p[b][1]);
+      }
+    }
+    FASTBN_UNROLL for (int b = 0; b < kBlocks; ++b) {
+      add_block_group<scalar_t>(s[b][0], s[b][1], out_dy + b * L::kBlock);
+      add_block_group<scalar_t>(p[b][0], p[b][1], out_dy_xmu + b * L::kBlock);
+    }
+  }
+}
+
 }  // namespace fastbn::cpu::CPU_CAPABILITY

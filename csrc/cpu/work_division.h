@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <utility>
 
 #include "bn_checks.h"
@@ -143,7 +144,8 @@ inline bool tiles_in_row_order(const Geometry& g) {
 
 // Rows an interleaved reduction walks down one channel block before the next
 // block. In cache: a whole piece (`piece_rows`). A tensor too large for the cache
-// whose rows span several blocks is walked in groups of about kReductionGroupBytes
+// whose rows span more than kMaxRowBlocks blocks (fewer: row_walk_blocks, below,
+// walks whole rows) is walked in groups of about kReductionGroupBytes
 // per input, each block down the group and then the next group: memory is then
 // read in order (a whole piece block by block reads every row in pieces, which
 // the hardware prefetchers follow poorly from memory), and the group stays in L1
@@ -158,6 +160,29 @@ template <typename scalar_t>
 inline int64_t reduction_group_rows(const Geometry& g, int64_t piece_rows) {
   if (!larger_than_cache<scalar_t>(g) || g.C <= Lanes<scalar_t>::kBlock) return piece_rows;
   return std::clamp<int64_t>(kReductionGroupBytes / (g.C * int64_t(sizeof(scalar_t))), 1, piece_rows);
+}
+
+// The number of channel blocks per row when the interleaved reductions walk whole rows
+// in memory order (rows_sum_and_squares, rows_backward_sums), else 0: tensors too large
+// for the cache whose rows are 2 to kMaxRowBlocks blocks (the float group sums of a row
+// then fit in the vector registers). One block per row: the column loops already read
+// memory in order.
+constexpr int64_t kMaxRowBlocks = 4;
+template <typename scalar_t>
+inline int64_t row_walk_blocks(const Geometry& g) {
+  const int64_t blocks = (g.C + Lanes<scalar_t>::kBlock - 1) / Lanes<scalar_t>::kBlock;
+  return larger_than_cache<scalar_t>(g) && blocks >= 2 && blocks <= kMaxRowBlocks ? blocks : 0;
+}
+
+// Calls f(std::integral_constant<int, blocks>) for blocks in [2, kMaxRowBlocks].
+template <typename F>
+inline void with_row_blocks(int64_t blocks, const F& f) {
+  static_assert(kMaxRowBlocks == 4, "one case per block count");
+  switch (blocks) {
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
 }
 
 // Whether an output of g's size is written with streaming stores; for rows
