@@ -367,37 +367,19 @@ ForwardArrays<acc_t> forward_arrays(const acc_t* mean, const acc_t* var, Channel
   return coef;
 }
 
-// Calls run(order, arrays...) with the order the interleaved elementwise passes load
-// blocks in (a std::integral_constant<Order, ...>) and the coefficient arrays in that
-// order. bfloat16 rows load as even/odd values (Order::Any), as planar runs do, with
-// every block of the arrays reordered to match (even_odd_blocks): the float ->
-// bfloat16 pack and its cross-lane permute were the hot spot of these passes.
-template <typename scalar_t, typename Run, typename... Arrays>
-void with_row_block_order(const Run& run, const Arrays&... arrays) {
-  if constexpr (EvenOddBFloat16<scalar_t>::kAvailable) {
-    run(std::integral_constant<Order, Order::Any>{}, arrays.even_odd_blocks(Lanes<scalar_t>::kBlock)...);
-  } else {
-    run(std::integral_constant<Order, Order::Memory>{}, arrays...);
-  }
-}
-
 // y = act(forward_apply(coef[c], x) [+ residual]) over every value; residual may be null.
 template <Activation A, typename scalar_t, typename acc_t>
 void forward_apply_all(const scalar_t* x, const scalar_t* residual, scalar_t* y, const ForwardArrays<acc_t>& coef,
                        const Geometry& g, acc_t act_param) {
   const bool stream = stream_output(g, y), in_row_order = tiles_in_row_order<scalar_t>(g);
   if (g.layout == Layout::Interleaved) {
-    with_row_block_order<scalar_t>(
-        [&](auto order, const ForwardArrays<acc_t>& k) {
-          at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
-            for_each_row_tile(r_begin, r_end, g.C, [&](int64_t r, int64_t rows) {
-              tile_forward<A, decltype(order)::value>(x + r * g.C, offset_or_null(residual, r * g.C), y + r * g.C,
-                                                      rows, g.C, k, act_param, stream, in_row_order);
-            });
-            stream_fence(stream);
-          });
-        },
-        coef);
+    at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
+      for_each_row_tile(r_begin, r_end, g.C, [&](int64_t r, int64_t rows) {
+        tile_forward<A>(x + r * g.C, offset_or_null(residual, r * g.C), y + r * g.C, rows, g.C, coef, act_param,
+                        stream, in_row_order);
+      });
+      stream_fence(stream);
+    });
     return;
   }
   parallel_parts(g.N * g.C * g.S, planar_tasks(g), [&](int64_t, int64_t begin, int64_t end) {
@@ -651,19 +633,15 @@ void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<
     });
     return;
   }
-  with_row_block_order<scalar_t>(
-      [&](auto order, const ForwardArrays<acc_t>& fk, const BackwardArrays<acc_t>& k) {
-        at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
-          for_each_row_tile(r_begin, r_end, g.C, [&](int64_t r, int64_t rows) {
-            const int64_t at = r * g.C;
-            tile_backward<A, decltype(order)::value>(a.dy + at, a.x + at, offset_or_null(a.residual, at),
-                                                     out.dx + at, offset_or_null(out.grad_residual, at), rows, g.C,
-                                                     fk, k, a.act_param, stream, in_row_order);
-          });
-          stream_fence(stream);
-        });
-      },
-      forward_k, coef);
+  at::parallel_for(0, g.count(), row_grain(g.C), [&](int64_t r_begin, int64_t r_end) {
+    for_each_row_tile(r_begin, r_end, g.C, [&](int64_t r, int64_t rows) {
+      const int64_t at = r * g.C;
+      tile_backward<A>(a.dy + at, a.x + at, offset_or_null(a.residual, at), out.dx + at,
+                       offset_or_null(out.grad_residual, at), rows, g.C, forward_k, coef, a.act_param, stream,
+                       in_row_order);
+    });
+    stream_fence(stream);
+  });
 }
 
 template <typename acc_t>

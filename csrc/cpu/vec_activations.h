@@ -111,19 +111,6 @@ C10_ALWAYS_INLINE ForwardVecs<Vectorized<acc_t>> forward_vecs(const ForwardCoeff
   return {Vec(k.mean_hi), Vec(k.mean_lo), Vec(k.scale), Vec(k.bias)};
 }
 
-// Reorders each block of `block` entries of a padded per-channel array into its even-
-// then odd-indexed entries: the lane order of bfloat16 blocks loaded with Order::Any
-// (EvenOddBFloat16), so that vector loads of the array at c0 and c0 + block / 2 give the
-// coefficients of those lanes.
-template <typename T>
-inline void to_even_odd_blocks(std::vector<T>& values, int64_t block) {
-  std::vector<T> block_values(block);
-  for (int64_t c0 = 0; c0 + block <= int64_t(values.size()); c0 += block) {
-    for (int64_t i = 0; i < block; ++i) block_values[i % 2 * (block / 2) + i / 2] = values[c0 + i];
-    std::copy(block_values.begin(), block_values.end(), values.begin() + c0);
-  }
-}
-
 // Per-channel coefficients as arrays (structure of arrays, for vector loads),
 // padded to whole blocks so a column's loads never run past the end.
 template <typename acc_t>
@@ -138,14 +125,6 @@ struct ForwardArrays {
     bias[c] = k.bias;
   }
   ForwardCoefficients<acc_t> get(int64_t c) const { return {mean_hi[c], mean_lo[c], scale[c], bias[c]}; }
-  // These arrays in the lane order of even/odd blocks (to_even_odd_blocks; get() then no longer indexes channels).
-  ForwardArrays even_odd_blocks(int64_t block) const {
-    ForwardArrays permuted = *this;
-    for (auto* values : {&permuted.mean_hi, &permuted.mean_lo, &permuted.scale, &permuted.bias}) {
-      to_even_odd_blocks(*values, block);
-    }
-    return permuted;
-  }
 };
 
 template <typename acc_t>
@@ -158,13 +137,6 @@ struct BackwardArrays {
     k_dy[c] = k.k_dy;
     k_xmu[c] = k.k_xmu;
     k_const[c] = k.k_const;
-  }
-  BackwardArrays even_odd_blocks(int64_t block) const {  // see ForwardArrays::even_odd_blocks
-    BackwardArrays permuted = *this;
-    for (auto* values : {&permuted.mean, &permuted.k_dy, &permuted.k_xmu, &permuted.k_const}) {
-      to_even_odd_blocks(*values, block);
-    }
-    return permuted;
   }
 };
 

@@ -93,10 +93,8 @@ inline void span_backward(const scalar_t* dy, const scalar_t* x, const scalar_t*
 // 32,256,14,14: 161 against 182 µs).
 
 // y[r][c] = act(forward_apply(k[c], x[r][c]) [+ residual[r][c]]); residual may be
-// null. stream: whole blocks as streaming stores (rows must start aligned). O: the
-// order the blocks load in, which k's arrays follow (ForwardArrays::even_odd_blocks
-// for Order::Any: per-lane coefficients, unlike a planar run's).
-template <Activation A, Order O, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// null. stream: whole blocks as streaming stores (rows must start aligned).
+template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 inline void tile_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, int64_t rows, int64_t C,
                          const ForwardArrays<acc_t>& k, acc_t param, bool stream, bool rows_in_order) {
   using L = Lanes<scalar_t>;
@@ -106,15 +104,15 @@ inline void tile_forward(const scalar_t* x, const scalar_t* residual, scalar_t* 
     const int64_t width = std::min<int64_t>(L::kBlock, C - c0);
     const int64_t at = r * C + c0;
     Vec v0, v1;
-    load_values<O>(x + at, width, v0, v1);
+    load_values(x + at, width, v0, v1);
     Vec z0 = f0.z(v0), z1 = f1.z(v1);
     if (residual != nullptr) {
       Vec r0, r1;
-      load_values<O>(residual + at, width, r0, r1);
+      load_values(residual + at, width, r0, r1);
       z0 = z0 + r0;
       z1 = z1 + r1;
     }
-    store_values<O>(y + at, width, vec_activation<A>(z0, vparam), vec_activation<A>(z1, vparam), stream);
+    store_values(y + at, width, vec_activation<A>(z0, vparam), vec_activation<A>(z1, vparam), stream);
   };
   if (rows_in_order && C > L::kBlock) {
     for (int64_t r = 0; r < rows; ++r) {
@@ -129,8 +127,8 @@ inline void tile_forward(const scalar_t* x, const scalar_t* residual, scalar_t* 
 }
 
 // dx[r][c] = backward_apply(k[c], g, x[r][c]), g = dy * act'(z [+ residual]);
-// grad_residual (may be null) gets g. residual may be null. stream and O as in tile_forward.
-template <Activation A, Order O, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// grad_residual (may be null) gets g. residual may be null. stream as in tile_forward.
+template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 inline void tile_backward(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, scalar_t* dx,
                           scalar_t* grad_residual, int64_t rows, int64_t C, const ForwardArrays<acc_t>& fk,
                           const BackwardArrays<acc_t>& k, acc_t param, bool stream, bool rows_in_order) {
@@ -154,14 +152,14 @@ inline void tile_backward(const scalar_t* dy, const scalar_t* x, const scalar_t*
     const int64_t width = std::min<int64_t>(L::kBlock, C - c0);
     const int64_t at = r * C + c0;
     Vec d0, d1, v0, v1, r0, r1;
-    load_values<O>(dy + at, width, d0, d1);
-    load_values<O>(x + at, width, v0, v1);
-    load_residual<A, O>(residual, at, width, r0, r1);
+    load_values(dy + at, width, d0, d1);
+    load_values(x + at, width, v0, v1);
+    load_residual<A>(residual, at, width, r0, r1);
     const Vec g0 = grad_before_activation<A>(d0, v0, r0, q.f0, vparam);
     const Vec g1 = grad_before_activation<A>(d1, v1, r1, q.f1, vparam);
-    store_values<O>(dx + at, width, at::vec::fmadd(g0, q.kdy0, at::vec::fmadd(v0 - q.mean0, q.kxmu0, q.kconst0)),
+    store_values(dx + at, width, at::vec::fmadd(g0, q.kdy0, at::vec::fmadd(v0 - q.mean0, q.kxmu0, q.kconst0)),
                  at::vec::fmadd(g1, q.kdy1, at::vec::fmadd(v1 - q.mean1, q.kxmu1, q.kconst1)), stream);
-    if (grad_residual != nullptr) store_values<O>(grad_residual + at, width, g0, g1);
+    if (grad_residual != nullptr) store_values(grad_residual + at, width, g0, g1);
   };
   if (rows_in_order && C > L::kBlock) {  // see tile_forward
     for (int64_t r = 0; r < rows; ++r) {
