@@ -264,6 +264,33 @@ def test_every_isa_short_planar_runs(shape, dtype):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_every_isa_short_planar_runs_keep_non_finite_values_to_their_channel(dtype):
+    """An infinity and a NaN in runs that are reduced together with other channels' runs
+    (16 or 8 runs at once): only their own channels' statistics and sums become non-finite,
+    as in torch."""
+    x = random_input((4, 20, 7, 7), dtype, mean=3.0, std=2.0)
+    x[1, 3, 2, 2] = float("inf")
+    x[2, 7, 0, 0] = float("nan")
+    grad = random_input(x.shape, dtype, mean=0.1, std=1.0)
+    finite = torch.ones(20, dtype=torch.bool)
+    finite[[3, 7]] = False
+    weight, bias = torch.rand(20) + 0.5, torch.randn(20)
+    for isa in ISAS:
+        with fastbn.ops.use_cpu_capability(isa):
+            mean, var = torch.ops.fastbn.batch_norm_stats(x)
+            sum_dy, sum_dy_xmu = torch.ops.fastbn.batch_norm_backward_reduce(grad, x, weight, bias, mean, var, 1e-5)
+        assert torch.isfinite(mean[finite]).all() and torch.isfinite(var[finite]).all(), isa
+        assert torch.isfinite(sum_dy).all() and torch.isfinite(sum_dy_xmu[finite]).all(), isa
+        assert mean[3].item() == float("inf") and mean[7].isnan() and var[7].isnan(), isa
+        assert sum_dy_xmu[3].isnan() or sum_dy_xmu[3].isinf(), isa  # g * (inf - inf) or g * (x - inf)
+        assert sum_dy_xmu[7].isnan(), isa
+        expected_mean = x.double()[:, finite].mean((0, 2, 3))
+        expected_var = x.double()[:, finite].var((0, 2, 3), correction=0)
+        torch.testing.assert_close(mean[finite].double(), expected_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(var[finite].double(), expected_var, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("planar", [True, False], ids=["planar", "channels_last"])
 def test_every_isa_rounds_bfloat16_outputs_to_nearest_even(planar):
     """bfloat16 outputs are the float result rounded to nearest even, NaN and infinities
