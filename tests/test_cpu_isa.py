@@ -195,16 +195,16 @@ def test_every_isa_channels_last_rows_past_the_streaming_threshold(dtype, channe
                 assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
 
 
-# Planar runs short enough that half/bfloat16 reductions take a vector's width of runs at
-# once (planar_grouped_moments, planar_grouped_backward_sums): statistics up to 16 blocks
-# per run, backward sums up to 4 (a block is 32 values with AVX-512, 16 with AVX2 and
-# DEFAULT); shapes at and past each limit, runs of channels that wrap around C (C not a
+# Planar runs short enough that the reductions take a vector's width of runs at once
+# (planar_grouped_moments, planar_grouped_backward_sums): up to 16 blocks per run, for
+# half/bfloat16's backward sums up to 4 (a block is 32 values with AVX-512, 16 with AVX2
+# and DEFAULT); shapes at and past each limit, runs of channels that wrap around C (C not a
 # multiple of the lanes, C below them), and parts of 3 threads starting inside runs.
 SHORT_PLANAR_RUNS = [(16, 40, 7, 7), (7, 3, 11, 11), (5, 24, 8, 8), (5, 24, 5, 13), (5, 24, 8, 16), (5, 24, 3, 43),
                      (3, 20, 16, 16), (3, 20, 257, 1), (3, 20, 16, 32), (3, 20, 27, 19), (64, 17, 1, 1)]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHORT_PLANAR_RUNS, ids=str)
 def test_every_isa_short_planar_runs(shape, dtype):
     """Training step, SyncBatchNorm's phase ops and a fused activation with a residual on
@@ -215,6 +215,10 @@ def test_every_isa_short_planar_runs(shape, dtype):
     residual = random_input(shape, dtype, mean=-0.3, std=1.0)
     channels, count = shape[1], x.numel() // shape[1]
     state = random_state(channels)
+    # the parameters' and sums' dtype: float32 for half/bfloat16 (mixed precision, so that the
+    # float64 reference has the same weights: near the activation's kink a rounded weight
+    # moves outputs across it), else the input's
+    param_dtype = fastbn.ops.accumulate_dtype(dtype)
     expected = training_step(make_bn(nn.BatchNorm2d, state, dtype), x, grad)
     reference = training_step(make_bn(nn.BatchNorm2d, state, torch.float64), x.double(), grad.double())
 
@@ -224,10 +228,8 @@ def test_every_isa_short_planar_runs(shape, dtype):
         y.backward(grad)
         return y.detach(), x.grad, residual.grad, bn.weight.grad, bn.bias.grad
 
-    # float32 parameters (mixed precision), so that the float64 reference has the same weights:
-    # near the activation's kink a rounded weight moves outputs across it
     leaky = nn.LeakyReLU(0.2)
-    activated_torch = activated_step(make_bn(nn.BatchNorm2d, state, torch.float32), x, residual, grad, leaky)
+    activated_torch = activated_step(make_bn(nn.BatchNorm2d, state, param_dtype), x, residual, grad, leaky)
     activated_reference = activated_step(make_bn(nn.BatchNorm2d, state, torch.float64), x.double(),
                                          residual.double(), grad.double(), leaky)
     threads = torch.get_num_threads()
@@ -238,23 +240,22 @@ def test_every_isa_short_planar_runs(shape, dtype):
                 fast = training_step(make_bn(fastbn.BatchNorm2d, state, dtype), x, grad)
                 for actual, torch_result, ref, what in zip(fast, expected, reference, STEP_OUTPUTS):
                     assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
-                weight = state["weight"].float()
-                bias = state["bias"].float()
+                weight = state["weight"].to(param_dtype)
+                bias = state["bias"].to(param_dtype)
                 mean, var = torch.ops.fastbn.batch_norm_stats(x)
-                assert_within_budget(var, torch.var(x.float(), (0, 2, 3), correction=0),
+                assert_within_budget(var, torch.var(x.to(param_dtype), (0, 2, 3), correction=0),
                                      torch.var(x.double(), (0, 2, 3), correction=0), f"{isa}: batch_norm_stats var")
                 sum_dy, sum_dy_xmu = torch.ops.fastbn.batch_norm_backward_reduce(grad, x, weight, bias, mean, var,
                                                                                  1e-5)
                 centered = x.double() - mean.double().view(1, -1, 1, 1)
-                assert_within_budget(sum_dy, grad.float().sum((0, 2, 3)), grad.double().sum((0, 2, 3)),
+                assert_within_budget(sum_dy, grad.to(param_dtype).sum((0, 2, 3)), grad.double().sum((0, 2, 3)),
                                      f"{isa}: sum_dy")
-                assert_within_budget(sum_dy_xmu, (grad.float() * centered.float()).sum((0, 2, 3)),
+                assert_within_budget(sum_dy_xmu, (grad.to(param_dtype) * centered.to(param_dtype)).sum((0, 2, 3)),
                                      (grad.double() * centered).sum((0, 2, 3)), f"{isa}: sum_dy_xmu")
                 grad_input = torch.ops.fastbn.batch_norm_backward_elemt(grad, x, weight, bias, mean, var, sum_dy,
                                                                         sum_dy_xmu, 1e-5, count)
                 assert_within_budget(grad_input, expected[1], reference[1], f"{isa}: batch_norm_backward_elemt")
-                fused = make_bn(fastbn.BatchNorm2d, state, torch.float32, activation="leaky_relu",
-                                activation_param=0.2)
+                fused = make_bn(fastbn.BatchNorm2d, state, param_dtype, activation="leaky_relu", activation_param=0.2)
                 activated = activated_step(fused, x, residual, grad, None)
                 names = ("activated output", "activated grad_input", "grad_residual", "activated grad_weight",
                          "activated grad_bias")

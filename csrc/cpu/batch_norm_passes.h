@@ -184,39 +184,44 @@ std::vector<Moments<double>> planar_channel_moments(const scalar_t* x, const Geo
   return merge_parts(parts, tasks, C);
 }
 
-// Adds lane j of `lanes` to out[c + j] (j < kLanes), the channel index wrapping around
-// at C (a group of runs may span samples, see for_each_plane_run_group).
-inline void add_lanes_to_channels(const Vectorized<float>& lanes, int64_t c, int64_t C, double* out) {
-  constexpr int64_t kLanes = Vectorized<float>::size();
+// Adds lane j of `lanes` (float or double) to out[c + j] (j < kLanes), the channel
+// index wrapping around at C (a group of runs may span samples, see
+// for_each_plane_run_group).
+template <typename T>
+inline void add_lanes_to_channels(const Vectorized<T>& lanes, int64_t c, int64_t C, double* out) {
+  constexpr int64_t kLanes = Vectorized<T>::size();
   if (c + kLanes <= C) {
-    Vectorized<double> lo, hi;
-    widen(lanes, lo, hi);
-    (Vectorized<double>::loadu(out + c) + lo).store(out + c);
-    (Vectorized<double>::loadu(out + c + Vectorized<double>::size()) + hi).store(out + c + Vectorized<double>::size());
+    if constexpr (std::is_same_v<T, float>) {
+      Vectorized<double> lo, hi;
+      widen(lanes, lo, hi);
+      (Vectorized<double>::loadu(out + c) + lo).store(out + c);
+      (Vectorized<double>::loadu(out + c + Vectorized<double>::size()) + hi).store(out + c + Vectorized<double>::size());
+    } else {
+      (Vectorized<double>::loadu(out + c) + lanes).store(out + c);
+    }
     return;
   }
-  __at_align__ float values[kLanes];
+  __at_align__ T values[kLanes];
   lanes.store(values);
   for (int64_t j = 0; j < kLanes; ++j, c = c + 1 == C ? 0 : c + 1) out[c] += double(values[j]);
 }
 
-// Planar runs of reduced dtypes this short are reduced kLanes runs at a time
-// (planar_grouped_moments): a run is then one float group.
+// Planar runs this short are reduced several runs at a time (planar_grouped_moments,
+// planar_grouped_backward_sums): for reduced dtypes a run is then one float group.
 template <typename scalar_t>
-constexpr int64_t kMaxGroupedStatisticsRun = kStatisticsGroupRows * Lanes<scalar_t>::kBlock;
+constexpr int64_t kMaxGroupedRun = kStatisticsGroupRows * Lanes<scalar_t>::kBlock;
 
-// planar_channel_moments for short runs of a reduced dtype (bfloat16, half: S up to
-// kMaxGroupedStatisticsRun, e.g. 7x7 or 14x14 planes). Each run is summed in one
-// float group about its channel's shift, as span_sum_and_squares would, but kLanes
-// runs at once (runs_sum_and_squares), their lanes added across runs together and
-// added into per-channel double sums: no per-channel lane accumulators to flush and
+// planar_channel_moments for short runs (S up to kMaxGroupedRun, e.g. 7x7 or 14x14
+// planes). Each run is summed as span_sum_and_squares would (reduced dtypes: in one
+// float group), about its channel's shift, but RunVec's width of runs at once
+// (runs_sum_and_squares): their lanes are added across runs together and added into
+// per-channel double sums, so there are no per-channel lane accumulators to flush and
 // clear, and one run's reduction overlaps the next ones'. (16,512,7,7) bfloat16,
 // 1 thread: 8192 runs of 49 values cost about 16 ns each in planar_channel_moments.
 template <typename scalar_t>
 std::vector<Moments<double>> planar_grouped_moments(const scalar_t* x, const Geometry& g) {
-  using acc_t = typename Lanes<scalar_t>::acc_t;
-  using AVec = Vectorized<acc_t>;
-  constexpr int64_t kRuns = AVec::size();
+  using V = RunVec<scalar_t>;
+  constexpr int64_t kRuns = V::size();
   const int64_t tasks = planar_tasks(g), C = g.C, S = g.S;
   std::vector<Moments<double>> parts(tasks * C, Moments<double>{0.0, 0.0, 0});
   parallel_parts(g.N * C * S, tasks, [&](int64_t t, int64_t begin, int64_t end) {
@@ -238,11 +243,11 @@ std::vector<Moments<double>> planar_grouped_moments(const scalar_t* x, const Geo
           squares[c] += run_squares.flush();
         },
         [&](int64_t offset, int64_t c0) {
-          __at_align__ acc_t run_shifts[kRuns];  // float values (span_shift): exact as acc_t
+          double run_shifts[kRuns];
           for (int64_t j = 0, c = c0; j < kRuns; ++j, c = c + 1 == C ? 0 : c + 1) {
-            run_shifts[j] = acc_t(shift_for_run(offset + j * S, S, c));
+            run_shifts[j] = shift_for_run(offset + j * S, S, c);
           }
-          AVec run_sums, run_squares;
+          V run_sums, run_squares;
           runs_sum_and_squares(x + offset, S, run_shifts, run_sums, run_squares);
           add_lanes_to_channels(run_sums, c0, C, sums.data());
           add_lanes_to_channels(run_squares, c0, C, squares.data());
@@ -250,7 +255,7 @@ std::vector<Moments<double>> planar_grouped_moments(const scalar_t* x, const Geo
     for (int64_t c = 0; c < C; ++c) {
       if (counts[c] == 0) continue;
       Moments<double> m = moments_from_shifted_sums<double>(shift[c], sums[c], squares[c], counts[c]);
-      if (shifted_sums_need_second_pass<true>(shift[c], m)) {
+      if (shifted_sums_need_second_pass<Lanes<scalar_t>::kReduced>(shift[c], m)) {
         m = Moments<double>{0.0, 0.0, 0};
         for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t run_c) {
           if (run_c == c) m = moments_merge(m, span_moments(x + offset, length));
@@ -342,10 +347,7 @@ std::vector<Moments<double>> interleaved_channel_moments(const scalar_t* x, cons
 template <typename scalar_t>
 std::vector<Moments<double>> channel_moments(const scalar_t* x, const Geometry& g) {
   if (g.layout == Layout::Interleaved) return interleaved_channel_moments(x, g);
-  if constexpr (Lanes<scalar_t>::kReduced) {
-    if (g.S <= kMaxGroupedStatisticsRun<scalar_t>) return planar_grouped_moments(x, g);
-  }
-  return planar_channel_moments(x, g);
+  return g.S <= kMaxGroupedRun<scalar_t> ? planar_grouped_moments(x, g) : planar_channel_moments(x, g);
 }
 
 // ------------------------------------------------------------------ forward
@@ -476,25 +478,25 @@ struct BackwardOutputs {
   scalar_t* grad_residual;
 };
 
-// Whether the planar backward sums take kLanes runs at once (runs_backward_sums): runs
-// of a reduced dtype short enough to be one float group each (see planar_grouped_moments).
+// Whether the planar backward sums take several runs at once (runs_backward_sums): runs
+// up to kMaxGroupedRun, for reduced dtypes short enough to be one float group each
+// (kBackwardGroupRows blocks).
 template <typename scalar_t>
 inline bool grouped_backward_runs(const Geometry& g) {
   if constexpr (Lanes<scalar_t>::kReduced) {
     return g.S <= kBackwardGroupRows * Lanes<scalar_t>::kBlock;
   } else {
-    return false;
+    return g.S <= kMaxGroupedRun<scalar_t>;
   }
 }
 
-// The planar backward sums of short runs of a reduced dtype into per-part double
-// arrays (out + t * padded), kLanes runs at a time, each run one float group (see
-// planar_grouped_moments).
+// The planar backward sums of short runs into per-part double arrays (out + t *
+// padded), RunVec's width of runs at a time (see planar_grouped_moments).
 template <Activation A, typename scalar_t, typename acc_t>
 void planar_grouped_backward_sums(const BackwardArgs<scalar_t, acc_t>& a, const ForwardArrays<acc_t>& forward_k,
                                   int64_t tasks, int64_t padded, double* part_dy, double* part_dy_xmu) {
-  using AVec = Vectorized<acc_t>;
-  constexpr int64_t kRuns = AVec::size();
+  using V = RunVec<scalar_t>;
+  constexpr int64_t kRuns = V::size();
   const Geometry& g = a.g;
   const int64_t C = g.C;
   parallel_parts(g.N * C * g.S, tasks, [&](int64_t t, int64_t begin, int64_t end) {
@@ -512,7 +514,7 @@ void planar_grouped_backward_sums(const BackwardArgs<scalar_t, acc_t>& a, const 
         [&](int64_t offset, int64_t c0) {
           int64_t channels[kRuns];
           for (int64_t j = 0, c = c0; j < kRuns; ++j, c = c + 1 == C ? 0 : c + 1) channels[j] = c;
-          AVec run_dy, run_dy_xmu;
+          V run_dy, run_dy_xmu;
           runs_backward_sums<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), g.S, channels,
                                 a.mean, forward_k, a.act_param, run_dy, run_dy_xmu);
           add_lanes_to_channels(run_dy, c0, C, out_dy);
@@ -531,9 +533,7 @@ BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
   const int64_t tasks = g.layout == Layout::Planar ? planar_tasks(g) : interleaved_tasks(g.count());
   std::vector<red_t> part_dy(tasks * padded, red_t(0)), part_dy_xmu(tasks * padded, red_t(0));
   if (g.layout == Layout::Planar && grouped_backward_runs<scalar_t>(g)) {
-    if constexpr (Lanes<scalar_t>::kReduced) {
-      planar_grouped_backward_sums<A>(a, forward_k, tasks, padded, part_dy.data(), part_dy_xmu.data());
-    }
+    planar_grouped_backward_sums<A>(a, forward_k, tasks, padded, part_dy.data(), part_dy_xmu.data());
   } else if (g.layout == Layout::Planar) {
     parallel_parts(g.N * C * g.S, tasks, [&](int64_t t, int64_t begin, int64_t end) {
       // per channel, added up across lanes once per part (see planar_channel_moments)

@@ -105,6 +105,12 @@ struct LaneSums {
   void clear() {
     for (auto& a : acc) a = typename R::Vec(red_t(0));
   }
+  // The parts added into one vector (lane sums).
+  typename R::Vec vector_total() const {
+    typename R::Vec sum = acc[0];
+    for (int j = 1; j < R::kParts; ++j) sum = sum + acc[j];
+    return sum;
+  }
   // The total of every lane, added pairwise (a short dependency chain).
   double flush() {
     typename R::Vec sum = acc[0];
@@ -182,24 +188,6 @@ C10_ALWAYS_INLINE void group_sum_and_squares(const scalar_t* x, int64_t n, const
   squares = q0 + q1;
 }
 
-// The statistics of kLanes consecutive runs of n <= kStatisticsGroupRows * kBlock
-// values of a reduced dtype, run j about shifts[j]: lane j of `sums` is run j's
-// sum(x - shifts[j]), of `squares` its sum((x - shifts[j])^2). For short planar runs
-// (7x7 planes), where flushing one run's lanes into its channel's double lanes cost
-// more than summing the run.
-template <typename scalar_t, typename acc_t = typename Lanes<scalar_t>::acc_t>
-inline void runs_sum_and_squares(const scalar_t* x, int64_t n, const acc_t* shifts, Vectorized<acc_t>& sums,
-                                 Vectorized<acc_t>& squares) {
-  using AVec = Vectorized<acc_t>;
-  constexpr int64_t kRuns = AVec::size();
-  AVec run_sums[kRuns], run_squares[kRuns];
-  for (int64_t j = 0; j < kRuns; ++j) {
-    group_sum_and_squares(x + j * n, n, AVec(shifts[j]), run_sums[j], run_squares[j]);
-  }
-  sums = sum_lanes_of_each(run_sums);
-  squares = sum_lanes_of_each(run_squares);
-}
-
 // sums += x - shift; squares += (x - shift)^2: both moments in one pass.
 // Summing deviations from a value near the data (the running mean) keeps the
 // rounding relative to the spread, not to the mean (x = 1e4 + randn). The
@@ -246,6 +234,38 @@ inline void span_sum_and_squares(const scalar_t* x, int64_t n, red_t shift, Lane
       }
     }
   }
+}
+
+// The vector of one run's lane sums in the grouped planar reductions (runs_*): float
+// for reduced dtypes (a run is one float group), red_t (double) for float and double,
+// whose span sums are in double.
+template <typename scalar_t>
+using RunVec = Vectorized<std::conditional_t<Lanes<scalar_t>::kReduced, typename Lanes<scalar_t>::acc_t,
+                                             typename ReduceLanes<scalar_t>::red_t>>;
+
+// The statistics of RunVec's width of consecutive runs of n values each (reduced dtypes:
+// n <= kStatisticsGroupRows * kBlock, one float group per run), run j about shifts[j]:
+// lane j of `sums` is run j's sum(x - shifts[j]), of `squares` its sum((x - shifts[j])^2).
+// For short planar runs (7x7 planes), where flushing one run's lanes into its channel's
+// double lanes cost more than summing the run.
+template <typename scalar_t>
+inline void runs_sum_and_squares(const scalar_t* x, int64_t n, const double* shifts, RunVec<scalar_t>& sums,
+                                 RunVec<scalar_t>& squares) {
+  using V = RunVec<scalar_t>;
+  constexpr int64_t kRuns = V::size();
+  V run_sums[kRuns], run_squares[kRuns];
+  for (int64_t j = 0; j < kRuns; ++j) {
+    if constexpr (Lanes<scalar_t>::kReduced) {  // (the shifts are float values: span_shift)
+      group_sum_and_squares(x + j * n, n, V(typename V::value_type(shifts[j])), run_sums[j], run_squares[j]);
+    } else {
+      LaneSums<scalar_t> lane_sums, lane_squares;
+      span_sum_and_squares(x + j * n, n, shifts[j], lane_sums, lane_squares);
+      run_sums[j] = lane_sums.vector_total();
+      run_squares[j] = lane_squares.vector_total();
+    }
+  }
+  sums = sum_lanes_of_each(run_sums);
+  squares = sum_lanes_of_each(run_squares);
 }
 
 // acc += (x - mean)^2
@@ -296,26 +316,6 @@ C10_ALWAYS_INLINE void group_backward_sums(const scalar_t* dy, const scalar_t* x
   }
   sum_dy = s0 + s1;
   sum_dy_xmu = p0 + p1;
-}
-
-// The backward sums of kLanes consecutive runs of n <= kBackwardGroupRows * kBlock values
-// of a reduced dtype, run j of channel channels[j]: lane j of `sum_dy` / `sum_dy_xmu` is
-// run j's sum(g) / sum(g * (x - mean)) (see runs_sum_and_squares).
-template <Activation A, typename scalar_t, typename acc_t = typename Lanes<scalar_t>::acc_t>
-inline void runs_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t n,
-                               const int64_t* channels, const acc_t* mean, const ForwardArrays<acc_t>& fk,
-                               acc_t param, Vectorized<acc_t>& sum_dy, Vectorized<acc_t>& sum_dy_xmu) {
-  using AVec = Vectorized<acc_t>;
-  constexpr int64_t kRuns = AVec::size();
-  const AVec vparam(param);
-  AVec run_dy[kRuns], run_dy_xmu[kRuns];
-  for (int64_t j = 0; j < kRuns; ++j) {
-    const int64_t c = channels[j];
-    group_backward_sums<A>(dy + j * n, x + j * n, residual == nullptr ? nullptr : residual + j * n, n, AVec(mean[c]),
-                           forward_vecs(fk.get(c)), vparam, run_dy[j], run_dy_xmu[j]);
-  }
-  sum_dy = sum_lanes_of_each(run_dy);
-  sum_dy_xmu = sum_lanes_of_each(run_dy_xmu);
 }
 
 // sum_dy += g; sum_dy_xmu += g * (x - mean), g = dy * act'(z [+ residual]); residual may be null.
@@ -369,6 +369,36 @@ inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, const scal
       }
     }
   }
+}
+
+// The backward sums of RunVec's width of consecutive runs of n values each (reduced
+// dtypes: n <= kBackwardGroupRows * kBlock, one float group per run), run j of channel
+// channels[j]: lane j of `sum_dy` / `sum_dy_xmu` is run j's sum(g) / sum(g * (x - mean))
+// (see runs_sum_and_squares).
+template <Activation A, typename scalar_t, typename acc_t = typename Lanes<scalar_t>::acc_t>
+inline void runs_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t n,
+                               const int64_t* channels, const acc_t* mean, const ForwardArrays<acc_t>& fk,
+                               acc_t param, RunVec<scalar_t>& sum_dy, RunVec<scalar_t>& sum_dy_xmu) {
+  using V = RunVec<scalar_t>;
+  constexpr int64_t kRuns = V::size();
+  const Vectorized<acc_t> vparam(param);
+  V run_dy[kRuns], run_dy_xmu[kRuns];
+  for (int64_t j = 0; j < kRuns; ++j) {
+    const int64_t c = channels[j];
+    const scalar_t* run_residual = residual == nullptr ? nullptr : residual + j * n;
+    if constexpr (Lanes<scalar_t>::kReduced) {
+      group_backward_sums<A>(dy + j * n, x + j * n, run_residual, n, Vectorized<acc_t>(mean[c]),
+                             forward_vecs(fk.get(c)), vparam, run_dy[j], run_dy_xmu[j]);
+    } else {
+      LaneSums<scalar_t> lane_dy, lane_dy_xmu;
+      span_backward_sums<A>(dy + j * n, x + j * n, run_residual, n, typename ReduceLanes<scalar_t>::red_t(mean[c]),
+                            fk.get(c), param, lane_dy, lane_dy_xmu);
+      run_dy[j] = lane_dy.vector_total();
+      run_dy_xmu[j] = lane_dy_xmu.vector_total();
+    }
+  }
+  sum_dy = sum_lanes_of_each(run_dy);
+  sum_dy_xmu = sum_lanes_of_each(run_dy_xmu);
 }
 
 // Columns: a block of `width` <= kBlock interleaved channels over `rows` rows
