@@ -149,6 +149,21 @@ inline std::vector<Moments<double>> merge_parts(const std::vector<Moments<double
   return merged;
 }
 
+// Channel c's moments over the planar part [begin, end) from its shifted sums (count
+// values about `shift`), redone run by run (span_moments) where the shift turns out far
+// from the mean (shifted_sums_need_second_pass).
+template <typename scalar_t>
+Moments<double> part_moments(const scalar_t* x, const Geometry& g, int64_t begin, int64_t end, int64_t c, double shift,
+                             double sum, double squares, int64_t count) {
+  Moments<double> m = moments_from_shifted_sums<double>(shift, sum, squares, count);
+  if (!shifted_sums_need_second_pass<Lanes<scalar_t>::kReduced>(shift, m)) return m;
+  m = Moments<double>{0.0, 0.0, 0};
+  for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t run_c) {
+    if (run_c == c) m = moments_merge(m, span_moments(x + offset, length));
+  });
+  return m;
+}
+
 // Each part sums every channel's runs about one shift per channel (its first
 // value in the part) into that channel's lane sums, added up once per part: no
 // merge per run, which for short runs (S of 100-200) cost more than the run
@@ -170,15 +185,9 @@ std::vector<Moments<double>> planar_channel_moments(const scalar_t* x, const Geo
       counts[c] += length;
     });
     for (int64_t c = 0; c < C; ++c) {
-      if (counts[c] == 0) continue;
-      Moments<double> m = moments_from_shifted_sums<double>(shift[c], sums[c].flush(), squares[c].flush(), counts[c]);
-      if (shifted_sums_need_second_pass<Lanes<scalar_t>::kReduced>(shift[c], m)) {
-        m = Moments<double>{0.0, 0.0, 0};
-        for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t run_c) {
-          if (run_c == c) m = moments_merge(m, span_moments(x + offset, length));
-        });
+      if (counts[c] > 0) {
+        parts[t * C + c] = part_moments(x, g, begin, end, c, shift[c], sums[c].flush(), squares[c].flush(), counts[c]);
       }
-      parts[t * C + c] = m;
     }
   });
   return merge_parts(parts, tasks, C);
@@ -253,15 +262,7 @@ std::vector<Moments<double>> planar_grouped_moments(const scalar_t* x, const Geo
           add_lanes_to_channels(run_squares, c0, C, squares.data());
         });
     for (int64_t c = 0; c < C; ++c) {
-      if (counts[c] == 0) continue;
-      Moments<double> m = moments_from_shifted_sums<double>(shift[c], sums[c], squares[c], counts[c]);
-      if (shifted_sums_need_second_pass<Lanes<scalar_t>::kReduced>(shift[c], m)) {
-        m = Moments<double>{0.0, 0.0, 0};
-        for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t run_c) {
-          if (run_c == c) m = moments_merge(m, span_moments(x + offset, length));
-        });
-      }
-      parts[t * C + c] = m;
+      if (counts[c] > 0) parts[t * C + c] = part_moments(x, g, begin, end, c, shift[c], sums[c], squares[c], counts[c]);
     }
   });
   return merge_parts(parts, tasks, C);
