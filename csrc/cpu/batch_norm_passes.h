@@ -193,26 +193,26 @@ std::vector<Moments<double>> planar_channel_moments(const scalar_t* x, const Geo
   return merge_parts(parts, tasks, C);
 }
 
-// Adds lane j of `lanes` (float or double) to out[c + j] (j < kLanes), the channel
-// index wrapping around at C (a group of runs may span samples, see
-// for_each_plane_run_group).
+// Adds lane j of `lanes` (float or double) to out[channels[j]], j < kLanes (the
+// channels of a group of runs, see for_each_plane_run_group).
 template <typename T>
-inline void add_lanes_to_channels(const Vectorized<T>& lanes, int64_t c, int64_t C, double* out) {
+inline void add_lanes_to_channels(const Vectorized<T>& lanes, const int64_t* channels, double* out) {
   constexpr int64_t kLanes = Vectorized<T>::size();
-  if (c + kLanes <= C) {
+  if (channels[kLanes - 1] == channels[0] + kLanes - 1) {  // consecutive channels (no wrap around C)
+    double* at = out + channels[0];
     if constexpr (std::is_same_v<T, float>) {
       Vectorized<double> lo, hi;
       widen(lanes, lo, hi);
-      (Vectorized<double>::loadu(out + c) + lo).store(out + c);
-      (Vectorized<double>::loadu(out + c + Vectorized<double>::size()) + hi).store(out + c + Vectorized<double>::size());
+      (Vectorized<double>::loadu(at) + lo).store(at);
+      (Vectorized<double>::loadu(at + Vectorized<double>::size()) + hi).store(at + Vectorized<double>::size());
     } else {
-      (Vectorized<double>::loadu(out + c) + lanes).store(out + c);
+      (Vectorized<double>::loadu(at) + lanes).store(at);
     }
     return;
   }
   __at_align__ T values[kLanes];
   lanes.store(values);
-  for (int64_t j = 0; j < kLanes; ++j, c = c + 1 == C ? 0 : c + 1) out[c] += double(values[j]);
+  for (int64_t j = 0; j < kLanes; ++j) out[channels[j]] += double(values[j]);
 }
 
 // Planar runs this short are reduced several runs at a time (planar_grouped_moments,
@@ -251,15 +251,13 @@ std::vector<Moments<double>> planar_grouped_moments(const scalar_t* x, const Geo
           sums[c] += run_sums.flush();
           squares[c] += run_squares.flush();
         },
-        [&](int64_t offset, int64_t c0) {
+        [&](int64_t offset, const int64_t* channels) {
           double run_shifts[kRuns];
-          for (int64_t j = 0, c = c0; j < kRuns; ++j, c = c + 1 == C ? 0 : c + 1) {
-            run_shifts[j] = shift_for_run(offset + j * S, S, c);
-          }
+          for (int64_t j = 0; j < kRuns; ++j) run_shifts[j] = shift_for_run(offset + j * S, S, channels[j]);
           V run_sums, run_squares;
           runs_sum_and_squares(x + offset, S, run_shifts, run_sums, run_squares);
-          add_lanes_to_channels(run_sums, c0, C, sums.data());
-          add_lanes_to_channels(run_squares, c0, C, squares.data());
+          add_lanes_to_channels(run_sums, channels, sums.data());
+          add_lanes_to_channels(run_squares, channels, squares.data());
         });
     for (int64_t c = 0; c < C; ++c) {
       if (counts[c] > 0) parts[t * C + c] = part_moments(x, g, begin, end, c, shift[c], sums[c], squares[c], counts[c]);
@@ -512,14 +510,12 @@ void planar_grouped_backward_sums(const BackwardArgs<scalar_t, acc_t>& a, const 
           out_dy[c] += run_dy.flush();
           out_dy_xmu[c] += run_dy_xmu.flush();
         },
-        [&](int64_t offset, int64_t c0) {
-          int64_t channels[kRuns];
-          for (int64_t j = 0, c = c0; j < kRuns; ++j, c = c + 1 == C ? 0 : c + 1) channels[j] = c;
+        [&](int64_t offset, const int64_t* channels) {
           V run_dy, run_dy_xmu;
           runs_backward_sums<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), g.S, channels,
                                 a.mean, forward_k, a.act_param, run_dy, run_dy_xmu);
-          add_lanes_to_channels(run_dy, c0, C, out_dy);
-          add_lanes_to_channels(run_dy_xmu, c0, C, out_dy_xmu);
+          add_lanes_to_channels(run_dy, channels, out_dy);
+          add_lanes_to_channels(run_dy_xmu, channels, out_dy_xmu);
         });
   });
 }

@@ -57,10 +57,10 @@ inline void for_each_plane_run(int64_t begin, int64_t end, const Geometry& g, co
 }
 
 // for_each_plane_run for reductions that take kRuns whole runs at once: calls
-// group(offset, c) for kRuns consecutive whole runs starting at channel c (the
-// channels c, c + 1, ... wrap around to 0 at C: a group may span samples, and with
-// C < kRuns hold a channel more than once) and single(offset, length, c) for the
-// runs left over at the ends of [begin, end), in memory order.
+// group(offset, channels) for kRuns consecutive whole runs, run j of channel
+// channels[j] (the channels wrap around to 0 at C: a group may span samples, and with
+// C < kRuns hold a channel more than once), and single(offset, length, c) for the runs
+// left over at the ends of [begin, end), in memory order.
 template <int64_t kRuns, typename Single, typename Group>
 inline void for_each_plane_run_group(int64_t begin, int64_t end, const Geometry& g, const Single& single,
                                      const Group& group) {
@@ -73,9 +73,10 @@ inline void for_each_plane_run_group(int64_t begin, int64_t end, const Geometry&
     offset += length;
     if (++c == g.C) c = 0;
   }
+  int64_t channels[kRuns];
   for (; offset + kRuns * g.S <= end; offset += kRuns * g.S) {
-    group(offset, c);
-    c = (c + kRuns) % g.C;
+    for (int64_t j = 0; j < kRuns; ++j, c = c + 1 == g.C ? 0 : c + 1) channels[j] = c;
+    group(offset, channels);
   }
   for (; offset < end; offset += g.S) {
     single(offset, std::min(g.S, end - offset), c);
