@@ -172,8 +172,11 @@ def main(argv=None) -> int:
                             row = retry
                     rows.append(row)
                     # Progress on stderr keeps stdout a clean markdown document.
+                    # The medians too: a run stopped early (a lent GPU's time limit) keeps them here.
                     print(f"[{len(rows)}/{total}] {case.name} {shape} {layout} {dtype_name}: "
-                          f"speedup {format_or_dash(row.speedup, '{:.2f}x')} {row.fastbn_status}",
+                          f"speedup {format_or_dash(row.speedup, '{:.2f}x')} {row.fastbn_status}; "
+                          f"torch {format_or_dash(row.torch_s and 1e6 * row.torch_s, '{:.1f}')} us, "
+                          f"fastbn {format_or_dash(row.fastbn_s and 1e6 * row.fastbn_s, '{:.1f}')} us",
                           file=sys.stderr, flush=True)
 
     # Measured again at the end: a shared machine's bandwidth drifts, and a large change
