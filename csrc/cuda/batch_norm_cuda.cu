@@ -189,10 +189,10 @@ void backward_into(const BackwardCall& call, double eps, bool train, double acti
         return;
       }
       const ReduceLaunch l = reduce_launch(g, x);
-      Tensor partial = workspace(int64_t(sizeof(SumPair<acc_t>)) * g.C * l.splits, x);
+      Tensor partial = workspace(int64_t(sizeof(BackwardSums)) * g.C * l.splits, x);
       Tensor coef = workspace(int64_t(sizeof(BackwardCoefficients<acc_t>)) * g.C, x);
       Tensor fcoef = workspace(int64_t(sizeof(ForwardCoefficients<acc_t>)) * g.C, x);
-      auto* partial_p = reinterpret_cast<SumPair<acc_t>*>(partial.data_ptr());
+      auto* partial_p = reinterpret_cast<BackwardSums*>(partial.data_ptr());
       auto* coef_p = reinterpret_cast<BackwardCoefficients<acc_t>*>(coef.data_ptr());
       // The forward coefficients recompute the pre-activation output from x.
       auto* fcoef_p = reinterpret_cast<ForwardCoefficients<acc_t>*>(fcoef.data_ptr());
@@ -379,9 +379,9 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce_cuda(const Tensor& grad_ou
     const acc_t* mp = o.mean.const_data_ptr<acc_t>();
     FASTBN_INDEX_SWITCH(o.x, [&] {
       const ReduceLaunch l = reduce_launch(g, o.x);
-      Tensor partial = workspace(int64_t(sizeof(SumPair<acc_t>)) * g.C * l.splits, o.x);
+      Tensor partial = workspace(int64_t(sizeof(BackwardSums)) * g.C * l.splits, o.x);
       Tensor fcoef = workspace(int64_t(sizeof(ForwardCoefficients<acc_t>)) * g.C, o.x);
-      auto* partial_p = reinterpret_cast<SumPair<acc_t>*>(partial.data_ptr());
+      auto* partial_p = reinterpret_cast<BackwardSums*>(partial.data_ptr());
       auto* fcoef_p = reinterpret_cast<ForwardCoefficients<acc_t>*>(fcoef.data_ptr());
       launch_kernel(eval_coefficients_kernel<acc_t>, unsigned(ceil_div(g.C, kThreads)), kThreads, 0, stream, mp,
           o.var.const_data_ptr<acc_t>(), g.C, params, acc_t(eps), fcoef_p);

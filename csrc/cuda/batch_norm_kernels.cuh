@@ -50,6 +50,14 @@ struct ChannelParams {
   __device__ __forceinline__ acc_t b(int64_t c) const { return bias ? bias[c] : acc_t(0); }
 };
 
+// One value's terms of the backward sums, formed in double (BackwardSums says why):
+// g = dy * act'(z), v = x, mu = the channel's mean.
+template <typename acc_t>
+__device__ __forceinline__ void backward_sums_push(BackwardSums& sums, acc_t g, acc_t v, acc_t mu) {
+  sums.a += double(g);
+  sums.b += double(g) * (double(v) - double(mu));
+}
+
 // ------------------------------------------------------------------ general: reductions
 
 // grid (C, splits), block (tx, ty): thread (tx, ty) of split j reads rows n = j * ty + y (+ k * splits * ty).
@@ -111,23 +119,22 @@ template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void planar_backward_sums_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                                             const scalar_t* __restrict__ residual, const acc_t* __restrict__ mean,
                                             const ForwardCoefficients<acc_t>* __restrict__ fcoef,
-                                            ActivationArgs<acc_t> act, SumPair<acc_t>* __restrict__ partial,
+                                            ActivationArgs<acc_t> act, BackwardSums* __restrict__ partial,
                                             index_t N, index_t C, index_t S) {
-  __shared__ SumPair<acc_t> shared[kWarpSize];
+  __shared__ BackwardSums shared[kWarpSize];
   const index_t c = blockIdx.x;
   const acc_t mu = mean[c];
   const ForwardCoefficients<acc_t> fk = fcoef[c];
-  SumPair<acc_t> sums{acc_t(0), acc_t(0)};
+  BackwardSums sums{0.0, 0.0};
   for (index_t n = blockIdx.y * blockDim.y + threadIdx.y; n < N; n += gridDim.y * blockDim.y) {
     const index_t base = (n * C + c) * S;
     for (index_t s = threadIdx.x; s < S; s += blockDim.x) {
       const acc_t v = acc_t(x[base + s]);
       const acc_t g = act.grad(acc_t(dy[base + s]), fk, v, residual_at<scalar_t, acc_t>(residual, base + s));
-      sums.a += g;
-      sums.b += g * (v - mu);
+      backward_sums_push(sums, g, v, mu);
     }
   }
-  sums = block_reduce_broadcast(sums, shared, SumPair<acc_t>{acc_t(0), acc_t(0)});
+  sums = block_reduce_broadcast(sums, shared, BackwardSums{0.0, 0.0});
   if (threadIdx.x == 0 && threadIdx.y == 0) partial[int64_t(c) * gridDim.y + blockIdx.y] = sums;
 }
 
@@ -135,19 +142,18 @@ template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void interleaved_backward_sums_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                                                  const scalar_t* __restrict__ residual, const acc_t* __restrict__ mean,
                                                  const ForwardCoefficients<acc_t>* __restrict__ fcoef,
-                                                 ActivationArgs<acc_t> act, SumPair<acc_t>* __restrict__ partial,
+                                                 ActivationArgs<acc_t> act, BackwardSums* __restrict__ partial,
                                                  index_t R, index_t C) {
-  __shared__ SumPair<acc_t> shared[kInterleavedRows * kWarpSize];
+  __shared__ BackwardSums shared[kInterleavedRows * kWarpSize];
   const index_t c = blockIdx.x * kWarpSize + threadIdx.x;
-  SumPair<acc_t> sums{acc_t(0), acc_t(0)};
+  BackwardSums sums{0.0, 0.0};
   if (c < C) {
     const acc_t mu = mean[c];
     const ForwardCoefficients<acc_t> fk = fcoef[c];
     for (index_t r = blockIdx.y * blockDim.y + threadIdx.y; r < R; r += gridDim.y * blockDim.y) {
       const acc_t v = acc_t(x[r * C + c]);
       const acc_t g = act.grad(acc_t(dy[r * C + c]), fk, v, residual_at<scalar_t, acc_t>(residual, r * C + c));
-      sums.a += g;
-      sums.b += g * (v - mu);
+      backward_sums_push(sums, g, v, mu);
     }
   }
   sums = column_reduce_broadcast(sums, shared);
@@ -156,15 +162,15 @@ __global__ void interleaved_backward_sums_kernel(const scalar_t* __restrict__ dy
 
 // One thread per channel: grad_weight, grad_bias and the dx coefficients.
 template <typename acc_t>
-__global__ void finalize_backward_kernel(const SumPair<acc_t>* __restrict__ partial, int splits, int64_t C,
+__global__ void finalize_backward_kernel(const BackwardSums* __restrict__ partial, int splits, int64_t C,
                                          const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
                                          ChannelParams<acc_t> params, acc_t eps, int64_t count, bool train,
                                          acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias,
                                          BackwardCoefficients<acc_t>* __restrict__ coef) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  const SumPair<acc_t> sums = combine_pairwise(partial + c * splits, splits, SumPair<acc_t>{acc_t(0), acc_t(0)});
-  const acc_t sum_dy = sums.a, sum_dy_xmu = sums.b;
+  const BackwardSums sums = combine_pairwise(partial + c * splits, splits, BackwardSums{0.0, 0.0});
+  const acc_t sum_dy = acc_t(sums.a), sum_dy_xmu = acc_t(sums.b);
   grad_bias[c] = sum_dy;
   grad_weight[c] = grad_weight_from_sums(sum_dy_xmu, var[c], eps);
   coef[c] = backward_coefficients(mean[c], var[c], eps, params.w(c), sum_dy, sum_dy_xmu, count, train);
@@ -173,13 +179,13 @@ __global__ void finalize_backward_kernel(const SumPair<acc_t>* __restrict__ part
 // SyncBatchNorm's phases: the channel sums alone, and dx coefficients from sums
 // reduced across processes (count: values of the global batch).
 template <typename acc_t>
-__global__ void finalize_sums_kernel(const SumPair<acc_t>* __restrict__ partial, int splits, int64_t C,
+__global__ void finalize_sums_kernel(const BackwardSums* __restrict__ partial, int splits, int64_t C,
                                      acc_t* __restrict__ sum_dy, acc_t* __restrict__ sum_dy_xmu) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  const SumPair<acc_t> sums = combine_pairwise(partial + c * splits, splits, SumPair<acc_t>{acc_t(0), acc_t(0)});
-  sum_dy[c] = sums.a;
-  sum_dy_xmu[c] = sums.b;
+  const BackwardSums sums = combine_pairwise(partial + c * splits, splits, BackwardSums{0.0, 0.0});
+  sum_dy[c] = acc_t(sums.a);
+  sum_dy_xmu[c] = acc_t(sums.b);
 }
 
 template <typename acc_t>
@@ -388,31 +394,31 @@ __global__ void __launch_bounds__(kOnChipThreads) onchip_backward_kernel(
     const acc_t* __restrict__ var, ChannelParams<acc_t> params, acc_t eps,
     bool train, ActivationArgs<acc_t> act, acc_t* __restrict__ grad_weight, acc_t* __restrict__ grad_bias, index_t C,
     index_t S, index_t count) {
-  __shared__ SumPair<acc_t> shared[kOnChipThreads];
+  __shared__ BackwardSums shared[kOnChipThreads];
   const OnChipTile<kInterleaved, index_t> tile(C, S, count);
   const acc_t mu = tile.active ? mean[tile.c] : acc_t(0);
   const acc_t channel_var = tile.active ? var[tile.c] : acc_t(1);
   const auto fk = forward_coefficients(mu, channel_var, eps, tile.active ? params.w(tile.c) : acc_t(1),
                                        tile.active ? params.b(tile.c) : acc_t(0));
   acc_t g[ITEMS], v[ITEMS];
-  SumPair<acc_t> sums{acc_t(0), acc_t(0)};
+  BackwardSums sums{0.0, 0.0};
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
     const bool has = tile.has(k);
     v[k] = has ? acc_t(x[tile.offset(k)]) : acc_t(0);
     g[k] = has ? act.grad(acc_t(dy[tile.offset(k)]), fk, v[k], residual_at<scalar_t, acc_t>(residual, tile.offset(k)))
                : acc_t(0);
-    sums.a += g[k];
-    sums.b += g[k] * (v[k] - mu);  // g = 0 where absent
+    backward_sums_push(sums, g[k], v[k], mu);  // g = 0 where absent
   }
-  sums = tile.reduce(sums, shared, SumPair<acc_t>{acc_t(0), acc_t(0)});
+  sums = tile.reduce(sums, shared, BackwardSums{0.0, 0.0});
   if (!tile.active) return;
+  const acc_t sum_dy = acc_t(sums.a), sum_dy_xmu = acc_t(sums.b);
   if (tile.first == 0) {
-    grad_bias[tile.c] = sums.a;
-    grad_weight[tile.c] = grad_weight_from_sums(sums.b, channel_var, eps);
+    grad_bias[tile.c] = sum_dy;
+    grad_weight[tile.c] = grad_weight_from_sums(sum_dy_xmu, channel_var, eps);
   }
   const auto coef =
-      backward_coefficients(mu, channel_var, eps, params.w(tile.c), sums.a, sums.b, int64_t(count), train);
+      backward_coefficients(mu, channel_var, eps, params.w(tile.c), sum_dy, sum_dy_xmu, int64_t(count), train);
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
     if (tile.has(k)) {

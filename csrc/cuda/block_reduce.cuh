@@ -18,6 +18,15 @@ struct SumPair {
   acc_t b;
 };
 
+// The backward sums accumulate in double for every input dtype, each term formed
+// in double from the float values, so grad_bias, grad_weight and SyncBatchNorm's
+// sums are rounded once, at the end (the CPU kernels' double lanes do the same).
+// Summed in float (per thread, then the warp and block trees), they landed 1.6-11
+// units in the last place off on small shapes on an H200, where torch (cuDNN) stayed
+// under 1: where a channel's terms cancel, float's error follows the terms, not the
+// total. The reductions are memory-bound, so the double adds cost little time.
+using BackwardSums = SumPair<double>;
+
 template <typename acc_t>
 __device__ __forceinline__ Moments<acc_t> shuffle_down(const Moments<acc_t>& m, int offset) {
   Moments<acc_t> other;
