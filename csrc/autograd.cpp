@@ -17,17 +17,35 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <memory>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include "autograd.h"
 #include "bn_checks.h"
 #include "op_handles.h"
 
 namespace fastbn {
+
+namespace {
+thread_local bool plain_autograd_nodes = false;
+}  // namespace
+
+PlainAutogradNodes::PlainAutogradNodes(bool enabled) : previous_(plain_autograd_nodes) {
+  plain_autograd_nodes = enabled;
+}
+PlainAutogradNodes::~PlainAutogradNodes() { plain_autograd_nodes = previous_; }
+bool PlainAutogradNodes::enabled() { return plain_autograd_nodes; }
+
 namespace {
 
 using at::Tensor;
@@ -44,11 +62,17 @@ struct InputGrads {
 
 // The gradients of act(bn(input) [+ residual]) with respect to input, weight, bias
 // (in the accumulation dtype) and the residual. mean/var: the saved statistics.
-InputGrads input_grads(AutogradContext* ctx, const Tensor& grad_output, const Tensor& input, const Tensor& residual,
+// The arguments of a forward call that its backward needs besides the saved tensors.
+struct Arguments {
+  double eps;
+  int64_t activation;
+  double activation_param;
+};
+
+InputGrads input_grads(const Arguments& args, const Tensor& grad_output, const Tensor& input, const Tensor& residual,
                        const Tensor& weight, const Tensor& bias, const Tensor& mean, const Tensor& var, bool train) {
-  const double eps = ctx->saved_data["eps"].toDouble();
-  const int64_t activation = ctx->saved_data["activation"].toInt();
-  const double activation_param = ctx->saved_data["activation_param"].toDouble();
+  const double eps = args.eps, activation_param = args.activation_param;
+  const int64_t activation = args.activation;
   const auto w = optional_tensor(weight), b = optional_tensor(bias);
   const bool wants_graph =
       at::GradMode::is_enabled() && (grad_output.requires_grad() || input.requires_grad() ||
@@ -86,6 +110,45 @@ void save_arguments(AutogradContext* ctx, double eps, int64_t activation, double
   ctx->saved_data["activation_param"] = activation_param;
 }
 
+Arguments saved_arguments(AutogradContext* ctx) {
+  return {ctx->saved_data["eps"].toDouble(), ctx->saved_data["activation"].toInt(),
+          ctx->saved_data["activation_param"].toDouble()};
+}
+
+// batch_norm_train's backward: gradients for (input, weight, bias, residual) from the
+// gradients of (output, mean, var), any of them undefined where unused.
+variable_list train_backward(const Arguments& args, const variable_list& grads, const Tensor& input,
+                             const Tensor& weight, const Tensor& bias, const Tensor& mean, const Tensor& var,
+                             const Tensor& residual) {
+  const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(input);
+  InputGrads g = input_grads(args, grad_output, input, residual, weight, bias, mean, var, /*train=*/true);
+  const Tensor &grad_mean = grads[1], &grad_var = grads[2];
+  if (grad_mean.defined() || grad_var.defined()) {
+    // The batch statistics are outputs too: d mean / dx = 1/n, d var / dx = 2 (x - mean) / n.
+    std::vector<int64_t> channel_shape(input.dim(), 1);
+    channel_shape[1] = -1;
+    const c10::Scalar count(input.sym_numel() / input.sym_size(1));
+    Tensor grad_input = g.input.to(mean.scalar_type());
+    if (grad_mean.defined()) grad_input = grad_input.add(grad_mean.view(channel_shape).div(count));
+    if (grad_var.defined()) {
+      const Tensor centered = input.to(mean.scalar_type()).sub(mean.view(channel_shape));
+      grad_input = grad_input.add(grad_var.view(channel_shape).mul(2).mul(centered).div(count));
+    }
+    g.input = grad_input.to(input.scalar_type());
+  }
+  return {g.input, grad_for(weight, g.weight), grad_for(bias, g.bias), g.residual};
+}
+
+// batch_norm_eval's backward: gradients for (input, weight, bias, residual); the running
+// statistics are constants (no gradient, as in torch).
+variable_list eval_backward(const Arguments& args, const Tensor& grad_output, const Tensor& input,
+                            const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
+                            const Tensor& running_var, const Tensor& residual) {
+  const InputGrads g =
+      input_grads(args, grad_output, input, residual, weight, bias, running_mean, running_var, /*train=*/false);
+  return {g.input, grad_for(weight, g.weight), grad_for(bias, g.bias), g.residual};
+}
+
 struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
                                const std::optional<Tensor>& bias, double eps, int64_t activation,
@@ -101,25 +164,10 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const Tensor &input = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &var = saved[4],
-                 &residual = saved[5];
-    const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(input);
-    InputGrads g = input_grads(ctx, grad_output, input, residual, weight, bias, mean, var, /*train=*/true);
-    const Tensor &grad_mean = grads[1], &grad_var = grads[2];
-    if (grad_mean.defined() || grad_var.defined()) {
-      // The batch statistics are outputs too: d mean / dx = 1/n, d var / dx = 2 (x - mean) / n.
-      std::vector<int64_t> channel_shape(input.dim(), 1);
-      channel_shape[1] = -1;
-      const c10::Scalar count(input.sym_numel() / input.sym_size(1));
-      Tensor grad_input = g.input.to(mean.scalar_type());
-      if (grad_mean.defined()) grad_input = grad_input.add(grad_mean.view(channel_shape).div(count));
-      if (grad_var.defined()) {
-        const Tensor centered = input.to(mean.scalar_type()).sub(mean.view(channel_shape));
-        grad_input = grad_input.add(grad_var.view(channel_shape).mul(2).mul(centered).div(count));
-      }
-      g.input = grad_input.to(input.scalar_type());
-    }
-    return {g.input, grad_for(weight, g.weight), grad_for(bias, g.bias), Tensor(), Tensor(), Tensor(), g.residual};
+    variable_list g = train_backward(saved_arguments(ctx), grads, saved[0], saved[1], saved[2], saved[3], saved[4],
+                                     saved[5]);
+    // (input, weight, bias, eps, activation, activation_param, residual)
+    return {g[0], g[1], g[2], Tensor(), Tensor(), Tensor(), g[3]};
   }
 };
 
@@ -141,13 +189,82 @@ struct BatchNormEval : public torch::autograd::Function<BatchNormEval> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return variable_list(9);  // the output was not used
     const variable_list saved = ctx->get_saved_variables();
-    const Tensor &input = saved[0], &weight = saved[1], &bias = saved[2], &running_mean = saved[3],
-                 &running_var = saved[4], &residual = saved[5];
-    const InputGrads g =
-        input_grads(ctx, grads[0], input, residual, weight, bias, running_mean, running_var, /*train=*/false);
-    // (the running statistics are constants: no gradient, as in torch)
-    return {g.input, grad_for(weight, g.weight), grad_for(bias, g.bias), Tensor(), Tensor(), Tensor(), Tensor(),
-            Tensor(), g.residual};
+    variable_list g = eval_backward(saved_arguments(ctx), grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+                                    saved[5]);
+    // (input, weight, bias, running_mean, running_var, eps, activation, activation_param, residual)
+    return {g[0], g[1], g[2], Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), g[3]};
+  }
+};
+
+// ---------------------------------------------------------------- eager calls: plain Nodes
+// A torch::autograd::Function (above) carries a context built for any user function: a
+// hash map of saved values, a vector of saved variables, input and output descriptions
+// (about 30 heap allocations a call). torch's own ops use a Node with its saved
+// variables as members; so do these, where PlainAutogradNodes (autograd.h) allows.
+// (2, 4, 3, 3) BatchNorm2d forward+backward, 1 thread: 66.5 -> 55.3 us (torch 55.5).
+
+// torch 2.12+ holds nodes in c10::intrusive_ptr, earlier versions in std::shared_ptr;
+// the helpers below take whichever this torch's Node is built for.
+template <typename NodeType>
+auto make_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, NodeType>) {
+    return c10::make_intrusive<NodeType>();
+  } else {
+    return std::make_shared<NodeType>();
+  }
+}
+
+template <typename NodeType>
+auto pointer_to(NodeType* node) {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, NodeType>) {
+    return node->getptr();
+  } else {
+    return node->shared_from_this();
+  }
+}
+
+struct BatchNormTrainBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable input, weight, bias, residual, mean, var;  // mean, var: outputs
+  Arguments args{};
+
+  std::string name() const override { return "fastbn::BatchNormTrainBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    input.reset_data();
+    weight.reset_data();
+    bias.reset_data();
+    residual.reset_data();
+    mean.reset_data();
+    var.reset_data();
+  }
+  // grads: of (output, mean, var); returns those of the next edges (input, weight, bias, residual)
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto self = pointer_to(this);
+    return train_backward(args, grads, input.unpack(), weight.unpack(), bias.unpack(), mean.unpack(self),
+                          var.unpack(self), residual.unpack());
+  }
+};
+
+struct BatchNormEvalBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable input, weight, bias, residual, running_mean, running_var;
+  Arguments args{};
+
+  std::string name() const override { return "fastbn::BatchNormEvalBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    input.reset_data();
+    weight.reset_data();
+    bias.reset_data();
+    residual.reset_data();
+    running_mean.reset_data();
+    running_var.reset_data();
+  }
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!grads[0].defined()) return variable_list(4);  // the output was not used
+    return eval_backward(args, grads[0], input.unpack(), weight.unpack(), bias.unpack(), running_mean.unpack(),
+                         running_var.unpack(), residual.unpack());
   }
 };
 
@@ -157,7 +274,7 @@ struct BatchNormEval : public torch::autograd::Function<BatchNormEval> {
 // other call (no_grad, inference, constants) runs the kernel without building a node
 // (the node, its context and saved variables are most of a small layer's forward).
 template <typename... Tensors>
-bool needs_autograd(const Tensors&... tensors) {
+bool transforms_or_dual(const Tensors&... tensors) {
   // a transform active now (what torch._C._are_functorch_transforms_active tests; functorch's
   // thread-local state itself stays allocated after the first transform)
   const auto included = c10::impl::tls_local_dispatch_key_set().included_;
@@ -165,7 +282,12 @@ bool needs_autograd(const Tensors&... tensors) {
       included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode)) {
     return true;
   }
-  return torch::autograd::compute_requires_grad(tensors...) || (torch::autograd::isFwGradDefined(tensors) || ...);
+  return (torch::autograd::isFwGradDefined(tensors) || ...);
+}
+
+template <typename... Tensors>
+bool needs_autograd(const Tensors&... tensors) {
+  return torch::autograd::compute_requires_grad(tensors...) || transforms_or_dual(tensors...);
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(const Tensor& input, const std::optional<Tensor>& weight,
@@ -178,8 +300,26 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(const Tensor& input
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return ops().train.call(input, weight, bias, eps, activation, activation_param, residual);
   }
-  variable_list outputs = BatchNormTrain::apply(input, weight, bias, eps, activation, activation_param, residual);
-  return {std::move(outputs[0]), std::move(outputs[1]), std::move(outputs[2])};
+  if (!PlainAutogradNodes::enabled() || transforms_or_dual(input, weight, bias, residual)) {
+    variable_list outputs = BatchNormTrain::apply(input, weight, bias, eps, activation, activation_param, residual);
+    return {std::move(outputs[0]), std::move(outputs[1]), std::move(outputs[2])};
+  }
+  Tensor output, mean, var;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(output, mean, var) = ops().train.call(input, weight, bias, eps, activation, activation_param, residual);
+  }
+  auto node = make_node<BatchNormTrainBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias, residual));
+  node->input = torch::autograd::SavedVariable(input, false);
+  node->weight = torch::autograd::SavedVariable(weight, false);
+  node->bias = torch::autograd::SavedVariable(bias, false);
+  node->residual = torch::autograd::SavedVariable(residual, false);
+  node->args = {eps, activation, activation_param};
+  torch::autograd::set_history({output, mean, var}, node);
+  node->mean = torch::autograd::SavedVariable(mean, true);
+  node->var = torch::autograd::SavedVariable(var, true);
+  return {std::move(output), std::move(mean), std::move(var)};
 }
 
 Tensor batch_norm_eval_autograd(const Tensor& input, const std::optional<Tensor>& weight,
@@ -196,8 +336,27 @@ Tensor batch_norm_eval_autograd(const Tensor& input, const std::optional<Tensor>
     return ops().eval.call(input, weight, bias, running_mean, running_var, eps, activation, activation_param,
                            residual);
   }
-  return BatchNormEval::apply(input, weight, bias, running_mean, running_var, eps, activation, activation_param,
-                              residual)[0];
+  if (!PlainAutogradNodes::enabled() || transforms_or_dual(input, weight, bias, running_mean, running_var, residual)) {
+    return BatchNormEval::apply(input, weight, bias, running_mean, running_var, eps, activation, activation_param,
+                                residual)[0];
+  }
+  Tensor output;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    output = ops().eval.call(input, weight, bias, running_mean, running_var, eps, activation, activation_param,
+                             residual);
+  }
+  auto node = make_node<BatchNormEvalBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias, residual));
+  node->input = torch::autograd::SavedVariable(input, false);
+  node->weight = torch::autograd::SavedVariable(weight, false);
+  node->bias = torch::autograd::SavedVariable(bias, false);
+  node->residual = torch::autograd::SavedVariable(residual, false);
+  node->running_mean = torch::autograd::SavedVariable(running_mean, false);
+  node->running_var = torch::autograd::SavedVariable(running_var, false);
+  node->args = {eps, activation, activation_param};
+  torch::autograd::set_history(output, node);
+  return output;
 }
 
 }  // namespace

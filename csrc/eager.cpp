@@ -17,10 +17,34 @@
 
 #include <optional>
 
+#include "autograd.h"
 #include "op_handles.h"
 
 namespace fastbn {
 namespace {
+
+// Whether torch's compiled autograd is on now: the flag its context managers keep,
+// torch._dynamo.compiled_autograd.compiled_autograd_enabled, where that module is loaded
+// (it cannot be on before). A torch without the flag counts as on (the Function's node
+// then, which compiled autograd can lift). Needs the GIL.
+bool compiled_autograd_enabled() {
+  static PyObject* const module_name = PyUnicode_InternFromString("torch._dynamo.compiled_autograd");
+  static PyObject* const flag_name = PyUnicode_InternFromString("compiled_autograd_enabled");
+  PyObject* module = PyDict_GetItemWithError(PyImport_GetModuleDict(), module_name);  // borrowed
+  if (module == nullptr) {
+    if (PyErr_Occurred()) throw python_error();
+    return false;
+  }
+  PyObject* flag = PyObject_GetAttr(module, flag_name);
+  if (flag == nullptr) {
+    PyErr_Clear();
+    return true;
+  }
+  const int on = PyObject_IsTrue(flag);
+  Py_DECREF(flag);
+  if (on < 0) throw python_error();
+  return on != 0;
+}
 
 const at::Tensor& tensor_argument(PyObject* const* args, Py_ssize_t index, const char* function) {
   TORCH_CHECK_TYPE(THPVariable_Check(args[index]), "fastbn._C.", function, ": argument ", index,
@@ -65,6 +89,7 @@ PyObject* eager_train_forward(PyObject* /*self*/, PyObject* const* args, Py_ssiz
               "fastbn._C._train_forward: running_mean and running_var must both be given or both be None");
   at::Tensor output;
   {
+    const PlainAutogradNodes plain_nodes(!compiled_autograd_enabled());
     pybind11::gil_scoped_release no_gil;  // as torch's own bindings: other Python threads run meanwhile
     auto [y, mean, var] = ops().train.call(input, weight, bias, eps, activation, activation_param, residual);
     if (running_mean.has_value()) {
@@ -94,6 +119,7 @@ PyObject* eager_eval_forward(PyObject* /*self*/, PyObject* const* args, Py_ssize
   const auto residual = optional_tensor_argument(args, 8, function);
   at::Tensor output;
   {
+    const PlainAutogradNodes plain_nodes(!compiled_autograd_enabled());
     pybind11::gil_scoped_release no_gil;
     output = ops().eval.call(input, weight, bias, running_mean, running_var, eps, activation, activation_param,
                              residual);

@@ -123,8 +123,9 @@ def test_torch_compile_fullgraph_matches_eager(device):
 
 def test_compiled_autograd_matches_eager():
     """torch's compiled autograd (the backward graph captured and compiled) runs fastbn's backward:
-    the op's C++ autograd is a torch::autograd::Function, whose node compiled autograd can lift
-    (a hand-written Node would need compiled_args / apply_with_saved, bench/NOTES.md)."""
+    with compiled autograd on, the eager forward builds the torch::autograd::Function's node, which
+    compiled autograd can lift (the plain Node of other eager calls has no compiled_args /
+    apply_with_saved, csrc/autograd.h)."""
     from torch._dynamo import compiled_autograd
 
     torch._dynamo.reset()
@@ -189,3 +190,85 @@ def test_ops_without_grad_build_no_graph():
         assert all(t.grad_fn is None and not t.requires_grad for t in outputs)
         for got, want in zip(outputs, recorded):
             torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+
+
+def eager_training_output(bn, x):
+    y = bn(x)
+    assert y.grad_fn.name() == "fastbn::BatchNormTrainBackward", y.grad_fn.name()  # the plain Node
+    return y
+
+
+def test_plain_node_matches_the_function_node():
+    """Eager calls build the plain Node, direct op calls the Function's node: the same gradients,
+    the weight's and bias's in their own dtype (float32 parameters, bfloat16 input)."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        bn = fastbn.BatchNorm2d(5)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1.0, 1.0)
+        x = random_input((3, 5, 4, 6), dtype).requires_grad_()
+        dy = torch.randn(3, 5, 4, 6).to(dtype)
+        eager_training_output(bn, x).backward(dy)
+        plain = (x.grad, bn.weight.grad, bn.bias.grad)
+        x.grad = bn.weight.grad = bn.bias.grad = None
+        y, _, _ = torch.ops.fastbn.batch_norm_train(x, bn.weight, bn.bias, bn.eps)
+        assert "BatchNormTrainBackward" not in y.grad_fn.name()
+        y.backward(dy)
+        for got, want in zip(plain, (x.grad, bn.weight.grad, bn.bias.grad)):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert bn.weight.grad.dtype == torch.float32
+        eval_output = bn.eval()(x)
+        assert eval_output.grad_fn.name() == "fastbn::BatchNormEvalBackward"
+        bn.train()
+
+
+def test_plain_node_second_backward_and_modified_input_raise():
+    """torch's errors for a freed graph and for a saved input changed in place."""
+    bn = fastbn.BatchNorm2d(4)
+    x = random_input((2, 4, 3, 5)).requires_grad_()
+    y = eager_training_output(bn, x)
+    y.backward(torch.ones_like(y), retain_graph=False)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.backward(torch.ones_like(y))
+    leaf = random_input((2, 4, 3, 5)).requires_grad_()
+    x = leaf * 1.0
+    y = eager_training_output(bn, x)
+    with torch.no_grad():
+        x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(torch.ones_like(y))
+
+
+def test_plain_node_runs_saved_tensor_hooks():
+    """torch.autograd.graph.saved_tensors_hooks see what the node saves and give it back."""
+    packed = []
+
+    def pack(tensor):
+        packed.append(tensor.shape)
+        return tensor.clone()
+
+    bn = fastbn.BatchNorm2d(4)
+    x = random_input((2, 4, 3, 5)).requires_grad_()
+    dy = torch.randn(2, 4, 3, 5)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = eager_training_output(bn, x)
+    assert torch.Size((2, 4, 3, 5)) in packed and torch.Size((4,)) in packed
+    y.backward(dy)
+    got = x.grad.clone()
+    x.grad = None
+    torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True).backward(dy)
+    torch.testing.assert_close(got, x.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_autograd_takes_the_function_node_in_its_region():
+    """Inside compiled autograd's region the eager forward builds the Function's node; outside, the plain one."""
+    from torch._dynamo import compiled_autograd
+
+    bn = fastbn.BatchNorm2d(4)
+    x = random_input((2, 4, 3, 5)).requires_grad_()
+    eager_training_output(bn, x)
+    with compiled_autograd._enable(lambda graph_module: graph_module):
+        assert "BatchNormTrainBackward" not in bn(x).grad_fn.name()
+    eager_training_output(bn, x)
