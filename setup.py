@@ -120,6 +120,14 @@ class BuildExtensionPerIsa(BuildExtension):
             isa_objects = [obj for future in per_isa for obj in future.result()]  # lowest ISA first
             return link(list(objects) + isa_objects, *args, **kwargs)
 
+        if not self.use_ninja:
+            # Without ninja, torch swaps the compiler itself (compiler_so) for each .cu file
+            # on the shared compiler object: no C++ compile may run beside the nvcc ones.
+            with concurrent.futures.ThreadPoolExecutor(max_workers=len(capabilities)) as pool:
+                per_isa = [pool.submit(compile_for, capability, flags) for capability, flags in capabilities]
+                ext.extra_objects = [obj for future in per_isa for obj in future.result()]  # lowest ISA first
+            super().build_extension(ext)
+            return
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(capabilities)) as pool:
             per_isa = [pool.submit(compile_for, capability, flags) for capability, flags in capabilities]
             self.compiler.link_shared_object = link_after_the_isas

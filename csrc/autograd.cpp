@@ -210,8 +210,21 @@ auto make_node() {
   if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, NodeType>) {
     return c10::make_intrusive<NodeType>();
   } else {
-    return std::make_shared<NodeType>();
+    // torch's deleter, which frees long chains of nodes without deep recursion (an
+    // unqualified call on a dependent argument: found by ADL, in the versions that have it)
+    return std::shared_ptr<NodeType>(new NodeType(), [](NodeType* node) { deleteNode(node); });
   }
+}
+
+// torch.autograd.graph.node_creation_hook (torch 2.14+) sees each node once it is complete,
+// as torch's own attachment sites call it.
+template <typename NodePointer>
+void node_created(const NodePointer& node) {
+#if __has_include(<torch/csrc/autograd/node_creation_hook.h>)
+  torch::autograd::fire_node_creation_hooks(node);
+#else
+  (void)node;
+#endif
 }
 
 template <typename NodeType>
@@ -311,14 +324,17 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(const Tensor& input
   }
   auto node = make_node<BatchNormTrainBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(input, weight, bias, residual));
+  // Saved in the Function's order (input, weight, bias, mean, var, residual): saved-tensor hooks
+  // (checkpointing) see the same sequence whichever node a call builds.
   node->input = torch::autograd::SavedVariable(input, false);
   node->weight = torch::autograd::SavedVariable(weight, false);
   node->bias = torch::autograd::SavedVariable(bias, false);
-  node->residual = torch::autograd::SavedVariable(residual, false);
   node->args = {eps, activation, activation_param};
   torch::autograd::set_history({output, mean, var}, node);
   node->mean = torch::autograd::SavedVariable(mean, true);
   node->var = torch::autograd::SavedVariable(var, true);
+  node->residual = torch::autograd::SavedVariable(residual, false);
+  node_created(node);
   return {std::move(output), std::move(mean), std::move(var)};
 }
 
@@ -351,11 +367,12 @@ Tensor batch_norm_eval_autograd(const Tensor& input, const std::optional<Tensor>
   node->input = torch::autograd::SavedVariable(input, false);
   node->weight = torch::autograd::SavedVariable(weight, false);
   node->bias = torch::autograd::SavedVariable(bias, false);
-  node->residual = torch::autograd::SavedVariable(residual, false);
   node->running_mean = torch::autograd::SavedVariable(running_mean, false);
   node->running_var = torch::autograd::SavedVariable(running_var, false);
+  node->residual = torch::autograd::SavedVariable(residual, false);
   node->args = {eps, activation, activation_param};
   torch::autograd::set_history(output, node);
+  node_created(node);
   return output;
 }
 

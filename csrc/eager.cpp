@@ -30,6 +30,7 @@ namespace {
 bool compiled_autograd_enabled() {
   static PyObject* const module_name = PyUnicode_InternFromString("torch._dynamo.compiled_autograd");
   static PyObject* const flag_name = PyUnicode_InternFromString("compiled_autograd_enabled");
+  if (module_name == nullptr || flag_name == nullptr) throw python_error();
   PyObject* module = PyDict_GetItemWithError(PyImport_GetModuleDict(), module_name);  // borrowed
   if (module == nullptr) {
     if (PyErr_Occurred()) throw python_error();
@@ -37,6 +38,7 @@ bool compiled_autograd_enabled() {
   }
   PyObject* flag = PyObject_GetAttr(module, flag_name);
   if (flag == nullptr) {
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) throw python_error();
     PyErr_Clear();
     return true;
   }

@@ -272,3 +272,16 @@ def test_compiled_autograd_takes_the_function_node_in_its_region():
     with compiled_autograd._enable(lambda graph_module: graph_module):
         assert "BatchNormTrainBackward" not in bn(x).grad_fn.name()
     eager_training_output(bn, x)
+
+
+@pytest.mark.skipif(not hasattr(torch.autograd.graph, "node_creation_hook"),
+                    reason="torch.autograd.graph.node_creation_hook is new in torch 2.14 (this torch lacks it)")
+def test_plain_node_fires_node_creation_hooks():
+    """torch.autograd.graph.node_creation_hook sees fastbn's nodes, complete (their next functions wired)."""
+    seen = []
+    bn = fastbn.BatchNorm2d(4)
+    x = random_input((2, 4, 3, 5)).requires_grad_()
+    with torch.autograd.graph.node_creation_hook(lambda node: seen.append((node.name(), len(node.next_functions)))):
+        eager_training_output(bn, x)
+        bn.eval()(x)
+    assert ("fastbn::BatchNormTrainBackward", 4) in seen and ("fastbn::BatchNormEvalBackward", 4) in seen, seen
