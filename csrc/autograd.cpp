@@ -236,48 +236,36 @@ auto pointer_to(NodeType* node) {
   }
 }
 
-struct BatchNormTrainBackward : public torch::autograd::Node {
-  torch::autograd::SavedVariable input, weight, bias, residual, mean, var;  // mean, var: outputs
+// What both nodes save. mean, var: the batch statistics (outputs of the training node) or the
+// running statistics (inputs of the eval node).
+struct BatchNormNode : public torch::autograd::Node {
+  torch::autograd::SavedVariable input, weight, bias, residual, mean, var;
   Arguments args{};
 
-  std::string name() const override { return "fastbn::BatchNormTrainBackward"; }
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    input.reset_data();
-    weight.reset_data();
-    bias.reset_data();
-    residual.reset_data();
-    mean.reset_data();
-    var.reset_data();
+    for (torch::autograd::SavedVariable* saved : {&input, &weight, &bias, &residual, &mean, &var}) saved->reset_data();
   }
+};
+
+struct BatchNormTrainBackward : public BatchNormNode {
+  std::string name() const override { return "fastbn::BatchNormTrainBackward"; }
   // grads: of (output, mean, var); returns those of the next edges (input, weight, bias, residual)
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    const auto self = pointer_to(this);
+    const auto self = pointer_to(this);  // mean and var are this node's outputs
     return train_backward(args, grads, input.unpack(), weight.unpack(), bias.unpack(), mean.unpack(self),
                           var.unpack(self), residual.unpack());
   }
 };
 
-struct BatchNormEvalBackward : public torch::autograd::Node {
-  torch::autograd::SavedVariable input, weight, bias, residual, running_mean, running_var;
-  Arguments args{};
-
+struct BatchNormEvalBackward : public BatchNormNode {
   std::string name() const override { return "fastbn::BatchNormEvalBackward"; }
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    input.reset_data();
-    weight.reset_data();
-    bias.reset_data();
-    residual.reset_data();
-    running_mean.reset_data();
-    running_var.reset_data();
-  }
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!grads[0].defined()) return variable_list(4);  // the output was not used
-    return eval_backward(args, grads[0], input.unpack(), weight.unpack(), bias.unpack(), running_mean.unpack(),
-                         running_var.unpack(), residual.unpack());
+    return eval_backward(args, grads[0], input.unpack(), weight.unpack(), bias.unpack(), mean.unpack(), var.unpack(),
+                         residual.unpack());
   }
 };
 
@@ -367,8 +355,8 @@ Tensor batch_norm_eval_autograd(const Tensor& input, const std::optional<Tensor>
   node->input = torch::autograd::SavedVariable(input, false);
   node->weight = torch::autograd::SavedVariable(weight, false);
   node->bias = torch::autograd::SavedVariable(bias, false);
-  node->running_mean = torch::autograd::SavedVariable(running_mean, false);
-  node->running_var = torch::autograd::SavedVariable(running_var, false);
+  node->mean = torch::autograd::SavedVariable(running_mean, false);
+  node->var = torch::autograd::SavedVariable(running_var, false);
   node->residual = torch::autograd::SavedVariable(residual, false);
   node->args = {eps, activation, activation_param};
   torch::autograd::set_history(output, node);
