@@ -114,29 +114,26 @@ class BuildExtensionPerIsa(BuildExtension):
         # other, the ISAs took three times one compile (~35 s each), and before the
         # nvcc compile a GPU machine's build (16 cores) spent its first ~100 s on them.
         capabilities = cpu_capabilities()
-        link = self.compiler.link_shared_object
-
-        def link_after_the_isas(objects, *args, **kwargs):
-            isa_objects = [obj for future in per_isa for obj in future.result()]  # lowest ISA first
-            return link(list(objects) + isa_objects, *args, **kwargs)
-
-        if not self.use_ninja:
-            # Without ninja, torch swaps the compiler itself (compiler_so) for each .cu file
-            # on the shared compiler object: no C++ compile may run beside the nvcc ones.
-            with concurrent.futures.ThreadPoolExecutor(max_workers=len(capabilities)) as pool:
-                per_isa = [pool.submit(compile_for, capability, flags) for capability, flags in capabilities]
-                ext.extra_objects = [obj for future in per_isa for obj in future.result()]  # lowest ISA first
-            super().build_extension(ext)
-            return
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(capabilities)) as pool:
             per_isa = [pool.submit(compile_for, capability, flags) for capability, flags in capabilities]
-            self.compiler.link_shared_object = link_after_the_isas
+
+            def isa_objects():  # lowest ISA first; raises an ISA's compile error
+                return [obj for future in per_isa for obj in future.result()]
+
+            if not self.use_ninja:
+                # Without ninja, torch swaps the compiler itself (compiler_so) for each .cu file
+                # on the shared compiler object: no C++ compile may run beside the nvcc ones.
+                ext.extra_objects = isa_objects()
+                super().build_extension(ext)
+                return
+            link = self.compiler.link_shared_object
+            self.compiler.link_shared_object = lambda objects, *args, **kwargs: link(
+                list(objects) + isa_objects(), *args, **kwargs)
             try:
                 super().build_extension(ext)
             finally:
                 self.compiler.link_shared_object = link
-            for future in per_isa:  # an ISA's compile error, also where nothing was linked
-                future.result()
+            isa_objects()  # an ISA's compile error, also where nothing was linked
 
 
 def make_extension():

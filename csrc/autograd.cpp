@@ -269,15 +269,11 @@ struct BatchNormEvalBackward : public BatchNormNode {
   }
 };
 
-// Whether autograd must see the call, as in torch's generated kernels: grad mode on and an
-// input that requires grad (compute_requires_grad). Dual tensors (forward AD) and functorch
-// transforms also go to the Function, which refuses them with its own message; every
-// other call (no_grad, inference, constants) runs the kernel without building a node
-// (the node, its context and saved variables are most of a small layer's forward).
+// Dual tensors (forward AD) or a functorch transform active now (what
+// torch._C._are_functorch_transforms_active tests; functorch's thread-local state itself
+// stays allocated after the first transform).
 template <typename... Tensors>
 bool transforms_or_dual(const Tensors&... tensors) {
-  // a transform active now (what torch._C._are_functorch_transforms_active tests; functorch's
-  // thread-local state itself stays allocated after the first transform)
   const auto included = c10::impl::tls_local_dispatch_key_set().included_;
   if (included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
       included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode)) {
@@ -286,9 +282,19 @@ bool transforms_or_dual(const Tensors&... tensors) {
   return (torch::autograd::isFwGradDefined(tensors) || ...);
 }
 
+enum class Autograd { None, Function, PlainNode };
+
+// What a call's autograd is. As in torch's generated kernels, autograd sees a call only with
+// grad mode on and an input that requires grad (compute_requires_grad): every other call
+// (no_grad, inference, constants) runs the kernel without building a node (the node, its
+// context and saved variables are most of a small layer's forward). Dual tensors and
+// functorch transforms go to the Function, which refuses them with its own message; so does
+// every call where PlainAutogradNodes (autograd.h) does not allow a plain Node.
 template <typename... Tensors>
-bool needs_autograd(const Tensors&... tensors) {
-  return torch::autograd::compute_requires_grad(tensors...) || transforms_or_dual(tensors...);
+Autograd autograd_for(const Tensors&... tensors) {
+  if (transforms_or_dual(tensors...)) return Autograd::Function;
+  if (!torch::autograd::compute_requires_grad(tensors...)) return Autograd::None;
+  return PlainAutogradNodes::enabled() ? Autograd::PlainNode : Autograd::Function;
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(const Tensor& input, const std::optional<Tensor>& weight,
@@ -297,11 +303,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(const Tensor& input
                                                              const std::optional<Tensor>& residual) {
   // (an autograd Function cannot take an undefined tensor: the kernels' message first)
   check_defined(input, "input", "fastbn.batch_norm_train");
-  if (!needs_autograd(input, weight, bias, residual)) {
+  const Autograd autograd = autograd_for(input, weight, bias, residual);
+  if (autograd == Autograd::None) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return ops().train.call(input, weight, bias, eps, activation, activation_param, residual);
   }
-  if (!PlainAutogradNodes::enabled() || transforms_or_dual(input, weight, bias, residual)) {
+  if (autograd == Autograd::Function) {
     variable_list outputs = BatchNormTrain::apply(input, weight, bias, eps, activation, activation_param, residual);
     return {std::move(outputs[0]), std::move(outputs[1]), std::move(outputs[2])};
   }
@@ -335,12 +342,13 @@ Tensor batch_norm_eval_autograd(const Tensor& input, const std::optional<Tensor>
   check_defined(running_mean, "running_mean", op);
   check_defined(running_var, "running_var", op);
   // (the running statistics get no gradient, but a dual one still needs the Function's refusal)
-  if (!needs_autograd(input, weight, bias, running_mean, running_var, residual)) {
+  const Autograd autograd = autograd_for(input, weight, bias, running_mean, running_var, residual);
+  if (autograd == Autograd::None) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return ops().eval.call(input, weight, bias, running_mean, running_var, eps, activation, activation_param,
                            residual);
   }
-  if (!PlainAutogradNodes::enabled() || transforms_or_dual(input, weight, bias, running_mean, running_var, residual)) {
+  if (autograd == Autograd::Function) {
     return BatchNormEval::apply(input, weight, bias, running_mean, running_var, eps, activation, activation_param,
                                 residual)[0];
   }
