@@ -131,20 +131,14 @@ inline void tile_forward(const scalar_t* x, const scalar_t* residual, scalar_t* 
     }
     store_values(y + at, width, vec_activation<A>(z0, vparam), vec_activation<A>(z1, vparam), stream);
   };
-  if (rows_in_order && C > L::kBlock) {
-    const int64_t group = tile_group_rows<scalar_t>(C);
-    for (int64_t r0 = 0; r0 < rows; r0 += group) {
-      const int64_t r1 = std::min(rows, r0 + group);
-      for (int64_t c0 = 0; c0 < C; c0 += L::kBlock) {
-        const ForwardVecs<Vec> f0 = forward_vecs(k, c0), f1 = forward_vecs(k, c0 + L::kVec);
-        for (int64_t r = r0; r < r1; ++r) block(r, c0, f0, f1);
-      }
+  // each channel block down a group of rows: the whole tile, or tile_group_rows in row order
+  const int64_t group = rows_in_order && C > L::kBlock ? tile_group_rows<scalar_t>(C) : rows;
+  for (int64_t r0 = 0; r0 < rows; r0 += group) {
+    const int64_t r1 = std::min(rows, r0 + group);
+    for (int64_t c0 = 0; c0 < C; c0 += L::kBlock) {
+      const ForwardVecs<Vec> f0 = forward_vecs(k, c0), f1 = forward_vecs(k, c0 + L::kVec);
+      for (int64_t r = r0; r < r1; ++r) block(r, c0, f0, f1);
     }
-    return;
-  }
-  for (int64_t c0 = 0; c0 < C; c0 += L::kBlock) {
-    const ForwardVecs<Vec> f0 = forward_vecs(k, c0), f1 = forward_vecs(k, c0 + L::kVec);
-    for (int64_t r = 0; r < rows; ++r) block(r, c0, f0, f1);
   }
 }
 
@@ -183,20 +177,13 @@ inline void tile_backward(const scalar_t* dy, const scalar_t* x, const scalar_t*
                  at::vec::fmadd(g1, q.kdy1, at::vec::fmadd(v1 - q.mean1, q.kxmu1, q.kconst1)), stream);
     if (grad_residual != nullptr) store_values(grad_residual + at, width, g0, g1);
   };
-  if (rows_in_order && C > L::kBlock) {  // see tile_forward
-    const int64_t group = tile_group_rows<scalar_t>(C);
-    for (int64_t r0 = 0; r0 < rows; r0 += group) {
-      const int64_t r1 = std::min(rows, r0 + group);
-      for (int64_t c0 = 0; c0 < C; c0 += L::kBlock) {
-        const Coefficients q = coefficients(c0);
-        for (int64_t r = r0; r < r1; ++r) block(r, c0, q);
-      }
+  const int64_t group = rows_in_order && C > L::kBlock ? tile_group_rows<scalar_t>(C) : rows;  // see tile_forward
+  for (int64_t r0 = 0; r0 < rows; r0 += group) {
+    const int64_t r1 = std::min(rows, r0 + group);
+    for (int64_t c0 = 0; c0 < C; c0 += L::kBlock) {
+      const Coefficients q = coefficients(c0);
+      for (int64_t r = r0; r < r1; ++r) block(r, c0, q);
     }
-    return;
-  }
-  for (int64_t c0 = 0; c0 < C; c0 += L::kBlock) {
-    const Coefficients q = coefficients(c0);
-    for (int64_t r = 0; r < rows; ++r) block(r, c0, q);
   }
 }
 
