@@ -98,7 +98,7 @@ inline void span_backward(const scalar_t* dy, const scalar_t* x, const scalar_t*
 // applied down the group's rows. Half and bfloat16: groups of about
 // kTileGroupBytes, still read in memory order at that scale. Their passes are bound
 // by the conversions, and the per-row reloads took load slots from them: module
-// fwd+bwd steps (2 threads, in-process A/B, 7 rounds) were 1.11-1.23x faster with
+// fwd+bwd steps (2 threads, in-process A/B, 7 rounds) were 1.08-1.23x faster with
 // AVX-512 and 1.20-1.31x with AVX2 on (32,64,56,56), (64,96,28,28), (8,64,112,112)
 // bfloat16, 1.06-1.14x in half. float32 and float64 (bound by memory) keep single
 // rows: 1 KiB groups gave 0.8x-1.12x there, no consistent direction.
