@@ -6,7 +6,8 @@
 // (one sample's S values of one channel), each reduced into or transformed with
 // its channel's per-thread state. (Walking one channel at a time instead, to
 // reuse it from cache, touches N separate runs per channel and measured about
-// half the bandwidth.)
+// half the bandwidth; except the training passes over long runs whose channel
+// fits in L2: planar_by_channel, work_division.h.)
 // Interleaved layout (channels_last, (N, C)): each thread reduces a block of
 // rows into per-channel partial statistics, walking down columns of a few
 // channels with the accumulators in registers; the partials are merged, and a
@@ -392,9 +393,37 @@ void forward_apply_all(const scalar_t* x, const scalar_t* residual, scalar_t* y,
   });
 }
 
+// The planar training forward one channel at a time, in parallel over channels:
+// the channel's moments over its N runs, then its output from the same runs while
+// they are still in L2 (see planar_by_channel).
+template <Activation A, typename scalar_t, typename acc_t>
+void planar_channel_train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, acc_t* mean_out,
+                                  acc_t* var_out, ChannelParams<acc_t> params, const Geometry& g, acc_t eps,
+                                  acc_t act_param) {
+  const bool stream = stream_output(g, y);
+  at::parallel_for(0, g.C, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      Moments<double> m{0.0, 0.0, 0};
+      for (int64_t n = 0; n < g.N; ++n) m = moments_merge(m, span_moments(x + (n * g.C + c) * g.S, g.S));
+      mean_out[c] = acc_t(m.mean);
+      var_out[c] = acc_t(moments_biased_var(m));
+      // the double mean: see forward_coefficients
+      const ForwardCoefficients<acc_t> k = forward_coefficients(m.mean, var_out[c], eps, params.w(c), params.b(c));
+      for (int64_t n = 0; n < g.N; ++n) {
+        const int64_t offset = (n * g.C + c) * g.S;
+        span_forward<A>(x + offset, offset_or_null(residual, offset), y + offset, g.S, k, act_param, stream);
+      }
+    }
+    stream_fence(stream);
+  });
+}
+
 template <Activation A, typename scalar_t, typename acc_t>
 void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, acc_t* mean_out, acc_t* var_out,
                    ChannelParams<acc_t> params, const Geometry& g, acc_t eps, acc_t act_param) {
+  if (planar_by_channel<scalar_t>(g, residual != nullptr ? 2 : 1)) {
+    return planar_channel_train_forward<A>(x, residual, y, mean_out, var_out, params, g, eps, act_param);
+  }
   const auto moments = channel_moments(x, g);
   ForwardArrays<acc_t> coef(g.C);
   for (int64_t c = 0; c < g.C; ++c) {
@@ -649,9 +678,47 @@ void write_param_grads(const BackwardSums& sums, const acc_t* var, acc_t eps, ac
   }
 }
 
+// The planar training backward one channel at a time, in parallel over channels:
+// the channel's sums over its N runs, then its dx from the same runs while they are
+// still in L2 (torch's channels-first backward walks so).
+template <Activation A, typename scalar_t, typename acc_t>
+void planar_channel_backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> out,
+                             acc_t* grad_weight, acc_t* grad_bias) {
+  using red_t = typename ReduceLanes<scalar_t>::red_t;
+  const Geometry& g = a.g;
+  const ForwardArrays<acc_t> forward_k = forward_arrays(a.mean, a.var, a.params, g.C, a.eps);
+  const bool stream = stream_output(g, out.dx);
+  at::parallel_for(0, g.C, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      const ForwardCoefficients<acc_t> fk = forward_k.get(c);
+      LaneSums<scalar_t> lanes_dy, lanes_dy_xmu;
+      for (int64_t n = 0; n < g.N; ++n) {
+        const int64_t offset = (n * g.C + c) * g.S;
+        span_backward_sums<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), g.S, red_t(a.mean[c]),
+                              fk, a.act_param, lanes_dy, lanes_dy_xmu);
+      }
+      const double sum_dy = lanes_dy.flush(), sum_dy_xmu = lanes_dy_xmu.flush();
+      grad_bias[c] = acc_t(sum_dy);
+      grad_weight[c] = acc_t(grad_weight_from_sums(sum_dy_xmu, double(a.var[c]), double(a.eps)));
+      const BackwardCoefficients<double> k = backward_coefficients(
+          double(a.mean[c]), double(a.var[c]), double(a.eps), double(a.params.w(c)), sum_dy, sum_dy_xmu, g.count(), true);
+      const BackwardCoefficients<acc_t> kc{acc_t(k.mean), acc_t(k.k_dy), acc_t(k.k_xmu), acc_t(k.k_const)};
+      for (int64_t n = 0; n < g.N; ++n) {
+        const int64_t offset = (n * g.C + c) * g.S;
+        span_backward<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), out.dx + offset,
+                         offset_or_null(out.grad_residual, offset), g.S, fk, kc, a.act_param, stream);
+      }
+    }
+    stream_fence(stream);
+  });
+}
+
 template <Activation A, typename scalar_t, typename acc_t>
 void backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> out, acc_t* grad_weight,
               acc_t* grad_bias, bool train) {
+  if (train && planar_by_channel<scalar_t>(a.g, a.residual != nullptr ? 3 : 2)) {
+    return planar_channel_backward<A>(a, out, grad_weight, grad_bias);
+  }
   const BackwardSums sums = backward_sums<A>(a);
   write_param_grads(sums, a.var, a.eps, grad_weight, grad_bias);
   backward_apply_all<A>(a, out, sums.dy.data(), sums.dy_xmu.data(), a.g.count(), train);

@@ -6,6 +6,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>  // sysconf
+#endif
+
 #include <algorithm>
 #include <type_traits>
 #include <utility>
@@ -116,6 +120,35 @@ template <typename scalar_t, typename F>
 inline void for_each_channel_block(int64_t C, const F& f) {
   constexpr int64_t kBlock = Lanes<scalar_t>::kBlock;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) f(c0, std::min(kBlock, C - c0));
+}
+
+// Whether a planar training pass walks one channel at a time (in parallel over
+// channels) instead of memory in order: the channel's statistics or backward sums
+// over its N runs, then the elementwise pass over the same runs while they are in
+// L2, so the inputs come from L3 or memory once, not twice. `inputs`: the tensors
+// the pass reads (x; x and dy; and a residual). Needs runs of at least
+// kChannelWalkRun bytes and the channel's inputs within half the L2. Module fwd+bwd
+// step, 2 threads, in-process A/B on a 2-vCPU Xeon (2 MiB L2): 32,64,56,56 and
+// 8,64,112,112 1.12x-1.20x faster (float32 and bfloat16); runs of 1.6-3 KiB
+// (250,32,26,26, 64,96,28,28, 250,64,11,11: N runs C * S apart, which the
+// prefetchers follow poorly) 0.59x-0.98x, so they keep the memory-order walk.
+constexpr int64_t kChannelWalkRun = 4096;
+inline int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#else
+    const long reported = 0;
+#endif
+    return reported > 0 ? int64_t(reported) : int64_t(1) << 20;
+  }();
+  return bytes;
+}
+template <typename scalar_t>
+inline bool planar_by_channel(const Geometry& g, int64_t inputs) {
+  const int64_t run_bytes = g.S * int64_t(sizeof(scalar_t));
+  return g.layout == Layout::Planar && run_bytes >= kChannelWalkRun &&
+         g.N * run_bytes * inputs <= l2_cache_bytes() / 2 && g.C >= 2 * at::get_num_threads();
 }
 
 // Bytes of a tensor of g's size.
