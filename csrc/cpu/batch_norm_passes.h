@@ -393,6 +393,17 @@ void forward_apply_all(const scalar_t* x, const scalar_t* residual, scalar_t* y,
   });
 }
 
+// Writes channel c's batch mean and biased variance from its moments; returns its
+// forward coefficients.
+template <typename acc_t>
+ForwardCoefficients<acc_t> store_channel_statistics(const Moments<double>& m, int64_t c, acc_t* mean_out,
+                                                    acc_t* var_out, ChannelParams<acc_t> params, acc_t eps) {
+  mean_out[c] = acc_t(m.mean);
+  var_out[c] = acc_t(moments_biased_var(m));
+  // the double mean: see forward_coefficients
+  return forward_coefficients(m.mean, var_out[c], eps, params.w(c), params.b(c));
+}
+
 // The planar training forward one channel at a time, in parallel over channels:
 // the channel's moments over its N runs, then its output from the same runs while
 // they are still in L2 (see planar_by_channel).
@@ -405,10 +416,7 @@ void planar_channel_train_forward(const scalar_t* x, const scalar_t* residual, s
     for (int64_t c = c_begin; c < c_end; ++c) {
       Moments<double> m{0.0, 0.0, 0};
       for (int64_t n = 0; n < g.N; ++n) m = moments_merge(m, span_moments(x + (n * g.C + c) * g.S, g.S));
-      mean_out[c] = acc_t(m.mean);
-      var_out[c] = acc_t(moments_biased_var(m));
-      // the double mean: see forward_coefficients
-      const ForwardCoefficients<acc_t> k = forward_coefficients(m.mean, var_out[c], eps, params.w(c), params.b(c));
+      const ForwardCoefficients<acc_t> k = store_channel_statistics(m, c, mean_out, var_out, params, eps);
       for (int64_t n = 0; n < g.N; ++n) {
         const int64_t offset = (n * g.C + c) * g.S;
         span_forward<A>(x + offset, offset_or_null(residual, offset), y + offset, g.S, k, act_param, stream);
@@ -427,10 +435,7 @@ void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, acc
   const auto moments = channel_moments(x, g);
   ForwardArrays<acc_t> coef(g.C);
   for (int64_t c = 0; c < g.C; ++c) {
-    mean_out[c] = acc_t(moments[c].mean);
-    var_out[c] = acc_t(moments_biased_var(moments[c]));
-    // the double mean: see forward_coefficients
-    coef.set(c, forward_coefficients(moments[c].mean, var_out[c], eps, params.w(c), params.b(c)));
+    coef.set(c, store_channel_statistics(moments[c], c, mean_out, var_out, params, eps));
   }
   forward_apply_all<A>(x, residual, y, coef, g, act_param);
 }
@@ -629,6 +634,18 @@ void eval_backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOut
   });
 }
 
+// Channel c's backward coefficients from its sums, in double, each rounded once
+// (see forward_arrays).
+template <typename scalar_t, typename acc_t>
+BackwardCoefficients<acc_t> channel_backward_coefficients(const BackwardArgs<scalar_t, acc_t>& a, int64_t c,
+                                                          double sum_dy, double sum_dy_xmu, int64_t count,
+                                                          bool train) {
+  const BackwardCoefficients<double> k = backward_coefficients(double(a.mean[c]), double(a.var[c]), double(a.eps),
+                                                               double(a.params.w(c)), sum_dy, sum_dy_xmu, count,
+                                                               train);
+  return {acc_t(k.mean), acc_t(k.k_dy), acc_t(k.k_xmu), acc_t(k.k_const)};
+}
+
 // dx from the channel sums; `count` is the number of values the statistics
 // came from (the global batch under SyncBatchNorm).
 template <Activation A, typename scalar_t, typename acc_t>
@@ -640,11 +657,7 @@ void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<
   BackwardArrays<acc_t> coef(g.C);
   std::vector<BackwardCoefficients<acc_t>> channel_coef(g.C);
   for (int64_t c = 0; c < g.C; ++c) {
-    // in double, rounded once per coefficient (see forward_arrays)
-    const BackwardCoefficients<double> k = backward_coefficients(double(a.mean[c]), double(a.var[c]),
-                                                                 double(a.eps), double(a.params.w(c)), sum_dy[c],
-                                                                 sum_dy_xmu[c], count, train);
-    channel_coef[c] = {acc_t(k.mean), acc_t(k.k_dy), acc_t(k.k_xmu), acc_t(k.k_const)};
+    channel_coef[c] = channel_backward_coefficients(a, c, sum_dy[c], sum_dy_xmu[c], count, train);
     coef.set(c, channel_coef[c]);
   }
   const bool stream = stream_output(g, out.dx), in_row_order = tiles_in_row_order<scalar_t>(g);
@@ -671,10 +684,16 @@ void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<
 }
 
 template <typename acc_t>
+void write_channel_param_grads(int64_t c, double sum_dy, double sum_dy_xmu, const acc_t* var, acc_t eps,
+                               acc_t* grad_weight, acc_t* grad_bias) {
+  grad_bias[c] = acc_t(sum_dy);
+  grad_weight[c] = acc_t(grad_weight_from_sums(sum_dy_xmu, double(var[c]), double(eps)));
+}
+
+template <typename acc_t>
 void write_param_grads(const BackwardSums& sums, const acc_t* var, acc_t eps, acc_t* grad_weight, acc_t* grad_bias) {
   for (size_t c = 0; c < sums.dy.size(); ++c) {
-    grad_bias[c] = acc_t(sums.dy[c]);
-    grad_weight[c] = acc_t(grad_weight_from_sums(sums.dy_xmu[c], double(var[c]), double(eps)));
+    write_channel_param_grads(int64_t(c), sums.dy[c], sums.dy_xmu[c], var, eps, grad_weight, grad_bias);
   }
 }
 
@@ -698,11 +717,8 @@ void planar_channel_backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOut
                               fk, a.act_param, lanes_dy, lanes_dy_xmu);
       }
       const double sum_dy = lanes_dy.flush(), sum_dy_xmu = lanes_dy_xmu.flush();
-      grad_bias[c] = acc_t(sum_dy);
-      grad_weight[c] = acc_t(grad_weight_from_sums(sum_dy_xmu, double(a.var[c]), double(a.eps)));
-      const BackwardCoefficients<double> k = backward_coefficients(
-          double(a.mean[c]), double(a.var[c]), double(a.eps), double(a.params.w(c)), sum_dy, sum_dy_xmu, g.count(), true);
-      const BackwardCoefficients<acc_t> kc{acc_t(k.mean), acc_t(k.k_dy), acc_t(k.k_xmu), acc_t(k.k_const)};
+      write_channel_param_grads(c, sum_dy, sum_dy_xmu, a.var, a.eps, grad_weight, grad_bias);
+      const BackwardCoefficients<acc_t> kc = channel_backward_coefficients(a, c, sum_dy, sum_dy_xmu, g.count(), true);
       for (int64_t n = 0; n < g.N; ++n) {
         const int64_t offset = (n * g.C + c) * g.S;
         span_backward<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), out.dx + offset,
