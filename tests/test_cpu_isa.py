@@ -213,17 +213,23 @@ def test_every_isa_short_planar_runs(shape, dtype):
     check_every_isa_planar_step(shape, dtype)
 
 
-CHANNEL_WALK_RUN_BYTES = 4096  # kChannelWalkRun in csrc/cpu/work_division.h
+CHANNEL_GROUP_CHUNK = 4096  # kChannelGroupChunk in csrc/cpu/work_division.h
+CHANNEL_GROUP_MIN_RUN = 512  # kChannelGroupMinRun
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_every_isa_planar_channel_walk(dtype):
-    """The planar training passes that walk one channel at a time (planar_by_channel: runs
-    of at least 4 KiB, the channel's inputs within half the L2): runs just past 4 KiB that
-    start at every alignment, 10 channels over 3 threads, as test_every_isa_short_planar_runs
-    checks them. (1e4 + randn on this walk: test_functional.py.)"""
-    values = CHANNEL_WALK_RUN_BYTES // dtype.itemsize + 37  # an odd run: starts at every alignment
-    check_every_isa_planar_step((3, 10, 1, values), dtype)
+@pytest.mark.parametrize("run_bytes,channels", [(CHANNEL_GROUP_CHUNK, 10), (CHANNEL_GROUP_MIN_RUN, 45)],
+                         ids=["one_channel_groups", "eight_channel_groups"])
+def test_every_isa_planar_channel_groups(dtype, run_bytes, channels):
+    """The planar training passes that walk a group of channels at a time
+    (planar_channel_group: runs of at least 512 bytes, groups of chunks of 4 KiB, the
+    group's inputs within half the L2): runs just past 4 KiB (a channel per group, 10
+    groups) and just past 512 bytes (8 channels per group, 45 channels: 5 whole groups
+    and one of 5), odd lengths so that runs start at every alignment, 3 threads; as
+    test_every_isa_short_planar_runs checks them. (1e4 + randn on this walk:
+    test_functional.py.)"""
+    values = run_bytes // dtype.itemsize + 3 + (run_bytes // dtype.itemsize) % 2  # odd
+    check_every_isa_planar_step((3, channels, 1, values), dtype)
 
 
 def check_every_isa_planar_step(shape, dtype):

@@ -29,10 +29,12 @@ def run_both(x, weight, bias, running_mean, running_var, training, momentum=0.1,
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,channels_last", [((8, 5, 30, 30), False), ((8, 5, 30, 30), True), ((4096, 7), False),
-                                                  ((3, 1, 200, 100), False), ((3, 8, 1, 1100), False)])
+                                                  ((3, 1, 200, 100), False), ((3, 8, 1, 1100), False),
+                                                  ((3, 40, 1, 140), False)])
 def test_far_from_zero_keeps_variance(shape, channels_last, dtype, device):
     """x = 1e4 + randn: E[x^2] - E[x]^2 would lose the variance entirely in float32.
-    (3, 8, 1, 1100): runs past 4 KiB, which the CPU walks one channel at a time."""
+    (3, 8, 1, 1100) and (3, 40, 1, 140): runs the CPU walks in groups of 1 and of 4-8
+    channels (planar_channel_group)."""
     x = random_input(shape, dtype, device, channels_last, mean=1e4, std=1.0)
     channels = shape[1]
     running_mean = torch.zeros(channels, dtype=dtype, device=device)

@@ -6,8 +6,8 @@
 // (one sample's S values of one channel), each reduced into or transformed with
 // its channel's per-thread state. (Walking one channel at a time instead, to
 // reuse it from cache, touches N separate runs per channel and measured about
-// half the bandwidth; except the training passes over long runs whose channel
-// fits in L2: planar_by_channel, work_division.h.)
+// half the bandwidth; except the training passes where a group of channels fits
+// in L2 and its runs are long enough: planar_channel_group, work_division.h.)
 // Interleaved layout (channels_last, (N, C)): each thread reduces a block of
 // rows into per-channel partial statistics, walking down columns of a few
 // channels with the accumulators in registers; the partials are merged, and a
@@ -404,22 +404,30 @@ ForwardCoefficients<acc_t> store_channel_statistics(const Moments<double>& m, in
   return forward_coefficients(m.mean, var_out[c], eps, params.w(c), params.b(c));
 }
 
-// The planar training forward one channel at a time, in parallel over channels:
-// the channel's moments over its N runs, then its output from the same runs while
-// they are still in L2 (see planar_by_channel).
+// The planar training forward a group of channels at a time, in parallel over groups:
+// the channels' moments over their N chunks, then their output from the same chunks
+// while they are still in L2 (see planar_channel_group).
 template <Activation A, typename scalar_t, typename acc_t>
 void planar_channel_train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, acc_t* mean_out,
                                   acc_t* var_out, ChannelParams<acc_t> params, const Geometry& g, acc_t eps,
-                                  acc_t act_param) {
+                                  acc_t act_param, int64_t group) {
   const bool stream = stream_output(g, y);
-  at::parallel_for(0, g.C, 1, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      Moments<double> m{0.0, 0.0, 0};
-      for (int64_t n = 0; n < g.N; ++n) m = moments_merge(m, span_moments(x + (n * g.C + c) * g.S, g.S));
-      const ForwardCoefficients<acc_t> k = store_channel_statistics(m, c, mean_out, var_out, params, eps);
+  const int64_t groups = (g.C + group - 1) / group;
+  at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
+    std::vector<Moments<double>> m(group);
+    std::vector<ForwardCoefficients<acc_t>> k(group);
+    for (int64_t gi = g_begin; gi < g_end; ++gi) {
+      const int64_t c0 = gi * group, width = std::min(group, g.C - c0);
+      std::fill(m.begin(), m.end(), Moments<double>{0.0, 0.0, 0});
       for (int64_t n = 0; n < g.N; ++n) {
-        const int64_t offset = (n * g.C + c) * g.S;
-        span_forward<A>(x + offset, offset_or_null(residual, offset), y + offset, g.S, k, act_param, stream);
+        for (int64_t j = 0; j < width; ++j) m[j] = moments_merge(m[j], span_moments(x + (n * g.C + c0 + j) * g.S, g.S));
+      }
+      for (int64_t j = 0; j < width; ++j) k[j] = store_channel_statistics(m[j], c0 + j, mean_out, var_out, params, eps);
+      for (int64_t n = 0; n < g.N; ++n) {
+        for (int64_t j = 0; j < width; ++j) {
+          const int64_t offset = (n * g.C + c0 + j) * g.S;
+          span_forward<A>(x + offset, offset_or_null(residual, offset), y + offset, g.S, k[j], act_param, stream);
+        }
       }
     }
     stream_fence(stream);
@@ -429,8 +437,8 @@ void planar_channel_train_forward(const scalar_t* x, const scalar_t* residual, s
 template <Activation A, typename scalar_t, typename acc_t>
 void train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, acc_t* mean_out, acc_t* var_out,
                    ChannelParams<acc_t> params, const Geometry& g, acc_t eps, acc_t act_param) {
-  if (planar_by_channel<scalar_t>(g, residual != nullptr ? 2 : 1)) {
-    return planar_channel_train_forward<A>(x, residual, y, mean_out, var_out, params, g, eps, act_param);
+  if (const int64_t group = planar_channel_group<scalar_t>(g, residual != nullptr ? 2 : 1)) {
+    return planar_channel_train_forward<A>(x, residual, y, mean_out, var_out, params, g, eps, act_param, group);
   }
   const auto moments = channel_moments(x, g);
   ForwardArrays<acc_t> coef(g.C);
@@ -697,32 +705,42 @@ void write_param_grads(const BackwardSums& sums, const acc_t* var, acc_t eps, ac
   }
 }
 
-// The planar training backward one channel at a time, in parallel over channels:
-// the channel's sums over its N runs, then its dx from the same runs while they are
-// still in L2 (torch's channels-first backward walks so).
+// The planar training backward a group of channels at a time, in parallel over groups:
+// the channels' sums over their N chunks, then their dx from the same chunks while
+// they are still in L2 (torch's channels-first backward walks one channel so).
 template <Activation A, typename scalar_t, typename acc_t>
 void planar_channel_backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> out,
-                             acc_t* grad_weight, acc_t* grad_bias) {
+                             acc_t* grad_weight, acc_t* grad_bias, int64_t group) {
   using red_t = typename ReduceLanes<scalar_t>::red_t;
   const Geometry& g = a.g;
   const ForwardArrays<acc_t> forward_k = forward_arrays(a.mean, a.var, a.params, g.C, a.eps);
   const bool stream = stream_output(g, out.dx);
-  at::parallel_for(0, g.C, 1, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      const ForwardCoefficients<acc_t> fk = forward_k.get(c);
-      LaneSums<scalar_t> lanes_dy, lanes_dy_xmu;
+  const int64_t groups = (g.C + group - 1) / group;
+  at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
+    std::vector<LaneSums<scalar_t>> lanes_dy(group), lanes_dy_xmu(group);
+    std::vector<BackwardCoefficients<acc_t>> k(group);
+    for (int64_t gi = g_begin; gi < g_end; ++gi) {
+      const int64_t c0 = gi * group, width = std::min(group, g.C - c0);
       for (int64_t n = 0; n < g.N; ++n) {
-        const int64_t offset = (n * g.C + c) * g.S;
-        span_backward_sums<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), g.S, red_t(a.mean[c]),
-                              fk, a.act_param, lanes_dy, lanes_dy_xmu);
+        for (int64_t j = 0; j < width; ++j) {
+          const int64_t c = c0 + j, offset = (n * g.C + c) * g.S;
+          span_backward_sums<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), g.S,
+                                red_t(a.mean[c]), forward_k.get(c), a.act_param, lanes_dy[j], lanes_dy_xmu[j]);
+        }
       }
-      const double sum_dy = lanes_dy.flush(), sum_dy_xmu = lanes_dy_xmu.flush();
-      write_channel_param_grads(c, sum_dy, sum_dy_xmu, a.var, a.eps, grad_weight, grad_bias);
-      const BackwardCoefficients<acc_t> kc = channel_backward_coefficients(a, c, sum_dy, sum_dy_xmu, g.count(), true);
+      for (int64_t j = 0; j < width; ++j) {
+        const int64_t c = c0 + j;
+        const double sum_dy = lanes_dy[j].flush(), sum_dy_xmu = lanes_dy_xmu[j].flush();
+        write_channel_param_grads(c, sum_dy, sum_dy_xmu, a.var, a.eps, grad_weight, grad_bias);
+        k[j] = channel_backward_coefficients(a, c, sum_dy, sum_dy_xmu, g.count(), true);
+      }
       for (int64_t n = 0; n < g.N; ++n) {
-        const int64_t offset = (n * g.C + c) * g.S;
-        span_backward<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), out.dx + offset,
-                         offset_or_null(out.grad_residual, offset), g.S, fk, kc, a.act_param, stream);
+        for (int64_t j = 0; j < width; ++j) {
+          const int64_t c = c0 + j, offset = (n * g.C + c) * g.S;
+          span_backward<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), out.dx + offset,
+                           offset_or_null(out.grad_residual, offset), g.S, forward_k.get(c), k[j], a.act_param,
+                           stream);
+        }
       }
     }
     stream_fence(stream);
@@ -732,8 +750,8 @@ void planar_channel_backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOut
 template <Activation A, typename scalar_t, typename acc_t>
 void backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> out, acc_t* grad_weight,
               acc_t* grad_bias, bool train) {
-  if (train && planar_by_channel<scalar_t>(a.g, a.residual != nullptr ? 3 : 2)) {
-    return planar_channel_backward<A>(a, out, grad_weight, grad_bias);
+  if (const int64_t group = train ? planar_channel_group<scalar_t>(a.g, a.residual != nullptr ? 3 : 2) : 0) {
+    return planar_channel_backward<A>(a, out, grad_weight, grad_bias, group);
   }
   const BackwardSums sums = backward_sums<A>(a);
   write_param_grads(sums, a.var, a.eps, grad_weight, grad_bias);

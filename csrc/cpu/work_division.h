@@ -122,17 +122,24 @@ inline void for_each_channel_block(int64_t C, const F& f) {
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) f(c0, std::min(kBlock, C - c0));
 }
 
-// Whether a planar training pass walks one channel at a time (in parallel over
-// channels) instead of memory in order: the channel's statistics or backward sums
-// over its N runs, then the elementwise pass over the same runs while they are in
-// L2, so the inputs come from L3 or memory once, not twice. `inputs`: the tensors
-// the pass reads (x; x and dy; and a residual). Needs runs of at least
-// kChannelWalkRun bytes and the channel's inputs within half the L2. Module fwd+bwd
-// step, 2 threads, in-process A/B on a 2-vCPU Xeon (2 MiB L2): 32,64,56,56 and
-// 8,64,112,112 1.12x-1.20x faster (float32 and bfloat16); runs of 1.6-3 KiB
-// (250,32,26,26, 64,96,28,28, 250,64,11,11: N runs C * S apart, which the
-// prefetchers follow poorly) 0.59x-0.98x, so they keep the memory-order walk.
-constexpr int64_t kChannelWalkRun = 4096;
+// Planar training passes walk a group of channels at a time (in parallel over
+// groups) where it pays: the group's statistics or backward sums over its N chunks
+// (one sample's runs of the group's channels, contiguous), then the elementwise pass
+// over the same chunks while they are in L2, so the inputs come from L3 or memory
+// once, not twice. A group is the fewest channels whose chunk reaches
+// kChannelGroupChunk bytes (runs N apart are followed poorly by the prefetchers;
+// longer chunks less so); runs must be at least kChannelGroupMinRun bytes (shorter
+// ones are summed faster several at a time, planar_grouped_*), the group's inputs
+// within half the L2, and there must be 2 groups per thread. Module fwd+bwd step,
+// 2 threads, in-process A/B on a 2-vCPU Xeon (2 MiB L2), against the memory-order
+// walk: one channel per group (runs from 4 KiB) 1.12x-1.20x on 32,64,56,56 and
+// 8,64,112,112 (float32 and bfloat16); groups of 784-byte runs (float32 14x14)
+// 1.33x-1.41x on 32,256,14,14, 8,256,28,28, 32,512,14,14, 32,128,28,28; bfloat16
+// and 28x28 planes 1.02x-1.13x; runs under 512 bytes 0.85x-1.01x. Returns the
+// channels per group, or 0 for the memory-order walk. `inputs`: the tensors the
+// pass reads (x; x and dy; and a residual).
+constexpr int64_t kChannelGroupChunk = 4096;
+constexpr int64_t kChannelGroupMinRun = 512;
 inline int64_t l2_cache_bytes() {
   static const int64_t bytes = [] {
 #if defined(_SC_LEVEL2_CACHE_SIZE)
@@ -145,10 +152,13 @@ inline int64_t l2_cache_bytes() {
   return bytes;
 }
 template <typename scalar_t>
-inline bool planar_by_channel(const Geometry& g, int64_t inputs) {
+inline int64_t planar_channel_group(const Geometry& g, int64_t inputs) {
   const int64_t run_bytes = g.S * int64_t(sizeof(scalar_t));
-  return g.layout == Layout::Planar && run_bytes >= kChannelWalkRun &&
-         g.N * run_bytes * inputs <= l2_cache_bytes() / 2 && g.C >= 2 * at::get_num_threads();
+  if (g.layout != Layout::Planar || run_bytes < kChannelGroupMinRun) return 0;
+  const int64_t channels = (kChannelGroupChunk + run_bytes - 1) / run_bytes;
+  const int64_t groups = (g.C + channels - 1) / channels;
+  const bool fits = g.N * channels * run_bytes * inputs <= l2_cache_bytes() / 2;
+  return fits && groups >= 2 * at::get_num_threads() ? channels : 0;
 }
 
 // Bytes of a tensor of g's size.
