@@ -133,9 +133,9 @@ inline void for_each_channel_block(int64_t C, const F& f) {
 // within half the L2, and there must be 2 groups per thread. Module fwd+bwd step,
 // 2 threads, in-process A/B on a 2-vCPU Xeon (2 MiB L2), against the memory-order
 // walk: one channel per group (runs from 4 KiB) 1.12x-1.20x on 32,64,56,56 and
-// 8,64,112,112 (float32 and bfloat16); groups of 784-byte runs (float32 14x14)
-// 1.33x-1.41x on 32,256,14,14, 8,256,28,28, 32,512,14,14, 32,128,28,28; bfloat16
-// and 28x28 planes 1.02x-1.13x; runs under 512 bytes 0.85x-1.01x. Returns the
+// 8,64,112,112 (float32 and bfloat16); groups of float32 14x14 and 28x28 runs
+// 1.33x-1.41x on 32,256,14,14, 32,512,14,14, 8,256,28,28, 32,128,28,28 (64,96,28,28:
+// 1.07x-1.10x); bfloat16 1.02x-1.13x; runs under 512 bytes 0.85x-1.01x. Returns the
 // channels per group, or 0 for the memory-order walk. `inputs`: the tensors the
 // pass reads (x; x and dy; and a residual).
 constexpr int64_t kChannelGroupChunk = 4096;
