@@ -51,7 +51,7 @@ def cli_settings(options: argparse.Namespace) -> argparse.Namespace:
     """fastbn-mnist's own defaults (batch size, lr, validation split ...) with this run's
     data options, so that prepare_data and the epochs are exactly the CLI's."""
     settings = mnist.build_parser().parse_args([])
-    for name in ("dataset", "data_dir", "download", "train_limit", "seed"):
+    for name in ("dataset", "data_dir", "download", "train_limit", "seed", "memory_format"):
         setattr(settings, name, getattr(options, name))
     return settings
 
@@ -94,7 +94,7 @@ def measure(data: mnist.Data, settings, variants: Sequence[str], rounds: int, wa
     """Time `rounds` rounds; returns the rounds and the median ratios (all rounds, and quiet ones)."""
     if BASELINE not in variants:
         raise ValueError(f"the variants must include {BASELINE!r}, the baseline of the ratios")
-    models = {bn: mnist.make_model(bn, settings.seed) for bn in variants}
+    models = {bn: mnist.make_model(bn, settings.seed, settings.memory_format) for bn in variants}
     initial_states = {bn: {k: v.clone() for k, v in model.state_dict().items()} for bn, model in models.items()}
     warmup = data._replace(train_x=data.train_x[: warmup_batches * settings.batch_size],
                            train_y=data.train_y[: warmup_batches * settings.batch_size])
@@ -164,6 +164,8 @@ def parse_arguments(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="use only the first N training images (before the validation split)")
     parser.add_argument("--seed", type=mnist._int_at_least(0), default=0,
                         help="initial weights and data order, as fastbn-mnist's --seed (default 0)")
+    parser.add_argument("--memory-format", choices=sorted(mnist.MEMORY_FORMATS), default=mnist.DEFAULT_MEMORY_FORMAT,
+                        help=f"the model's layout, as fastbn-mnist's (default {mnist.DEFAULT_MEMORY_FORMAT})")
     parser.add_argument("--threads", type=mnist._int_at_least(1), default=torch.get_num_threads(),
                         help=f"torch CPU threads (default: torch's, here {torch.get_num_threads()})")
     parser.add_argument("--warmup-batches", type=mnist._int_at_least(0), default=DEFAULT_WARMUP_BATCHES,
@@ -198,7 +200,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"torch {torch.__version__}, threads {torch.get_num_threads()}; {allocator}; git {git_revision()}; "
               f"{started:%Y-%m-%d %H:%M %Z}\n"
               f"{options.dataset}: {len(data.train_x)} training images from {data.source}, batch "
-              f"{settings.batch_size}, Adam lr {settings.lr:g}, seed {settings.seed}; {options.rounds} rounds, "
+              f"{settings.batch_size}, Adam lr {settings.lr:g}, seed {settings.seed}, {settings.memory_format}; "
+              f"{options.rounds} rounds, "
               f"each epoch from the same initial state and data order"
               + (f"; --wait-idle {options.wait_idle:g}s" if options.wait_idle > 0 else ""))
     log(header)
@@ -207,7 +210,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "cpu": describe_cpu(), "torch": torch.__version__, "git": git_revision(),
               "threads": torch.get_num_threads(), "allocator": allocator, "dataset": options.dataset,
               "data_source": data.source, "train_images": len(data.train_x), "batch_size": settings.batch_size,
-              "lr": settings.lr, "seed": settings.seed, "variants": variants, **result}
+              "lr": settings.lr, "seed": settings.seed, "memory_format": settings.memory_format,
+              "variants": variants, **result}
     print(header)
     print()
     print(markdown_table(record))

@@ -36,10 +36,11 @@ from .cli import DEFAULT_EPOCHS, VARIANTS, _int_at_least, build_parser, main, ru
 from .data import Data, DataUnavailable, prepare_data
 from .distributed import SINGLE, PeerFailed, World
 from .errors import PROG, UsageError
-from .model import batchnorm_classes, build_model, convert_to_sync_batchnorm, init_weights, make_model
+from .model import (DEFAULT_MEMORY_FORMAT, MEMORY_FORMATS, batchnorm_classes, build_model, convert_to_sync_batchnorm,
+                    init_weights, make_model)
 from .train import epoch_generator, evaluate, fit, local_share, smallest_batch, summary, train_epoch
 
-__all__ = ["DEFAULT_EPOCHS", "PROG", "SINGLE", "VARIANTS", "Data", "DataUnavailable", "PeerFailed", "UsageError",
+__all__ = ["DEFAULT_EPOCHS", "DEFAULT_MEMORY_FORMAT", "MEMORY_FORMATS", "PROG", "SINGLE", "VARIANTS", "Data", "DataUnavailable", "PeerFailed", "UsageError",
            "World", "batchnorm_classes", "build_model", "build_parser", "convert_to_sync_batchnorm",
            "epoch_generator", "evaluate", "fit", "init_weights", "load_checkpoint", "local_share", "main",
            "make_model", "prepare_data", "run", "run_config", "save_checkpoint", "smallest_batch", "summary",

@@ -135,6 +135,9 @@ def run_config(args, bn: str, world: World = SINGLE) -> dict:
         "train_limit": args.train_limit,
         "test_limit": args.test_limit,
         "epochs": args.epochs,
+        # Recorded, not checked by --resume: the parameters and the function are the same
+        # in either layout (a run may continue in the other one).
+        "memory_format": args.memory_format,
         # Recorded, not checked by --resume: a run may continue with another
         # number of processes (the global batches stay the same).
         "processes": world.size,

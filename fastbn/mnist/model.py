@@ -8,6 +8,13 @@ from torch import nn
 
 from .errors import UsageError
 
+# The layout the CLI trains in (--memory-format). channels_last by default: torch's CPU
+# max-pool forward is 6-12x slower on NCHW than on channels_last (torch 2.14, 2 threads,
+# (250,32,26,26): 29.6 against 4.6 ms), a fifth of every NCHW training step. The model
+# computes the same function either way (Flatten reads the logical NCHW order).
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+DEFAULT_MEMORY_FORMAT = "channels_last"
+
 
 def batchnorm_classes(bn: str):
     """(BatchNorm2d, BatchNorm1d) classes for a variant, or None for 'none'.
@@ -100,7 +107,11 @@ def init_weights(model: nn.Sequential, seed: int) -> None:
             layer.bias.zero_()
 
 
-def make_model(bn: str, seed: int) -> nn.Sequential:
+def make_model(bn: str, seed: int, memory_format: str = DEFAULT_MEMORY_FORMAT) -> nn.Sequential:
+    """The CLI's model: build_model's layers, init_weights' numbers, in the given memory
+    format (a key of MEMORY_FORMATS; the convolutions' outputs follow their weights')."""
+    if memory_format not in MEMORY_FORMATS:
+        raise UsageError(f"unknown memory format {memory_format!r} (choose from {', '.join(MEMORY_FORMATS)})")
     model = build_model(bn)
     init_weights(model, seed)
-    return model
+    return model.to(memory_format=MEMORY_FORMATS[memory_format])
