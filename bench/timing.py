@@ -160,7 +160,7 @@ BUSY_THRESHOLD = 0.1
 
 
 # glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 
 
 def keep_freed_memory() -> str:
@@ -170,14 +170,19 @@ def keep_freed_memory() -> str:
     from memory it kept or from new pages (a page fault per 4 KiB on first write,
     which cost up to 3 ms per call on this machine) depends on the heap's history,
     so either side of a row could be charged for it at random. Keeping freed memory
-    (tensors below 32 MiB, glibc's largest heap threshold) gives both sides the
-    steady state that a caching allocator gives on GPUs. Returns a description."""
+    gives both sides the steady state that a caching allocator gives on GPUs.
+    Blocks of 32 MiB (glibc's largest mmap threshold) and more would still be mapped
+    afresh by every call and unmapped after it (a (32,128,112,112) float32 step then
+    ran at 4 GB/s on either side, 50176 page faults per tensor), so mmap is turned
+    off (M_MMAP_MAX 0): every block comes from the heap, trimmed only past 2 GiB of
+    free top. Returns a description."""
     if not sys.platform.startswith("linux"):
         return "allocator: system default"
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+        ok = (libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(_M_MMAP_MAX, 0) == 1
+              and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1)
     except (OSError, AttributeError):
         ok = False
     return "allocator: glibc, freed memory kept (mallopt)" if ok else "allocator: system default (mallopt failed)"
