@@ -25,6 +25,7 @@ from conftest import ALL_DTYPES, assert_within_budget, random_input
 ISAS = fastbn.ops.CPU_CAPABILITIES
 STREAMING_BYTES = 16 << 20  # kStreamingBytes in csrc/cpu/vec_kernels.h
 ROW_ORDER_BYTES = 4 << 20  # kRowOrderBytes in csrc/cpu/work_division.h
+INTERLEAVED_STREAMING_BYTES = 4 << 20  # kInterleavedStreamingBytes there
 GUARD = 7.0
 
 
@@ -135,12 +136,16 @@ def test_every_isa_past_the_streaming_threshold(dtype, channels_last):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_every_isa_channels_last_between_row_order_and_streaming(dtype):
-    """channels_last tensors whose elementwise passes walk rows in memory order but
-    store normally (kRowOrderBytes <= size < kStreamingBytes), with 80 channels (a
-    partial channel block in every vector width), under each ISA."""
+    """channels_last tensors whose elementwise passes walk rows in memory order while
+    the reductions still walk pieces block by block (kRowOrderBytes <= size <
+    kStreamingBytes), with 80 channels (a partial channel block in every vector
+    width), under each ISA. Past kInterleavedStreamingBytes too: float32 and float64
+    rows (320 and 640 bytes, whole lines) are streamed, half and bfloat16 rows (160
+    bytes) stored normally."""
     per_sample = 80 * 33 * 35 * dtype.itemsize
     shape = (ROW_ORDER_BYTES // per_sample + 1, 80, 33, 35)
-    assert ROW_ORDER_BYTES <= torch.Size(shape).numel() * dtype.itemsize < STREAMING_BYTES
+    size = torch.Size(shape).numel() * dtype.itemsize
+    assert max(ROW_ORDER_BYTES, INTERLEAVED_STREAMING_BYTES) <= size < STREAMING_BYTES
     x = random_input(shape, dtype, channels_last=True)
     grad = random_input(shape, dtype, channels_last=True, mean=0.1, std=1.0)
     state = random_state(80)
