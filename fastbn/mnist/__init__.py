@@ -40,8 +40,8 @@ from .model import (DEFAULT_MEMORY_FORMAT, MEMORY_FORMATS, batchnorm_classes, bu
                     init_weights, make_model)
 from .train import epoch_generator, evaluate, fit, local_share, smallest_batch, summary, train_epoch
 
-__all__ = ["DEFAULT_EPOCHS", "DEFAULT_MEMORY_FORMAT", "MEMORY_FORMATS", "PROG", "SINGLE", "VARIANTS", "Data", "DataUnavailable", "PeerFailed", "UsageError",
-           "World", "batchnorm_classes", "build_model", "build_parser", "convert_to_sync_batchnorm",
+__all__ = ["DEFAULT_EPOCHS", "DEFAULT_MEMORY_FORMAT", "MEMORY_FORMATS", "PROG", "SINGLE", "VARIANTS", "Data",
+           "DataUnavailable", "PeerFailed", "UsageError", "World", "batchnorm_classes", "build_model", "build_parser", "convert_to_sync_batchnorm",
            "epoch_generator", "evaluate", "fit", "init_weights", "load_checkpoint", "local_share", "main",
            "make_model", "prepare_data", "run", "run_config", "save_checkpoint", "smallest_batch", "summary",
            "train_epoch"]
