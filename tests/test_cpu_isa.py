@@ -137,9 +137,10 @@ def test_every_isa_past_the_streaming_threshold(dtype, channels_last):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_every_isa_channels_last_between_row_order_and_streaming(dtype):
     """channels_last tensors whose elementwise passes walk rows in memory order while
-    the reductions still walk pieces block by block (kRowOrderBytes <= size <
-    kStreamingBytes), with 80 channels (a partial channel block in every vector
-    width), under each ISA. Past kInterleavedStreamingBytes too: float32 and float64
+    the reductions walk each piece in groups of rows block by block (kRowOrderBytes <=
+    size < kStreamingBytes; groups of kInCacheReductionGroupBytes, the last one of a
+    piece partial), with 80 channels (a partial channel block in every vector width),
+    under each ISA. Past kInterleavedStreamingBytes too: float32 and float64
     rows (320 and 640 bytes, whole lines) are streamed, half and bfloat16 rows (160
     bytes) stored normally."""
     per_sample = 80 * 33 * 35 * dtype.itemsize

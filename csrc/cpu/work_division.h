@@ -187,23 +187,36 @@ inline bool tiles_in_row_order(const Geometry& g) {
 }
 
 // Rows an interleaved reduction walks down one channel block before the next
-// block. In cache: a whole piece (`piece_rows`). A tensor too large for the cache
-// whose rows span more than kMaxRowBlocks blocks (fewer: row_walk_blocks, below,
-// walks whole rows) is walked in groups of about kReductionGroupBytes
-// per input, each block down the group and then the next group: memory is then
-// read in order (a whole piece block by block reads every row in pieces, which
-// the hardware prefetchers follow poorly from memory), and the group stays in L1
-// across its blocks. 1 KiB (4 rows of C = 64 floats): with the column loops
-// summing in float (kStatisticsGroupRows) 8 KiB groups read memory at about half
-// the rate of the double loops on 32,64,56,56 (statistics 930 -> 1860 µs, backward
-// sums 2210 -> 4130), 1 KiB groups about as fast as before (1190 / 2320) and
-// faster on C = 96 (64,96,28,28 backward sums 3580 -> 1470 µs): closer to
-// reading each row whole, in memory order.
+// block: the piece (`piece_rows`, whose moments are then merged) is walked in
+// groups of rows, each block down the group and then the next group, so that
+// memory is read close to its order (a whole piece block by block reads every
+// row in pieces, which the hardware prefetchers follow poorly) while the column
+// loops keep their accumulators in registers down the group.
+//  - A tensor too large for the cache whose rows span more than kMaxRowBlocks
+//    blocks (fewer: row_walk_blocks, below, walks whole rows): groups of about
+//    kReductionGroupBytes per input, which stay in L1 across their blocks. 1 KiB
+//    (4 rows of C = 64 floats): with the column loops summing in float
+//    (kStatisticsGroupRows) 8 KiB groups read memory at about half the rate of
+//    the double loops on 32,64,56,56 (statistics 930 -> 1860 µs, backward sums
+//    2210 -> 4130), 1 KiB groups about as fast as before (1190 / 2320) and faster
+//    on C = 96 (64,96,28,28 backward sums 3580 -> 1470 µs): closer to reading
+//    each row whole, in memory order.
+//  - Smaller tensors: groups of about kInCacheReductionGroupBytes per input, which
+//    stay in L2. Module fwd+bwd steps (2 threads, in-process A/B, 11-15 rounds, a
+//    2-vCPU Xeon guest with 2 MiB of L2 per core) against whole pieces (512 KiB of
+//    float): channels_last float32 (32,256,14,14) 1.08x, (16,512,7,7) 1.06x,
+//    (250,64,11,11) 1.02x; bfloat16 (32,256,14,14) 1.15x, (32,64,56,56) 1.05x,
+//    (16,512,7,7) 1.03x, (8,64,112,112) 1.02x, (64,96,28,28) 1.00x, (250,64,11,11)
+//    0.98x. (The large tensors' walk, row walk or 1 KiB groups, lost there: 0.66x-0.89x
+//    on float32 (32,256,14,14), (250,64,11,11), (16,512,14,14).)
+// Rows of a single block keep whole pieces: the column loops then read memory in order.
 constexpr int64_t kReductionGroupBytes = 1024;
+constexpr int64_t kInCacheReductionGroupBytes = int64_t(64) << 10;
 template <typename scalar_t>
 inline int64_t reduction_group_rows(const Geometry& g, int64_t piece_rows) {
-  if (!larger_than_cache<scalar_t>(g) || g.C <= Lanes<scalar_t>::kBlock) return piece_rows;
-  return std::clamp<int64_t>(kReductionGroupBytes / (g.C * int64_t(sizeof(scalar_t))), 1, piece_rows);
+  if (g.C <= Lanes<scalar_t>::kBlock) return piece_rows;
+  const int64_t bytes = larger_than_cache<scalar_t>(g) ? kReductionGroupBytes : kInCacheReductionGroupBytes;
+  return std::clamp<int64_t>(bytes / (g.C * int64_t(sizeof(scalar_t))), 1, piece_rows);
 }
 
 // The number of channel blocks per row when the interleaved reductions walk whole rows
