@@ -23,16 +23,18 @@ import fastbn
 from conftest import ALL_DTYPES, assert_within_budget, random_input
 
 ISAS = fastbn.ops.CPU_CAPABILITIES
-STREAMING_BYTES = 16 << 20  # kStreamingBytes in csrc/cpu/vec_kernels.h
+OUT_OF_CACHE_BYTES = 16 << 20  # kOutOfCacheBytes in csrc/cpu/work_division.h
+PLANAR_STREAMING_BYTES = 8 << 20  # kPlanarStreamingBytes there
 ROW_ORDER_BYTES = 4 << 20  # kRowOrderBytes in csrc/cpu/work_division.h
 INTERLEAVED_STREAMING_BYTES = 4 << 20  # kInterleavedStreamingBytes there
 GUARD = 7.0
 
 
 def past_streaming_threshold(dtype, channels, spatial):
-    """The smallest batch whose tensors of (channels, *spatial) per sample reach STREAMING_BYTES."""
+    """The smallest batch whose tensors of (channels, *spatial) per sample reach OUT_OF_CACHE_BYTES
+    (past every streaming threshold too)."""
     per_sample = channels * spatial[0] * spatial[1] * dtype.itemsize
-    return (STREAMING_BYTES // per_sample + 1, channels) + spatial
+    return (OUT_OF_CACHE_BYTES // per_sample + 1, channels) + spatial
 
 
 def shape_for(dtype, channels_last):
@@ -93,7 +95,7 @@ def test_every_isa_past_the_streaming_threshold(dtype, channels_last):
     the in-place forward over such a view, and SyncBatchNorm's phase ops, under each ISA,
     against torch in the same dtype and a float64 reference."""
     shape = shape_for(dtype, channels_last)
-    assert torch.Size(shape).numel() * dtype.itemsize >= STREAMING_BYTES
+    assert torch.Size(shape).numel() * dtype.itemsize >= max(OUT_OF_CACHE_BYTES, PLANAR_STREAMING_BYTES)
     channels = shape[1]
     x = random_input(shape, dtype, channels_last=channels_last)
     # mean 0.1: grad_bias (a sum over up to 200k values) stays within float16's range
@@ -138,7 +140,7 @@ def test_every_isa_past_the_streaming_threshold(dtype, channels_last):
 def test_every_isa_channels_last_between_row_order_and_streaming(dtype):
     """channels_last tensors whose elementwise passes walk rows in memory order while
     the reductions walk each piece in groups of rows block by block (kRowOrderBytes <=
-    size < kStreamingBytes; groups of kInCacheReductionGroupBytes, the last one of a
+    size < kOutOfCacheBytes; groups of kInCacheReductionGroupBytes, the last one of a
     piece partial), with 80 channels (a partial channel block in every vector width),
     under each ISA. Past kInterleavedStreamingBytes too: float32 and float64
     rows (320 and 640 bytes, whole lines) are streamed, half and bfloat16 rows (160
@@ -146,7 +148,7 @@ def test_every_isa_channels_last_between_row_order_and_streaming(dtype):
     per_sample = 80 * 33 * 35 * dtype.itemsize
     shape = (ROW_ORDER_BYTES // per_sample + 1, 80, 33, 35)
     size = torch.Size(shape).numel() * dtype.itemsize
-    assert max(ROW_ORDER_BYTES, INTERLEAVED_STREAMING_BYTES) <= size < STREAMING_BYTES
+    assert max(ROW_ORDER_BYTES, INTERLEAVED_STREAMING_BYTES) <= size < OUT_OF_CACHE_BYTES
     x = random_input(shape, dtype, channels_last=True)
     grad = random_input(shape, dtype, channels_last=True, mean=0.1, std=1.0)
     state = random_state(80)
@@ -169,7 +171,7 @@ def test_every_isa_channels_last_rows_past_the_streaming_threshold(dtype, channe
     of 16 with AVX2; a training step and a fused activation with a residual, under each
     ISA, against torch in the same dtype and a float64 reference."""
     per_sample = channels * 32 * 32 * dtype.itemsize
-    shape = (STREAMING_BYTES // per_sample + 1, channels, 32, 32)
+    shape = (OUT_OF_CACHE_BYTES // per_sample + 1, channels, 32, 32)
     x = random_input(shape, dtype, channels_last=True)
     grad = random_input(shape, dtype, channels_last=True, mean=0.1, std=1.0)
     residual = random_input(shape, dtype, channels_last=True, mean=-0.3, std=1.0)

@@ -260,11 +260,6 @@ C10_ALWAYS_INLINE void store_values(T* p, int64_t count, const Vec& lo, const Ve
   }
 }
 
-// Outputs this large are written with streaming stores: they cannot stay in
-// cache for whoever reads them next, and a normal store would first read every
-// destination line from memory (a third of the traffic of a read + write pass).
-constexpr int64_t kStreamingBytes = int64_t(16) << 20;
-
 // How many values of a span of n at p to store normally so that the rest
 // starts 64-byte aligned (ready for streaming stores); 0 when not streaming.
 // Only called where p is aligned to its element size (see for_each_span_block).

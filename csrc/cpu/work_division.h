@@ -168,10 +168,12 @@ inline int64_t tensor_bytes(const Geometry& g) {
 }
 
 // Whether a tensor of g's size is too large to stay in the caches between
-// passes (kStreamingBytes, about half a server L3).
+// passes (kOutOfCacheBytes, about half a server L3): the interleaved reductions'
+// walk (reduction_group_rows, row_walk_blocks) follows it.
+constexpr int64_t kOutOfCacheBytes = int64_t(16) << 20;
 template <typename scalar_t>
 inline bool larger_than_cache(const Geometry& g) {
-  return tensor_bytes<scalar_t>(g) >= kStreamingBytes;
+  return tensor_bytes<scalar_t>(g) >= kOutOfCacheBytes;
 }
 
 // Whether the interleaved elementwise passes walk each tile's rows in memory
@@ -242,21 +244,33 @@ inline void with_row_blocks(int64_t blocks, const F& f) {
   }
 }
 
-// Interleaved (channels_last) outputs from this size on are streamed too, not only
-// from kStreamingBytes: tensors past the two cores' L2 whose rows come back from
-// the L3 or memory. Module steps (2 threads, in-process A/B, 7-9 rounds, on the
-// 2-vCPU Xeon guest whose L3 did not keep a tensor between two passes) were
-// 1.51x faster on (32,256,14,14) float32 channels_last, 1.60x on (250,64,11,11),
-// 1.51x on (16,512,14,14); bfloat16 (64,96,28,28) 1.24x, (250,32,26,26) 1.23x,
-// (32,64,56,56) 1.03x; eval 1.15-1.35x float32. Planar outputs gained nothing
-// from 4 MiB (0.96x-1.05x) and lost from 2 MiB (bfloat16 (250,64,11,11) 0.80x).
+// Outputs this large are written with streaming stores: they do not stay in the
+// cache for whoever reads them next, and a normal store would first read every
+// destination line from memory (a third of the traffic of a read + write pass).
+//
+// Interleaved (channels_last) outputs from this size on: tensors past the two
+// cores' L2 whose rows come back from the L3 or memory. Module steps (2 threads,
+// in-process A/B, 7-9 rounds, on the 2-vCPU Xeon guest whose L3 did not keep a
+// tensor between two passes), against 16 MiB: 1.51x faster on (32,256,14,14)
+// float32 channels_last, 1.60x on (250,64,11,11), 1.51x on (16,512,14,14);
+// bfloat16 (64,96,28,28) 1.24x, (250,32,26,26) 1.23x, (32,64,56,56) 1.03x; eval
+// 1.15-1.35x float32.
 constexpr int64_t kInterleavedStreamingBytes = int64_t(4) << 20;
+
+// Planar (NCHW) outputs from this size on: in a module step x, y, dy and dx
+// together (4x this) no longer stay in the guest's share of the L3. Module steps
+// (2 threads, in-process A/B, 9 rounds, against 16 MiB): 8-16 MiB tensors bfloat16
+// (8,64,112,112) 1.17x, (32,64,56,56) 1.16x, (250,32,26,26) 1.08x, (64,96,28,28)
+// 1.04x, float32 (32,128,28,28) 1.17x; eval steps 0.96x-1.39x bfloat16, 1.81x
+// float32. Lower thresholds changed nothing from 4 MiB (float32 (32,256,14,14),
+// (250,64,11,11): 0.97x-1.00x) and lost from 2 MiB (bfloat16 (250,64,11,11) 0.79x).
+constexpr int64_t kPlanarStreamingBytes = int64_t(8) << 20;
 
 // Whether an output of g's size is written with streaming stores; for rows
 // (interleaved) they also need every row to start 64-byte aligned.
 template <typename scalar_t>
 inline bool stream_output(const Geometry& g, const scalar_t* out) {
-  if (g.layout == Layout::Planar) return larger_than_cache<scalar_t>(g);
+  if (g.layout == Layout::Planar) return tensor_bytes<scalar_t>(g) >= kPlanarStreamingBytes;
   return tensor_bytes<scalar_t>(g) >= kInterleavedStreamingBytes && reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
          (g.C * int64_t(sizeof(scalar_t))) % 64 == 0;
 }
