@@ -227,18 +227,23 @@ def data_whose_first_values_are_far_from_the_mean(pattern, shape, dtype, channel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["planar", "channels_last"])
 @pytest.mark.parametrize("pattern", ["outlier", "sample_offsets", "jump", "first_block_far"])
-@pytest.mark.parametrize("shape", [(16, 3, 9, 9), (8, 2, 70, 70)], ids=str)
+@pytest.mark.parametrize("shape", [(16, 3, 9, 9), (8, 2, 70, 70), (4, 8, 2, 1050)], ids=str)
 def test_reduced_dtype_statistics_far_from_the_first_values(shape, pattern, channels_last, dtype, device):
     """bfloat16 and half sum their statistics in float groups about a shift, which needs
     that shift within about a standard deviation of the mean: where it is not, the
     second pass must restore the variance to float precision, and the gradients' float
-    group sums stay within budget."""
+    group sums stay within budget. (4, 8, 2, 1050): planar runs of 4200 bytes, which the
+    CPU training forward walks a channel at a time (planar_channel_group), the
+    statistics op in memory order."""
     x = data_whose_first_values_are_far_from_the_mean(pattern, shape, dtype, channels_last).to(device)
-    mean, var = torch.ops.fastbn.batch_norm_stats(x)
     ref = x.double()
-    torch.testing.assert_close(var.double(), ref.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=0)
-    torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=0,
-                               atol=1e-6 * ref.abs().amax((0, 2, 3)).max().item())
+    for what, (mean, var) in (("batch_norm_stats", torch.ops.fastbn.batch_norm_stats(x)),
+                              ("batch_norm_train", torch.ops.fastbn.batch_norm_train(x, None, None, 1e-5)[1:])):
+        def named(message, what=what):
+            return f"{what}: {message}"
+        torch.testing.assert_close(var.double(), ref.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=0, msg=named)
+        torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=0,
+                                   atol=1e-6 * ref.abs().amax((0, 2, 3)).max().item(), msg=named)
     weight = (1.0 + 0.5 * torch.randn(shape[1], dtype=torch.float64)).to(dtype=dtype, device=device)
     bias = torch.randn(shape[1], dtype=torch.float64).to(dtype=dtype, device=device)
     # mean 0.1: grad_bias, a sum over up to 39200 values, stays within float16's range
