@@ -136,22 +136,26 @@ def test_every_isa_past_the_streaming_threshold(dtype, channels_last):
             assert_guards_intact(x_buffer, f"{isa}: phase ops")
 
 
+@pytest.mark.parametrize("channels", [80, 136])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_every_isa_channels_last_between_row_order_and_streaming(dtype):
-    """channels_last tensors whose elementwise passes walk rows in memory order while
-    the reductions walk each piece in groups of rows block by block (kRowOrderBytes <=
-    size < kOutOfCacheBytes; groups of kInCacheReductionGroupBytes, the last one of a
-    piece partial), with 80 channels (a partial channel block in every vector width),
-    under each ISA. Past kInterleavedStreamingBytes too: float32 and float64
-    rows (320 and 640 bytes, whole lines) are streamed, half and bfloat16 rows (160
+def test_every_isa_channels_last_between_row_order_and_streaming(dtype, channels):
+    """channels_last tensors whose elementwise passes walk rows in memory order
+    (kRowOrderBytes <= size < kOutOfCacheBytes), under each ISA. Their reductions walk
+    whole rows where a row is 2-4 channel blocks (row_walk_blocks: 80 channels with
+    AVX-512 are 3 blocks of 32, the last one partial; the statistics of every dtype,
+    the backward sums of half and bfloat16), else each piece in groups of rows block
+    by block (groups of kInCacheReductionGroupBytes, the last one of a piece partial:
+    136 channels, 5 blocks with AVX-512; both widths with AVX2 and DEFAULT, 5 and 9
+    blocks of 16). Past kInterleavedStreamingBytes too: float32 and float64 rows of 80
+    channels (320 and 640 bytes, whole lines) are streamed, half and bfloat16 rows (160
     bytes) stored normally."""
-    per_sample = 80 * 33 * 35 * dtype.itemsize
-    shape = (ROW_ORDER_BYTES // per_sample + 1, 80, 33, 35)
+    per_sample = channels * 33 * 35 * dtype.itemsize
+    shape = (ROW_ORDER_BYTES // per_sample + 1, channels, 33, 35)
     size = torch.Size(shape).numel() * dtype.itemsize
     assert max(ROW_ORDER_BYTES, INTERLEAVED_STREAMING_BYTES) <= size < OUT_OF_CACHE_BYTES
     x = random_input(shape, dtype, channels_last=True)
     grad = random_input(shape, dtype, channels_last=True, mean=0.1, std=1.0)
-    state = random_state(80)
+    state = random_state(channels)
     expected = training_step(make_bn(nn.BatchNorm2d, state, dtype), x, grad)
     reference = training_step(make_bn(nn.BatchNorm2d, state, torch.float64), x.double(), grad.double())
     for isa in ISAS:

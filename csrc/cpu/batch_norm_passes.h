@@ -277,7 +277,7 @@ std::vector<Moments<double>> interleaved_channel_moments(const scalar_t* x, cons
   using red_t = typename ReduceLanes<scalar_t>::red_t;
   using acc_t = at::opmath_type<scalar_t>;  // the shifts' type (column_sum_and_squares subtracts in acc_t)
   const int64_t C = g.C, rows = g.count(), padded = round_up(C, 64);
-  const int64_t tasks = interleaved_tasks(rows), row_blocks = row_walk_blocks<scalar_t>(g);
+  const int64_t tasks = interleaved_tasks(rows), row_blocks = row_walk_blocks<scalar_t>(g, RowReduction::Statistics);
   // Per-task moments, merged piece by piece (Chan), as arrays (every channel has
   // the same count): the loops over channels at the end of each piece vectorize.
   std::vector<double> task_mean(tasks * C, 0.0), task_m2(tasks * C, 0.0);
@@ -603,7 +603,7 @@ BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
   } else {
     std::vector<acc_t> mean_padded(padded, acc_t(0));  // padded for the column loops' block loads
     std::copy(a.mean, a.mean + C, mean_padded.begin());
-    const int64_t row_blocks = row_walk_blocks<scalar_t>(g);
+    const int64_t row_blocks = row_walk_blocks<scalar_t>(g, RowReduction::BackwardSums);
     parallel_parts(g.count(), tasks, [&](int64_t t, int64_t r_begin, int64_t r_end) {
       if (row_blocks > 0) {  // whole rows in memory order
         with_row_blocks(row_blocks, [&](auto blocks) {

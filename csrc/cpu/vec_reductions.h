@@ -555,10 +555,11 @@ inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, const sc
 // Rows: `rows` consecutive rows of C interleaved channels, C in kBlocks blocks (the
 // last one may be partial), walked in memory order with every channel's float group
 // sums in registers; each group of rows is added into the double arrays (padded to
-// whole blocks). For tensors too large for the cache with a few blocks per row: the
-// column loops then take a group of about 1 KiB at a time (see reduction_group_rows),
-// and loading and storing their double accumulators for every such group made the
-// statistics about twice as slow as torch's x.sum over the same channels_last tensor.
+// whole blocks). For tensors past the L2 with a few blocks per row (row_walk_blocks):
+// for those too large for the cache the column loops take a group of about 1 KiB at a
+// time (see reduction_group_rows), and loading and storing their double accumulators
+// for every such group made the statistics about twice as slow as torch's x.sum over
+// the same channels_last tensor.
 
 // The width of block b of a row of C channels in kBlocks blocks of kBlock.
 template <int kBlocks, int64_t kBlock>

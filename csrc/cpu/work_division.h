@@ -222,15 +222,32 @@ inline int64_t reduction_group_rows(const Geometry& g, int64_t piece_rows) {
 }
 
 // The number of channel blocks per row when the interleaved reductions walk whole rows
-// in memory order (rows_sum_and_squares, rows_backward_sums), else 0: tensors too large
-// for the cache whose rows are 2 to kMaxRowBlocks blocks (the float group sums of a row
-// then fit in the vector registers). One block per row: the column loops already read
-// memory in order.
+// in memory order (rows_sum_and_squares, rows_backward_sums), else 0. Rows of 2 to
+// kMaxRowBlocks blocks (the float group sums of a row then fit in the vector
+// registers; one block per row: the column loops already read memory in order):
+//  - statistics: from kRowOrderBytes on (tensors past the two cores' L2). Against the
+//    column walk in kInCacheReductionGroupBytes groups below kOutOfCacheBytes, in a
+//    loop of the op (2 threads, in-process A/B, 9 rounds, a 2-vCPU Xeon guest with
+//    2 MiB of L2 per core): bfloat16 (32,64,56,56) 1.45x, (32,128,28,28) 1.46x,
+//    (32,80,40,40) 1.37x, (64,96,28,28) 1.25x; float32 (250,64,11,11) 1.10x,
+//    (32,128,28,28) 1.07x, (32,96,28,28) 1.04x, (16,64,56,56) 1.03x. Module steps:
+//    0.99x-1.08x (the statistics are one pass of the step's eight).
+//  - backward sums: past kOutOfCacheBytes; half and bfloat16 rows of 3 blocks from
+//    kRowOrderBytes on. Module steps (same A/B, 9-11 rounds): bfloat16 (64,96,28,28)
+//    1.12x-1.16x, (32,80,40,40) 1.11x; but rows of 2 blocks lost ((8,64,112,112) with
+//    1 KiB column groups 0.92x; op loop, whole rows, (32,64,56,56) 0.74x), rows of 4
+//    (op loop (32,112,28,28) 0.83x, (64,128,28,28) 0.96x) and float32 rows of 3
+//    ((32,96,28,28) 0.97x). Why 3 blocks only was not found.
 constexpr int64_t kMaxRowBlocks = 4;
+enum class RowReduction { Statistics, BackwardSums };
 template <typename scalar_t>
-inline int64_t row_walk_blocks(const Geometry& g) {
+inline int64_t row_walk_blocks(const Geometry& g, RowReduction reduction) {
   const int64_t blocks = (g.C + Lanes<scalar_t>::kBlock - 1) / Lanes<scalar_t>::kBlock;
-  return larger_than_cache<scalar_t>(g) && blocks >= 2 && blocks <= kMaxRowBlocks ? blocks : 0;
+  if (blocks < 2 || blocks > kMaxRowBlocks) return 0;
+  const int64_t bytes = tensor_bytes<scalar_t>(g);
+  if (reduction == RowReduction::Statistics) return bytes >= kRowOrderBytes ? blocks : 0;
+  const bool reduced_rows_of_three = Lanes<scalar_t>::kReduced && blocks == 3 && bytes >= kRowOrderBytes;
+  return larger_than_cache<scalar_t>(g) || reduced_rows_of_three ? blocks : 0;
 }
 
 // Calls f(std::integral_constant<int, blocks>) for blocks in [2, kMaxRowBlocks].
