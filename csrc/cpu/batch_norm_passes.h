@@ -75,8 +75,8 @@ inline red_t finite_shift(red_t value) {
 // Whether shifted sums (span_sum_and_squares, column_sum_and_squares) need
 // the second pass about the piece's mean. Sums in double keep their precision
 // with the shift within about a thousand standard deviations of the mean
-// (statistics_need_second_pass). Float groups (the column sums of every dtype,
-// the span sums of bfloat16 and half) round their squares to about
+// (statistics_need_second_pass). Float groups (the column and span sums of
+// float32, bfloat16 and half) round their squares to about
 // kStatisticsGroupRows float eps, which M2 = squares - sum * offset multiplies
 // by 1 + n * offset^2 / M2: they need the shift within about one standard
 // deviation of the piece's mean (a mean of the first values, and the running
@@ -97,7 +97,7 @@ inline bool shifted_sums_need_second_pass(double shift, const Moments<double>& m
 // the same value in double).
 template <typename scalar_t>
 inline double span_shift(double value) {
-  if constexpr (Lanes<scalar_t>::kReduced) value = double(static_cast<typename Lanes<scalar_t>::acc_t>(value));
+  if constexpr (Lanes<scalar_t>::kFloatStatistics) value = double(static_cast<typename Lanes<scalar_t>::acc_t>(value));
   return finite_shift(value);
 }
 
@@ -107,7 +107,7 @@ inline double span_shift(double value) {
 template <typename scalar_t>
 inline double first_shift(const scalar_t* x, int64_t n) {
   using L = Lanes<scalar_t>;
-  if constexpr (!L::kReduced) {
+  if constexpr (!L::kFloatStatistics) {
     return span_shift<scalar_t>(double(x[0]));
   } else {
     const int64_t count = std::min(n, L::kBlock);
@@ -132,7 +132,7 @@ Moments<double> span_moments(const scalar_t* x, int64_t n) {
     const int64_t len = std::min(n - p, kPiece);
     span_sum_and_squares(x + p, len, shift, sums, squares);
     Moments<double> piece = moments_from_shifted_sums<double>(shift, sums.flush(), squares.flush(), len);
-    if (shifted_sums_need_second_pass<Lanes<scalar_t>::kReduced>(shift, piece)) {
+    if (shifted_sums_need_second_pass<Lanes<scalar_t>::kFloatStatistics>(shift, piece)) {
       span_sum_sq_dev(x + p, len, red_t(piece.mean), squares);
       piece.m2 = squares.flush();
     }
@@ -158,7 +158,7 @@ template <typename scalar_t>
 Moments<double> part_moments(const scalar_t* x, const Geometry& g, int64_t begin, int64_t end, int64_t c, double shift,
                              double sum, double squares, int64_t count) {
   Moments<double> m = moments_from_shifted_sums<double>(shift, sum, squares, count);
-  if (!shifted_sums_need_second_pass<Lanes<scalar_t>::kReduced>(shift, m)) return m;
+  if (!shifted_sums_need_second_pass<Lanes<scalar_t>::kFloatStatistics>(shift, m)) return m;
   m = Moments<double>{0.0, 0.0, 0};
   for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t run_c) {
     if (run_c == c) m = moments_merge(m, span_moments(x + offset, length));
@@ -223,15 +223,15 @@ template <typename scalar_t>
 constexpr int64_t kMaxGroupedRun = kStatisticsGroupRows * Lanes<scalar_t>::kBlock;
 
 // planar_channel_moments for short runs (S up to kMaxGroupedRun, e.g. 7x7 or 14x14
-// planes). Each run is summed as span_sum_and_squares would (reduced dtypes: in one
-// float group), about its channel's shift, but RunVec's width of runs at once
+// planes). Each run is summed as span_sum_and_squares would (float32, bfloat16, half:
+// in one float group), about its channel's shift, but StatisticsRunVec's width of runs at once
 // (runs_sum_and_squares): their lanes are added across runs together and added into
 // per-channel double sums, so there are no per-channel lane accumulators to flush and
 // clear, and one run's reduction overlaps the next ones'. (16,512,7,7) bfloat16,
 // 1 thread: 8192 runs of 49 values cost about 16 ns each in planar_channel_moments.
 template <typename scalar_t>
 std::vector<Moments<double>> planar_grouped_moments(const scalar_t* x, const Geometry& g) {
-  using V = RunVec<scalar_t>;
+  using V = StatisticsRunVec<scalar_t>;
   constexpr int64_t kRuns = V::size();
   const int64_t tasks = planar_tasks(g), C = g.C, S = g.S;
   std::vector<Moments<double>> parts(tasks * C, Moments<double>{0.0, 0.0, 0});
@@ -431,7 +431,7 @@ void planar_channel_train_forward(const scalar_t* x, const scalar_t* residual, s
       }
       for (int64_t j = 0; j < width; ++j) {
         Moments<double> m = moments_from_shifted_sums<double>(shift[j], sums[j].flush(), squares[j].flush(), g.N * g.S);
-        if (shifted_sums_need_second_pass<Lanes<scalar_t>::kReduced>(shift[j], m)) {
+        if (shifted_sums_need_second_pass<Lanes<scalar_t>::kFloatStatistics>(shift[j], m)) {
           m = Moments<double>{0.0, 0.0, 0};  // run by run about their own means, from L2
           for (int64_t n = 0; n < g.N; ++n) m = moments_merge(m, span_moments(x + (n * g.C + c0 + j) * g.S, g.S));
         }

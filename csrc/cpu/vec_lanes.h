@@ -37,6 +37,9 @@ struct Lanes {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
+  // Whether the planar statistics sum float groups about a float shift
+  // (span_sum_and_squares): every dtype that accumulates in float, float32 too.
+  static constexpr bool kFloatStatistics = std::is_same_v<acc_t, float>;
   static constexpr int64_t kVec = Vec::size();
   static constexpr int64_t kBlock = 2 * kVec;  // scalar_t values per block
 
