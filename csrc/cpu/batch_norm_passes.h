@@ -385,11 +385,19 @@ void forward_apply_all(const scalar_t* x, const scalar_t* residual, scalar_t* y,
     });
     return;
   }
+  const bool flat = flat_planar_walk<scalar_t>(g);
   parallel_parts(g.N * g.C * g.S, planar_tasks(g), [&](int64_t, int64_t begin, int64_t end) {
-    for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
-      span_forward<A>(x + offset, offset_or_null(residual, offset), y + offset, length, coef.get(c), act_param,
-                      stream);
-    });
+    if (flat) {
+      if constexpr (kFlatWalks<scalar_t>) {
+        flat_forward<A>(x, residual, y, begin, end, g.S, g.C, [&](int64_t c) { return coef.get(c); }, act_param,
+                        stream);
+      }
+    } else {
+      for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
+        span_forward<A>(x + offset, offset_or_null(residual, offset), y + offset, length, coef.get(c), act_param,
+                        stream);
+      });
+    }
     stream_fence(stream);
   });
 }
@@ -412,7 +420,7 @@ template <Activation A, typename scalar_t, typename acc_t>
 void planar_channel_train_forward(const scalar_t* x, const scalar_t* residual, scalar_t* y, acc_t* mean_out,
                                   acc_t* var_out, ChannelParams<acc_t> params, const Geometry& g, acc_t eps,
                                   acc_t act_param, int64_t group) {
-  const bool stream = stream_output(g, y);
+  const bool stream = stream_output(g, y), flat = flat_planar_walk<scalar_t>(g);
   const int64_t groups = (g.C + group - 1) / group;
   using red_t = typename ReduceLanes<scalar_t>::red_t;
   at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
@@ -438,6 +446,14 @@ void planar_channel_train_forward(const scalar_t* x, const scalar_t* residual, s
         k[j] = store_channel_statistics(m, c0 + j, mean_out, var_out, params, eps);
       }
       for (int64_t n = 0; n < g.N; ++n) {
+        if (flat) {  // the sample's chunk of the group's runs
+          if constexpr (kFlatWalks<scalar_t>) {
+            const int64_t begin = (n * g.C + c0) * g.S;
+            flat_forward<A>(x, residual, y, begin, begin + width * g.S, g.S, g.C,
+                            [&](int64_t c) { return k[c - c0]; }, act_param, stream);
+          }
+          continue;
+        }
         for (int64_t j = 0; j < width; ++j) {
           const int64_t offset = (n * g.C + c0 + j) * g.S;
           span_forward<A>(x + offset, offset_or_null(residual, offset), y + offset, g.S, k[j], act_param, stream);
@@ -684,12 +700,21 @@ void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<
   }
   const bool stream = stream_output(g, out.dx), in_row_order = tiles_in_row_order<scalar_t>(g);
   if (g.layout == Layout::Planar) {
+    const bool flat = flat_planar_walk<scalar_t>(g);
     parallel_parts(g.N * g.C * g.S, planar_tasks(g), [&](int64_t, int64_t begin, int64_t end) {
-      for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
-        span_backward<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), out.dx + offset,
-                         offset_or_null(out.grad_residual, offset), length, forward_k.get(c), channel_coef[c],
-                         a.act_param, stream);
-      });
+      if (flat) {
+        if constexpr (kFlatWalks<scalar_t>) {
+          flat_backward<A>(a.dy, a.x, a.residual, out.dx, out.grad_residual, begin, end, g.S, g.C,
+                           [&](int64_t c) { return backward_vecs(forward_k.get(c), channel_coef[c]); }, a.act_param,
+                           stream);
+        }
+      } else {
+        for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
+          span_backward<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), out.dx + offset,
+                           offset_or_null(out.grad_residual, offset), length, forward_k.get(c), channel_coef[c],
+                           a.act_param, stream);
+        });
+      }
       stream_fence(stream);
     });
     return;
@@ -728,7 +753,7 @@ void planar_channel_backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOut
   using red_t = typename ReduceLanes<scalar_t>::red_t;
   const Geometry& g = a.g;
   const ForwardArrays<acc_t> forward_k = forward_arrays(a.mean, a.var, a.params, g.C, a.eps);
-  const bool stream = stream_output(g, out.dx);
+  const bool stream = stream_output(g, out.dx), flat = flat_planar_walk<scalar_t>(g);
   const int64_t groups = (g.C + group - 1) / group;
   at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
     std::vector<LaneSums<scalar_t>> lanes_dy(group), lanes_dy_xmu(group);
@@ -749,6 +774,15 @@ void planar_channel_backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOut
         k[j] = channel_backward_coefficients(a, c, sum_dy, sum_dy_xmu, g.count(), true);
       }
       for (int64_t n = 0; n < g.N; ++n) {
+        if (flat) {  // the sample's chunk of the group's runs
+          if constexpr (kFlatWalks<scalar_t>) {
+            const int64_t begin = (n * g.C + c0) * g.S;
+            flat_backward<A>(a.dy, a.x, a.residual, out.dx, out.grad_residual, begin, begin + width * g.S, g.S,
+                             g.C, [&](int64_t c) { return backward_vecs(forward_k.get(c), k[c - c0]); },
+                             a.act_param, stream);
+          }
+          continue;
+        }
         for (int64_t j = 0; j < width; ++j) {
           const int64_t c = c0 + j, offset = (n * g.C + c) * g.S;
           span_backward<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), out.dx + offset,

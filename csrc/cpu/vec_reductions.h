@@ -247,8 +247,7 @@ template <typename scalar_t>
 using RunVec = Vectorized<std::conditional_t<Lanes<scalar_t>::kReduced, typename Lanes<scalar_t>::acc_t,
                                              typename ReduceLanes<scalar_t>::red_t>>;
 template <typename scalar_t>
-using StatisticsRunVec = Vectorized<std::conditional_t<Lanes<scalar_t>::kFloatStatistics, float,
-                                                       typename ReduceLanes<scalar_t>::red_t>>;
+using StatisticsRunVec = typename Lanes<scalar_t>::Vec;  // float where kFloatStatistics, else double
 
 // The statistics of StatisticsRunVec's width of consecutive runs of n values each (float
 // groups: n <= kStatisticsGroupRows * kBlock, one group per run), run j about shifts[j]:
