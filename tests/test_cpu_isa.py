@@ -244,27 +244,30 @@ def test_every_isa_planar_channel_groups(dtype, run_bytes, channels):
     check_every_isa_planar_step((3, channels, 1, values), dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("walk", ["parts", "channel_groups"])
 def test_every_isa_planar_runs_streamed_across_runs(dtype, walk):
-    """float32 and float64 planar elementwise passes walk a thread's part, or one
-    sample's chunk of a channel group, as one span across its runs (flat_forward,
-    flat_backward), streamed from kInterleavedStreamingBytes (not kPlanarStreamingBytes,
-    the run walk's threshold) in blocks placed by the output's alignment, a block that
-    crosses a run's end taking each lane's channel's coefficients. Odd planes (11x11, 13x15) so that runs start at every alignment, 3
-    threads so that parts start inside runs; "channel_groups": 13x15 runs (780 bytes
-    in float32, 1560 in float64) in a batch of 16, the groups' inputs within half the
-    L2 (planar_channel_group); "parts": 121-value runs (under 512 bytes: no groups).
-    The residual of the fused activation is far above the kink (mean 20): in ~9M values
-    a few land within rounding of it, where torch and fastbn may take different sides
-    (with mean -0.3, one grad_input value under DEFAULT was 0.27 off torch's, with the
-    run-by-run walk too). The lanes' coefficients near the kink are checked on the
-    small shapes above, which walk the same way unstreamed."""
+    """The planar elementwise passes walk a thread's part, or one sample's chunk of a
+    channel group, as one span across its runs (flat_forward, flat_backward), streamed
+    from kInterleavedStreamingBytes (not kPlanarStreamingBytes, the run walk's
+    threshold) in blocks placed by the output's alignment, a block that crosses a run's
+    end taking each lane's channel's coefficients (bfloat16's lanes hold even and odd
+    values with AVX2 and AVX-512). Odd planes so that runs start at every alignment, 3
+    threads so that parts start inside runs; "channel_groups": runs of 512-1560 bytes
+    (13x15, 17x17 for 2-byte dtypes) in a batch of 16, the groups' inputs within half
+    the L2 (planar_channel_group); "parts": 121-value runs (under 512 bytes: no groups).
+    The residual of the fused activation is far above the kink (mean 20): in millions
+    of values a few land within rounding of it, where torch and fastbn may take different sides
+    (with mean -0.3, one float32 grad_input value under DEFAULT was 0.27 off torch's,
+    with the run-by-run walk too). The lanes' coefficients near the kink are checked on
+    the small shapes above, which walk the same way unstreamed."""
     if walk == "parts":
         per_sample = 64 * 11 * 11 * dtype.itemsize
         shape = (INTERLEAVED_STREAMING_BYTES // per_sample + 1, 64, 11, 11)
     else:
-        shape = (16, INTERLEAVED_STREAMING_BYTES // (16 * 13 * 15 * dtype.itemsize) + 1, 13, 15)
+        plane = (17, 17) if dtype.itemsize == 2 else (13, 15)
+        assert plane[0] * plane[1] * dtype.itemsize >= CHANNEL_GROUP_MIN_RUN
+        shape = (16, INTERLEAVED_STREAMING_BYTES // (16 * plane[0] * plane[1] * dtype.itemsize) + 1) + plane
     assert INTERLEAVED_STREAMING_BYTES <= torch.Size(shape).numel() * dtype.itemsize < PLANAR_STREAMING_BYTES
     check_every_isa_planar_step(shape, dtype, residual_mean=20.0)
 

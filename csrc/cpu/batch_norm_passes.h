@@ -388,10 +388,8 @@ void forward_apply_all(const scalar_t* x, const scalar_t* residual, scalar_t* y,
   const bool flat = flat_planar_walk<scalar_t>(g);
   parallel_parts(g.N * g.C * g.S, planar_tasks(g), [&](int64_t, int64_t begin, int64_t end) {
     if (flat) {
-      if constexpr (kFlatWalks<scalar_t>) {
-        flat_forward<A>(x, residual, y, begin, end, g.S, g.C, [&](int64_t c) { return coef.get(c); }, act_param,
-                        stream);
-      }
+      flat_forward<A>(x, residual, y, begin, end, g.S, g.C, [&](int64_t c) { return coef.get(c); }, act_param,
+                      stream);
     } else {
       for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
         span_forward<A>(x + offset, offset_or_null(residual, offset), y + offset, length, coef.get(c), act_param,
@@ -447,11 +445,9 @@ void planar_channel_train_forward(const scalar_t* x, const scalar_t* residual, s
       }
       for (int64_t n = 0; n < g.N; ++n) {
         if (flat) {  // the sample's chunk of the group's runs
-          if constexpr (kFlatWalks<scalar_t>) {
-            const int64_t begin = (n * g.C + c0) * g.S;
-            flat_forward<A>(x, residual, y, begin, begin + width * g.S, g.S, g.C,
-                            [&](int64_t c) { return k[c - c0]; }, act_param, stream);
-          }
+          const int64_t begin = (n * g.C + c0) * g.S;
+          flat_forward<A>(x, residual, y, begin, begin + width * g.S, g.S, g.C,
+                          [&](int64_t c) { return k[c - c0]; }, act_param, stream);
           continue;
         }
         for (int64_t j = 0; j < width; ++j) {
@@ -703,11 +699,9 @@ void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<
     const bool flat = flat_planar_walk<scalar_t>(g);
     parallel_parts(g.N * g.C * g.S, planar_tasks(g), [&](int64_t, int64_t begin, int64_t end) {
       if (flat) {
-        if constexpr (kFlatWalks<scalar_t>) {
-          flat_backward<A>(a.dy, a.x, a.residual, out.dx, out.grad_residual, begin, end, g.S, g.C,
-                           [&](int64_t c) { return backward_vecs(forward_k.get(c), channel_coef[c]); }, a.act_param,
-                           stream);
-        }
+        flat_backward<A>(a.dy, a.x, a.residual, out.dx, out.grad_residual, begin, end, g.S, g.C,
+                         [&](int64_t c) { return backward_vecs(forward_k.get(c), channel_coef[c]); }, a.act_param,
+                         stream);
       } else {
         for_each_plane_run(begin, end, g, [&](int64_t offset, int64_t length, int64_t c) {
           span_backward<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), out.dx + offset,
@@ -775,12 +769,10 @@ void planar_channel_backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOut
       }
       for (int64_t n = 0; n < g.N; ++n) {
         if (flat) {  // the sample's chunk of the group's runs
-          if constexpr (kFlatWalks<scalar_t>) {
-            const int64_t begin = (n * g.C + c0) * g.S;
-            flat_backward<A>(a.dy, a.x, a.residual, out.dx, out.grad_residual, begin, begin + width * g.S, g.S,
-                             g.C, [&](int64_t c) { return backward_vecs(forward_k.get(c), k[c - c0]); },
-                             a.act_param, stream);
-          }
+          const int64_t begin = (n * g.C + c0) * g.S;
+          flat_backward<A>(a.dy, a.x, a.residual, out.dx, out.grad_residual, begin, begin + width * g.S, g.S,
+                           g.C, [&](int64_t c) { return backward_vecs(forward_k.get(c), k[c - c0]); },
+                           a.act_param, stream);
           continue;
         }
         for (int64_t j = 0; j < width; ++j) {

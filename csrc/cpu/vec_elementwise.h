@@ -285,7 +285,11 @@ C10_ALWAYS_INLINE void for_each_flat_block(const scalar_t* out, int64_t begin, i
   if (begin >= end) return;
   int64_t run_end = (begin / S + 1) * S, c = begin / S % C;
   auto k = coefficients(c);
-  const Vec lane_lo = Vec::arange(T(0), T(1)), lane_hi = Vec::arange(T(L::kVec), T(1));
+  // each lane's value in the block, as the blocks load in Order::Any: bfloat16 even and
+  // odd values (EvenOddBFloat16), else the low and high halves
+  constexpr bool kEvenOdd = EvenOddBFloat16<scalar_t>::kAvailable;
+  const Vec lane_lo = kEvenOdd ? Vec::arange(T(0), T(2)) : Vec::arange(T(0), T(1));
+  const Vec lane_hi = kEvenOdd ? Vec::arange(T(1), T(2)) : Vec::arange(T(L::kVec), T(1));
   auto next_block = [&](int64_t i, int64_t count, auto streamed) C10_ALWAYS_INLINE_ATTRIBUTE {
     if (i == run_end) {  // the last block ended with its run
       run_end += S;
@@ -327,16 +331,16 @@ inline void flat_forward(const scalar_t* x, const scalar_t* residual, scalar_t* 
     auto block = [&](int64_t i, int64_t count, auto streamed, const ForwardVecs<Vec>& f_lo,
                      const ForwardVecs<Vec>& f_hi) C10_ALWAYS_INLINE_ATTRIBUTE {
       Vec lo, hi;
-      load_values(x + i, count, lo, hi);
+      load_values<Order::Any>(x + i, count, lo, hi);
       lo = f_lo.z(lo);
       hi = f_hi.z(hi);
       if constexpr (decltype(has_residual)::value) {
         Vec rlo, rhi;
-        load_values(residual + i, count, rlo, rhi);
+        load_values<Order::Any>(residual + i, count, rlo, rhi);
         lo = lo + rlo;
         hi = hi + rhi;
       }
-      store_values(y + i, count, vec_activation<A>(lo, vparam), vec_activation<A>(hi, vparam),
+      store_values<Order::Any>(y + i, count, vec_activation<A>(lo, vparam), vec_activation<A>(hi, vparam),
                    decltype(streamed)::value);
     };
     for_each_flat_block(y, begin, end, S, C, stream, vecs, block);
@@ -358,16 +362,16 @@ inline void flat_backward(const scalar_t* dy, const scalar_t* x, const scalar_t*
     auto block = [&](int64_t i, int64_t count, auto streamed, const BackwardVecs<Vec>& k_lo,
                      const BackwardVecs<Vec>& k_hi) C10_ALWAYS_INLINE_ATTRIBUTE {
       Vec dlo, dhi, xlo, xhi, rlo, rhi;
-      load_values(dy + i, count, dlo, dhi);
-      load_values(x + i, count, xlo, xhi);
-      load_residual<A>(kExtras ? residual : static_cast<const scalar_t*>(nullptr), i, count, rlo, rhi);
+      load_values<Order::Any>(dy + i, count, dlo, dhi);
+      load_values<Order::Any>(x + i, count, xlo, xhi);
+      load_residual<A, Order::Any>(kExtras ? residual : static_cast<const scalar_t*>(nullptr), i, count, rlo, rhi);
       const Vec glo = grad_before_activation<A>(dlo, xlo, rlo, k_lo.f, vparam);
       const Vec ghi = grad_before_activation<A>(dhi, xhi, rhi, k_hi.f, vparam);
-      store_values(dx + i, count, at::vec::fmadd(glo, k_lo.k_dy, at::vec::fmadd(xlo - k_lo.mean, k_lo.k_xmu, k_lo.k_const)),
+      store_values<Order::Any>(dx + i, count, at::vec::fmadd(glo, k_lo.k_dy, at::vec::fmadd(xlo - k_lo.mean, k_lo.k_xmu, k_lo.k_const)),
                    at::vec::fmadd(ghi, k_hi.k_dy, at::vec::fmadd(xhi - k_hi.mean, k_hi.k_xmu, k_hi.k_const)),
                    decltype(streamed)::value);
       if constexpr (kExtras) {
-        if (grad_residual != nullptr) store_values(grad_residual + i, count, glo, ghi);
+        if (grad_residual != nullptr) store_values<Order::Any>(grad_residual + i, count, glo, ghi);
       }
     };
     for_each_flat_block(dx, begin, end, S, C, stream, coefficients, block);

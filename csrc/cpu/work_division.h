@@ -274,8 +274,8 @@ inline void with_row_blocks(int64_t blocks, const F& f) {
 // 1.15-1.35x float32.
 constexpr int64_t kInterleavedStreamingBytes = int64_t(4) << 20;
 
-// Planar (NCHW) outputs walked run by run (half and bfloat16; float32 and float64
-// runs shorter than a block) from this size on: in a module step x, y, dy and dx
+// Planar (NCHW) outputs walked run by run (runs shorter than a block) from this
+// size on: in a module step x, y, dy and dx
 // together (4x this) presumably no longer stay in the guest's share of the L3
 // (inferred from the timings; the guest has no cache counters). Module steps
 // (2 threads, in-process A/B, 9 rounds, against 16 MiB): 8-16 MiB tensors bfloat16
@@ -283,22 +283,23 @@ constexpr int64_t kInterleavedStreamingBytes = int64_t(4) << 20;
 // 1.04x, float32 (32,128,28,28) 1.17x; eval steps 0.96x-1.39x bfloat16, 1.81x
 // float32. Lower thresholds changed nothing from 4 MiB (float32 (32,256,14,14),
 // (250,64,11,11): 0.97x-1.00x, walked run by run then) and lost from 2 MiB (bfloat16
-// (250,64,11,11) 0.79x); bfloat16 from 4 MiB, 6.4 MB tensors: 0.89x-1.09x.
+// (250,64,11,11) 0.79x); bfloat16 walked run by run from 4 MiB, 6.4 MB tensors:
+// 0.89x-1.09x.
 constexpr int64_t kPlanarStreamingBytes = int64_t(8) << 20;
 
 // Whether the planar elementwise passes walk a range of runs as one span
-// (flat_forward, flat_backward in vec_elementwise.h) rather than run by run:
-// float32 and float64 (kFlatWalks: only they compile the span walks) runs of a
-// block or more. Module steps (float32 NCHW, 2 threads, in-process A/B, 9 rounds,
+// (flat_forward, flat_backward in vec_elementwise.h) rather than run by run: runs of
+// a block or more. Module steps (float32 NCHW, 2 threads, in-process A/B, 9 rounds,
 // both at the 8 MiB threshold): (32,128,28,28) 1.15x, (250,32,26,26) 1.08x,
 // (64,96,28,28) 1.07x, (32,256,14,14) 1.04x; 0.99x-1.00x on (32,64,56,56),
-// (8,64,112,112), (16,512,7,7). Half and bfloat16 keep the run walk (their blocks
-// load in Order::Any; not measured).
-template <typename scalar_t>
-constexpr bool kFlatWalks = !Lanes<scalar_t>::kReduced;
+// (8,64,112,112), (16,512,7,7). bfloat16 (alternating processes, old build / new,
+// 8 and 10 rounds, with its spans streamed from 4 MiB): (64,256,14,14) 1.25x / 1.35x,
+// (16,512,7,7) 1.11x / 1.15x, (250,64,11,11) 1.10x / 1.10x, (250,32,26,26) 1.09x,
+// (32,256,14,14) 0.94x / 1.09x, (32,64,56,56) 0.95x / 1.02x, (8,64,112,112) 0.96x /
+// 1.01x (single rounds spread 0.7x-2.8x); half not measured.
 template <typename scalar_t>
 inline bool flat_planar_walk(const Geometry& g) {
-  return kFlatWalks<scalar_t> && g.S >= Lanes<scalar_t>::kBlock;
+  return g.S >= Lanes<scalar_t>::kBlock;
 }
 
 // Planar outputs walked as one span stream from kInterleavedStreamingBytes, as
