@@ -227,7 +227,6 @@ inline void tile_backward(const scalar_t* dy, const scalar_t* x, const scalar_t*
   });
 }
 
-
 // ------------------------------------------------ planar ranges across runs
 // The planar elementwise passes over a contiguous range of runs (a thread's part, or
 // one sample's chunk of a channel group) as one span: blocks of kBlock values placed
@@ -341,7 +340,7 @@ inline void flat_forward(const scalar_t* x, const scalar_t* residual, scalar_t* 
         hi = hi + rhi;
       }
       store_values<Order::Any>(y + i, count, vec_activation<A>(lo, vparam), vec_activation<A>(hi, vparam),
-                   decltype(streamed)::value);
+                               decltype(streamed)::value);
     };
     for_each_flat_block(y, begin, end, S, C, stream, vecs, block);
   };
@@ -367,9 +366,9 @@ inline void flat_backward(const scalar_t* dy, const scalar_t* x, const scalar_t*
       load_residual<A, Order::Any>(kExtras ? residual : static_cast<const scalar_t*>(nullptr), i, count, rlo, rhi);
       const Vec glo = grad_before_activation<A>(dlo, xlo, rlo, k_lo.f, vparam);
       const Vec ghi = grad_before_activation<A>(dhi, xhi, rhi, k_hi.f, vparam);
-      store_values<Order::Any>(dx + i, count, at::vec::fmadd(glo, k_lo.k_dy, at::vec::fmadd(xlo - k_lo.mean, k_lo.k_xmu, k_lo.k_const)),
-                   at::vec::fmadd(ghi, k_hi.k_dy, at::vec::fmadd(xhi - k_hi.mean, k_hi.k_xmu, k_hi.k_const)),
-                   decltype(streamed)::value);
+      const Vec dx_lo = at::vec::fmadd(glo, k_lo.k_dy, at::vec::fmadd(xlo - k_lo.mean, k_lo.k_xmu, k_lo.k_const));
+      const Vec dx_hi = at::vec::fmadd(ghi, k_hi.k_dy, at::vec::fmadd(xhi - k_hi.mean, k_hi.k_xmu, k_hi.k_const));
+      store_values<Order::Any>(dx + i, count, dx_lo, dx_hi, decltype(streamed)::value);
       if constexpr (kExtras) {
         if (grad_residual != nullptr) store_values<Order::Any>(grad_residual + i, count, glo, ghi);
       }

@@ -239,10 +239,11 @@ inline void span_sum_and_squares(const scalar_t* x, int64_t n, red_t shift, Lane
   }
 }
 
-// The vector of one run's lane sums in the grouped planar reductions (runs_*): float
-// where a run is one float group, else red_t (double). The backward sums
-// (runs_backward_sums) are in float groups for reduced dtypes only (float32's in
-// double, see span_backward_sums); the statistics (runs_sum_and_squares) for float32 too.
+// The vector of one run's lane sums in the grouped planar backward sums
+// (runs_backward_sums): float for reduced dtypes (a run is one float group), red_t
+// (double) for float32 and double, whose backward sums are in double (see
+// span_backward_sums). The statistics (runs_sum_and_squares) use StatisticsRunVec:
+// float32 sums its runs in float groups there too.
 template <typename scalar_t>
 using RunVec = Vectorized<std::conditional_t<Lanes<scalar_t>::kReduced, typename Lanes<scalar_t>::acc_t,
                                              typename ReduceLanes<scalar_t>::red_t>>;

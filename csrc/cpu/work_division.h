@@ -275,8 +275,7 @@ inline void with_row_blocks(int64_t blocks, const F& f) {
 constexpr int64_t kInterleavedStreamingBytes = int64_t(4) << 20;
 
 // Planar (NCHW) outputs walked run by run (runs shorter than a block) from this
-// size on: in a module step x, y, dy and dx
-// together (4x this) presumably no longer stay in the guest's share of the L3
+// size on: in a module step x, y, dy and dx together (4x this) presumably no longer stay in the guest's share of the L3
 // (inferred from the timings; the guest has no cache counters). Module steps
 // (2 threads, in-process A/B, 9 rounds, against 16 MiB): 8-16 MiB tensors bfloat16
 // (8,64,112,112) 1.17x, (32,64,56,56) 1.16x, (250,32,26,26) 1.08x, (64,96,28,28)
