@@ -40,6 +40,17 @@ DEFAULT_DTYPES = {"cpu": ["float32", "bfloat16"], "cuda": ["float32", "bfloat16"
 CHECK_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
+def fastbn_error_acceptable(fastbn_error: float, torch_error: Optional[float], dtype: torch.dtype) -> bool:
+    """Within CHECK_TOLERANCE, or at most twice torch's own error in the same dtype (the
+    tests' budget). The second matters at an activation's kink: where a pre-activation
+    rounds to the other side of ReLU's 0 than in float64, that value's gradient differs
+    by a whole dy, in torch's result and in fastbn's alike (seen on one value of 6.4
+    million in bn_add_relu_fwd_bwd (32,64,56,56) float32). NaN is never acceptable."""
+    if fastbn_error <= CHECK_TOLERANCE[dtype]:
+        return True
+    return torch_error is not None and fastbn_error <= 2 * torch_error
+
+
 @dataclass(frozen=True)
 class Case:
     """One way of calling batch norm. Adding a case is one entry in CASES."""

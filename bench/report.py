@@ -23,6 +23,8 @@ def check_cell(row: Row) -> str:
     problems = []
     if row.fastbn_status == "mismatch":
         problems.append(f"FASTBN OFF {row.fastbn_error:.1e}")
+    elif row.fastbn_error is not None and not row.fastbn_error <= tolerance:
+        problems.append(f"fastbn off {row.fastbn_error:.1e} (at most 2x torch's)")
     if row.torch_error is not None and not row.torch_error <= tolerance:
         problems.append(f"torch off {row.torch_error:.1e}")
     if row.other_cpu_load is not None and row.other_cpu_load > BUSY_THRESHOLD:
