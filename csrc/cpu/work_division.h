@@ -274,13 +274,13 @@ inline void with_row_blocks(int64_t blocks, const F& f) {
 // 1.15-1.35x float32.
 constexpr int64_t kInterleavedStreamingBytes = int64_t(4) << 20;
 
-// Planar (NCHW) outputs walked run by run (runs shorter than a block) from this
-// size on: in a module step x, y, dy and dx together (4x this) presumably no longer stay in the guest's share of the L3
-// (inferred from the timings; the guest has no cache counters). Module steps
-// (2 threads, in-process A/B, 9 rounds, against 16 MiB): 8-16 MiB tensors bfloat16
-// (8,64,112,112) 1.17x, (32,64,56,56) 1.16x, (250,32,26,26) 1.08x, (64,96,28,28)
-// 1.04x, float32 (32,128,28,28) 1.17x; eval steps 0.96x-1.39x bfloat16, 1.81x
-// float32. Lower thresholds changed nothing from 4 MiB (float32 (32,256,14,14),
+// Planar (NCHW) outputs walked run by run (runs shorter than a block) from this size
+// on: in a module step x, y, dy and dx together (4x this) presumably no longer stay in
+// the guest's share of the L3 (inferred from the timings; the guest has no cache
+// counters). Module steps (2 threads, in-process A/B, 9 rounds, against 16 MiB): 8-16
+// MiB tensors bfloat16 (8,64,112,112) 1.17x, (32,64,56,56) 1.16x, (250,32,26,26) 1.08x,
+// (64,96,28,28) 1.04x, float32 (32,128,28,28) 1.17x; eval steps 0.96x-1.39x bfloat16,
+// 1.81x float32. Lower thresholds changed nothing from 4 MiB (float32 (32,256,14,14),
 // (250,64,11,11): 0.97x-1.00x, walked run by run then) and lost from 2 MiB (bfloat16
 // (250,64,11,11) 0.79x); bfloat16 walked run by run from 4 MiB, 6.4 MB tensors:
 // 0.89x-1.09x.
