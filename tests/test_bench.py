@@ -138,3 +138,32 @@ def test_compiled_cell_says_when_torch_compile_did_not_compile_or_was_off():
     assert compiled_cell(row) == "1500.0 (torch.compile off 2.2e-01)"
     row.compiled_note = ""
     assert compiled_cell(row) == "1500.0"
+
+
+def test_blocks_rows_are_checked_against_float64(tmp_path, capsys):
+    """`python -m bench.blocks` on a tiny shape: a row per block, dtype and layout, each
+    one's check against a float64 copy of torch's block passed."""
+    from bench import blocks
+    out = tmp_path / "blocks.json"
+    for layout in ([], ["--channels-last"]):
+        argv = ["--shape", "2,8,5,5", "--rounds", "1", "--steps", "1", "--json", str(out)] + layout
+        assert blocks.main(argv) == 0
+        rows = json.loads(out.read_text())["rows"]
+        assert [(row["block"], row["dtype"]) for row in rows] == [
+            (block, dtype) for dtype in ("float32", "bfloat16") for block in blocks.BLOCKS]
+        assert {row["layout"] for row in rows} == {"channels_last" if layout else "NCHW"}
+        assert all(row["check"] == "ok" and row["torch_us"] > 0 and row["fastbn_us"] > 0 for row in rows)
+    assert "| 2,8,5,5 | bfloat16 | channels_last | conv_bn_relu | ok |" in capsys.readouterr().out
+
+
+def test_blocks_check_catches_a_wrong_block():
+    """The check is not vacuous: a fastbn block whose output is shifted fails it."""
+    from bench import blocks
+    bn, conv = blocks.make_modules(torch.nn, 8, torch.float32, torch.contiguous_format, seed=0)
+    exact = blocks.block_forward("bn_relu", *(m.double() for m in blocks.make_modules(
+        torch.nn, 8, torch.float32, torch.contiguous_format, seed=0)))
+    right = blocks.block_forward("bn_relu", bn, conv)
+    inputs = blocks.make_inputs((2, 8, 5, 5), torch.float32, torch.contiguous_format, seed=1)[0]
+    assert blocks.check({"torch": right, "fastbn": right}, exact, inputs, torch.float32) == "ok"
+    wrong = blocks.check({"torch": right, "fastbn": lambda x, r: right(x, r) * 1.01}, exact, inputs, torch.float32)
+    assert wrong.startswith("off ")

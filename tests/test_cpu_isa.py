@@ -24,9 +24,8 @@ from conftest import ALL_DTYPES, assert_within_budget, random_input
 
 ISAS = fastbn.ops.CPU_CAPABILITIES
 OUT_OF_CACHE_BYTES = 16 << 20  # kOutOfCacheBytes in csrc/cpu/work_division.h
-PLANAR_STREAMING_BYTES = 8 << 20  # kPlanarStreamingBytes there (planar outputs walked run by run)
 ROW_ORDER_BYTES = 4 << 20  # kRowOrderBytes in csrc/cpu/work_division.h
-INTERLEAVED_STREAMING_BYTES = 4 << 20  # kInterleavedStreamingBytes there (rows; float32/float64 planar spans)
+STREAMING_BYTES = 16 << 20  # kStreamingBytes there (outputs written with streaming stores, either layout)
 GUARD = 7.0
 
 
@@ -95,7 +94,7 @@ def test_every_isa_past_the_streaming_threshold(dtype, channels_last):
     the in-place forward over such a view, and SyncBatchNorm's phase ops, under each ISA,
     against torch in the same dtype and a float64 reference."""
     shape = shape_for(dtype, channels_last)
-    assert torch.Size(shape).numel() * dtype.itemsize >= max(OUT_OF_CACHE_BYTES, PLANAR_STREAMING_BYTES)
+    assert torch.Size(shape).numel() * dtype.itemsize >= max(OUT_OF_CACHE_BYTES, STREAMING_BYTES)
     channels = shape[1]
     x = random_input(shape, dtype, channels_last=channels_last)
     # mean 0.1: grad_bias (a sum over up to 200k values) stays within float16's range
@@ -146,13 +145,11 @@ def test_every_isa_channels_last_between_row_order_and_streaming(dtype, channels
     the backward sums of half and bfloat16), else each piece in groups of rows block
     by block (groups of kInCacheReductionGroupBytes, the last one of a piece partial:
     136 channels, 5 blocks with AVX-512; both widths with AVX2 and DEFAULT, 5 and 9
-    blocks of 16). Past kInterleavedStreamingBytes too: float32 and float64 rows of 80
-    channels (320 and 640 bytes, whole lines) are streamed, half and bfloat16 rows (160
-    bytes) stored normally."""
+    blocks of 16). Below kStreamingBytes: every output stored normally."""
     per_sample = channels * 33 * 35 * dtype.itemsize
     shape = (ROW_ORDER_BYTES // per_sample + 1, channels, 33, 35)
     size = torch.Size(shape).numel() * dtype.itemsize
-    assert max(ROW_ORDER_BYTES, INTERLEAVED_STREAMING_BYTES) <= size < OUT_OF_CACHE_BYTES
+    assert ROW_ORDER_BYTES <= size < min(OUT_OF_CACHE_BYTES, STREAMING_BYTES)
     x = random_input(shape, dtype, channels_last=True)
     grad = random_input(shape, dtype, channels_last=True, mean=0.1, std=1.0)
     state = random_state(channels)
@@ -249,8 +246,7 @@ def test_every_isa_planar_channel_groups(dtype, run_bytes, channels):
 def test_every_isa_planar_runs_streamed_across_runs(dtype, walk):
     """The planar elementwise passes walk a thread's part, or one sample's chunk of a
     channel group, as one span across its runs (flat_forward, flat_backward), streamed
-    from kInterleavedStreamingBytes (not kPlanarStreamingBytes, the run walk's
-    threshold) in blocks placed by the output's alignment, a block that crosses a run's
+    (past kStreamingBytes) in blocks placed by the output's alignment, a block that crosses a run's
     end taking each lane's channel's coefficients (bfloat16's lanes hold even and odd
     values with AVX2 and AVX-512). Odd planes so that runs start at every alignment, 3
     threads so that parts start inside runs; "channel_groups": runs of 512-1560 bytes
@@ -263,12 +259,12 @@ def test_every_isa_planar_runs_streamed_across_runs(dtype, walk):
     the small shapes above, which walk the same way unstreamed."""
     if walk == "parts":
         per_sample = 64 * 11 * 11 * dtype.itemsize
-        shape = (INTERLEAVED_STREAMING_BYTES // per_sample + 1, 64, 11, 11)
+        shape = (STREAMING_BYTES // per_sample + 1, 64, 11, 11)
     else:
         plane = (17, 17) if dtype.itemsize == 2 else (13, 15)
         assert plane[0] * plane[1] * dtype.itemsize >= CHANNEL_GROUP_MIN_RUN
-        shape = (16, INTERLEAVED_STREAMING_BYTES // (16 * plane[0] * plane[1] * dtype.itemsize) + 1) + plane
-    assert INTERLEAVED_STREAMING_BYTES <= torch.Size(shape).numel() * dtype.itemsize < PLANAR_STREAMING_BYTES
+        shape = (16, STREAMING_BYTES // (16 * plane[0] * plane[1] * dtype.itemsize) + 1) + plane
+    assert torch.Size(shape).numel() * dtype.itemsize >= STREAMING_BYTES
     check_every_isa_planar_step(shape, dtype, residual_mean=20.0)
 
 

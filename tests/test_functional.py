@@ -77,12 +77,12 @@ def test_outlier_first_value_of_a_later_part(sample, device):
     ((16, 64, 64, 64), True, torch.float32),    # 16.8 MB channels_last, 256-byte rows: streamed rows
     ((8, 33, 128, 125), True, torch.float32),   # channels_last, 132-byte rows: never streamed
     ((8, 32, 182, 182), False, torch.bfloat16),  # 17.0 MB of bfloat16
-    ((8, 40, 127, 127), False, torch.bfloat16),  # 10.3 MB of bfloat16, odd runs: streamed from 8 MiB on
+    ((8, 66, 127, 127), False, torch.bfloat16),  # 17.0 MB of bfloat16, odd runs: streamed
 ], ids=str)
 def test_large_outputs_forward_and_backward(shape, channels_last, dtype, device):
-    """Outputs from 8 MiB on (planar; channels_last from 4 MiB, rows of whole 64-byte lines)
-    are written with streaming stores on CPU (kPlanarStreamingBytes, kInterleavedStreamingBytes)."""
-    assert torch.Size(shape).numel() * dtype.itemsize >= 8 << 20
+    """Outputs from 16 MiB on (channels_last: rows of whole 64-byte lines) are written with
+    streaming stores on CPU (kStreamingBytes in csrc/cpu/work_division.h)."""
+    assert torch.Size(shape).numel() * dtype.itemsize >= 16 << 20
     x = random_input(shape, dtype, device, channels_last)
     channels = shape[1]
     weight = 1 + 0.3 * torch.randn(channels, device=device)

@@ -284,11 +284,8 @@ C10_ALWAYS_INLINE void for_each_flat_block(const scalar_t* out, int64_t begin, i
   if (begin >= end) return;
   int64_t run_end = (begin / S + 1) * S, c = begin / S % C;
   auto k = coefficients(c);
-  // each lane's value in the block, as the blocks load in Order::Any: bfloat16 even and
-  // odd values (EvenOddBFloat16), else the low and high halves
-  constexpr bool kEvenOdd = EvenOddBFloat16<scalar_t>::kAvailable;
-  const Vec lane_lo = kEvenOdd ? Vec::arange(T(0), T(2)) : Vec::arange(T(0), T(1));
-  const Vec lane_hi = kEvenOdd ? Vec::arange(T(1), T(2)) : Vec::arange(T(L::kVec), T(1));
+  Vec lane_lo, lane_hi;  // each lane's value in the block, as the blocks load (Order::Any)
+  lane_positions<Order::Any, scalar_t>(lane_lo, lane_hi);
   auto next_block = [&](int64_t i, int64_t count, auto streamed) C10_ALWAYS_INLINE_ATTRIBUTE {
     if (i == run_end) {  // the last block ended with its run
       run_end += S;

@@ -239,6 +239,23 @@ C10_ALWAYS_INLINE void load_values(const scalar_t* p, int64_t count, Vec& lo, Ve
   }
 }
 
+// Which value of its block each lane of lo and hi holds, as load_values<O> places a
+// block: memory order (0 .. kVec - 1, then the rest), or for bfloat16 in Order::Any the
+// even- and odd-indexed values. For loops that compare lanes with a position (a run's
+// end within a block). Not for AnyWholeBlocks, whose order depends on the block's size.
+template <Order O, typename scalar_t, typename Vec>
+C10_ALWAYS_INLINE void lane_positions(Vec& lo, Vec& hi) {
+  static_assert(O != Order::AnyWholeBlocks, "whole and partial blocks load in different orders there");
+  using T = typename Vec::value_type;
+  if constexpr (O == Order::Any && EvenOddBFloat16<scalar_t>::kAvailable) {
+    lo = Vec::arange(T(0), T(2));
+    hi = Vec::arange(T(1), T(2));
+  } else {
+    lo = Vec::arange(T(0), T(1));
+    hi = Vec::arange(T(Lanes<scalar_t>::kVec), T(1));
+  }
+}
+
 // Stores the first `count` <= kBlock values at p, loaded in order O; a whole block as a
 // streaming store when `stream` (p then aligned, see stream_head).
 template <Order O = Order::Memory, typename T, typename Vec>

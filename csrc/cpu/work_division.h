@@ -261,30 +261,22 @@ inline void with_row_blocks(int64_t blocks, const F& f) {
   }
 }
 
-// Outputs this large are written with streaming stores: they do not stay in the
-// cache for whoever reads them next, and a normal store would first read every
-// destination line from memory (a third of the traffic of a read + write pass).
-//
-// Interleaved (channels_last) outputs from this size on: tensors past the two
-// cores' L2 whose rows come back from the L3 or memory. Module steps (2 threads,
-// in-process A/B, 7-9 rounds, on the 2-vCPU Xeon guest whose L3 did not keep a
-// tensor between two passes), against 16 MiB: 1.51x faster on (32,256,14,14)
-// float32 channels_last, 1.60x on (250,64,11,11), 1.51x on (16,512,14,14);
-// bfloat16 (64,96,28,28) 1.24x, (250,32,26,26) 1.23x, (32,64,56,56) 1.03x; eval
-// 1.15-1.35x float32.
-constexpr int64_t kInterleavedStreamingBytes = int64_t(4) << 20;
-
-// Planar (NCHW) outputs walked run by run (runs shorter than a block) from this size
-// on: in a module step x, y, dy and dx together (4x this) presumably no longer stay in
-// the guest's share of the L3 (inferred from the timings; the guest has no cache
-// counters). Module steps (2 threads, in-process A/B, 9 rounds, against 16 MiB): 8-16
-// MiB tensors bfloat16 (8,64,112,112) 1.17x, (32,64,56,56) 1.16x, (250,32,26,26) 1.08x,
-// (64,96,28,28) 1.04x, float32 (32,128,28,28) 1.17x; eval steps 0.96x-1.39x bfloat16,
-// 1.81x float32. Lower thresholds changed nothing from 4 MiB (float32 (32,256,14,14),
-// (250,64,11,11): 0.97x-1.00x, walked run by run then) and lost from 2 MiB (bfloat16
-// (250,64,11,11) 0.79x); bfloat16 walked run by run from 4 MiB, 6.4 MB tensors:
-// 0.89x-1.09x.
-constexpr int64_t kPlanarStreamingBytes = int64_t(8) << 20;
+// Outputs this large are written with streaming stores, in either layout: past the
+// caches that keep a layer's output until the next layer reads it (kOutOfCacheBytes),
+// where a normal store would first read every destination line from memory (a third
+// of the traffic of a read + write pass) and the next layer reads y from memory anyway.
+// Smaller outputs are stored normally, for whoever reads them next. Training fwd+bwd
+// steps of blocks that read y (BN then torch.relu, relu(BN + residual), BN, relu and
+// a 1x1 conv; a ring of 4 inputs; 2 threads; alternating processes, 5-6 pairs),
+// streaming time / normal time on the 2-vCPU Xeon guest: 4-13 MB tensors 1.03x-1.27x
+// slower streamed in both layouts (float32 (32,256,14,14) BN+relu 1.25x NCHW, 1.23x
+// channels_last; (250,64,11,11) 1.19x / 1.27x; (32,128,28,28) 1.11x / 1.11x; bfloat16
+// (32,64,56,56) 1.04x / 1.07x) and 1.6-4 MB ones too (NCHW BN+relu 1.29x-1.52x); from about
+// 20 MB streaming won (float32 (32,64,56,56) BN+relu 0.84x NCHW, 0.97x channels_last;
+// (250,32,26,26) 0.94x; (32,128,56,56) 0.79x). A BN step alone, whose y nobody reads
+// (the benchmark's), gains from streaming at every size (0.66x-0.93x at 4-13 MB): the
+// fourth to sixteenth sessions measured only that, and streamed from 1-8 MiB.
+constexpr int64_t kStreamingBytes = kOutOfCacheBytes;
 
 // Whether the planar elementwise passes walk a range of runs as one span
 // (flat_forward, flat_backward in vec_elementwise.h) rather than run by run: runs of
@@ -301,25 +293,13 @@ inline bool flat_planar_walk(const Geometry& g) {
   return g.S >= Lanes<scalar_t>::kBlock;
 }
 
-// Planar outputs walked as one span stream from kInterleavedStreamingBytes, as
-// rows do: past the two cores' L2, and now that a span's blocks are whole aligned
-// lines but at its two ends (run by run, every run of a plane that is not whole
-// lines started and ended in plain-stored partial lines). Module steps (float32,
-// same A/B, against 8 MiB): (250,64,11,11) 1.36x, (128,256,7,7) 1.34x,
-// (32,256,14,14) 1.24x (1.49x, 1.41x, 1.29x against the run walk at 8 MiB).
-// Smaller outputs fit in the L2 for whoever reads them next: not streamed
-// ((16,512,7,7), 1.6 MB, would gain 1.24x in a benchmark that never reads y).
-
 // Whether an output of g's size is written with streaming stores; for rows
 // (interleaved) they also need every row to start 64-byte aligned.
 template <typename scalar_t>
 inline bool stream_output(const Geometry& g, const scalar_t* out) {
-  if (g.layout == Layout::Planar) {
-    return tensor_bytes<scalar_t>(g) >= (flat_planar_walk<scalar_t>(g) ? kInterleavedStreamingBytes
-                                                                        : kPlanarStreamingBytes);
-  }
-  return tensor_bytes<scalar_t>(g) >= kInterleavedStreamingBytes && reinterpret_cast<uintptr_t>(out) % 64 == 0 &&
-         (g.C * int64_t(sizeof(scalar_t))) % 64 == 0;
+  if (tensor_bytes<scalar_t>(g) < kStreamingBytes) return false;
+  return g.layout == Layout::Planar ||
+         (reinterpret_cast<uintptr_t>(out) % 64 == 0 && (g.C * int64_t(sizeof(scalar_t))) % 64 == 0);
 }
 
 }  // namespace fastbn::cpu::CPU_CAPABILITY
