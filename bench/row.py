@@ -137,6 +137,10 @@ def compiled_step_for(case: Case, channels: int, workload: Workload, param_dtype
     next to the ReLU's kink that rounding puts on the other side)."""
     try:
         module = prepare_module(make_torch_module(channels, case.activation), case, param_dtype, options.device)
+        # Each row compiles afresh: dynamo counts recompilations per code object across
+        # modules, and past its recompile_limit (8) it runs the rest eagerly, warning once
+        # (seen from the ninth row of a run on; their "torch.compile" column was eager torch).
+        torch._dynamo.reset()
         compiled = torch.compile(module)
         step, x = make_step(compiled, case, workload)
         error = relative_error(results_for_check(step, x, module, case.backward), reference)

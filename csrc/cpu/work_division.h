@@ -262,20 +262,22 @@ inline void with_row_blocks(int64_t blocks, const F& f) {
 }
 
 // Outputs this large are written with streaming stores, in either layout: past the
-// caches that keep a layer's output until the next layer reads it (kOutOfCacheBytes),
-// where a normal store would first read every destination line from memory (a third
-// of the traffic of a read + write pass) and the next layer reads y from memory anyway.
-// Smaller outputs are stored normally, for whoever reads them next. Training fwd+bwd
-// steps of blocks that read y (BN then torch.relu, relu(BN + residual), BN, relu and
-// a 1x1 conv; a ring of 4 inputs; 2 threads; alternating processes, 5-6 pairs),
-// streaming time / normal time on the 2-vCPU Xeon guest: 4-13 MB tensors 1.03x-1.27x
-// slower streamed in both layouts (float32 (32,256,14,14) BN+relu 1.25x NCHW, 1.23x
+// caches that keep a layer's output until the next layer reads it (kOutOfCacheBytes).
+// There a normal store would first read every destination line from memory (a third
+// of the traffic of a read + write pass), and the next layer reads y from memory anyway.
+// Smaller outputs are stored normally, so that whoever reads them next finds them in
+// cache. Measured with `python -m bench.blocks`-style steps: training fwd+bwd of blocks
+// whose next op reads y (BN then torch.relu, relu(BN + residual), BN, relu and a 1x1
+// conv), a ring of 4 inputs, 2 threads, alternating processes, 5-6 pairs, on a 2-vCPU
+// Xeon guest (2 MiB L2 per core, L3 480 MiB). Streamed, 4-13 MB tensors ran 1.02x-1.27x
+// slower in both layouts: float32 (32,256,14,14) BN+relu 1.25x NCHW, 1.23x
 // channels_last; (250,64,11,11) 1.19x / 1.27x; (32,128,28,28) 1.11x / 1.11x; bfloat16
-// (32,64,56,56) 1.04x / 1.07x) and 1.6-4 MB ones too (NCHW BN+relu 1.29x-1.52x); from about
-// 20 MB streaming won (float32 (32,64,56,56) BN+relu 0.84x NCHW, 0.97x channels_last;
-// (250,32,26,26) 0.94x; (32,128,56,56) 0.79x). A BN step alone, whose y nobody reads
-// (the benchmark's), gains from streaming at every size (0.66x-0.93x at 4-13 MB): the
-// fourth to sixteenth sessions measured only that, and streamed from 1-8 MiB.
+// (32,64,56,56) 1.04x / 1.07x. 0.8-4 MB ones too (NCHW BN+relu 1.20x-1.52x). From about
+// 20 MB streaming won: float32 (32,64,56,56) BN+relu 0.84x NCHW, 0.97x channels_last
+// (BN, relu and a 1x1 conv 1.02x); (250,32,26,26) 0.94x; (32,128,56,56) 0.79x. A BN
+// step alone, whose y nobody reads (`python -m bench`'s step), gains from streaming at
+// every size (0.66x-0.93x at 4-13 MB); the fourth to sixteenth sessions measured only
+// such steps and streamed from 1-8 MiB (bench/NOTES.md).
 constexpr int64_t kStreamingBytes = kOutOfCacheBytes;
 
 // Whether the planar elementwise passes walk a range of runs as one span
