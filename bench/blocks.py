@@ -19,7 +19,8 @@ torch's and fastbn's blocks have the same weights and alternate round by round; 
 is the median of ``--steps`` timed steps after 3 untimed ones. The table gives the
 medians over the rounds and the median of the per-round ratios torch / fastbn (above 1:
 fastbn faster). Before timing, each block's output and input gradient are checked against
-a float64 copy of torch's block (``check``). glibc keeps freed memory, as in ``python -m bench``.
+a float64 copy of torch's block (``check``). glibc keeps freed memory, as in ``python -m bench``
+(``--fresh-pages``: its default).
 """
 from __future__ import annotations
 
@@ -147,6 +148,9 @@ def parse_arguments(argv):
     parser.add_argument("--steps", type=int, default=15, help="timed steps per round (default 15)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help=f"torch threads (default torch's, {torch.get_num_threads()} here)")
+    parser.add_argument("--fresh-pages", action="store_true",
+                        help="leave glibc's default of returning large freed blocks to the OS (see "
+                             "bench.timing.keep_freed_memory)")
     parser.add_argument("--json", help="also write the rows here")
     options = parser.parse_args(argv)
     if options.rounds < 1 or options.steps < 1:
@@ -157,7 +161,7 @@ def parse_arguments(argv):
 def main(argv=None) -> int:
     options = parse_arguments(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(options.threads)
-    allocator = keep_freed_memory()
+    allocator = "allocator: system default" if options.fresh_pages else keep_freed_memory()
     shapes = options.shape or DEFAULT_SHAPES
     dtypes = [getattr(torch, name) for name in (options.dtype or ["float32", "bfloat16"])]
     print(f"# blocks, training fwd+bwd, {options.threads} thread(s), {options.rounds} paired rounds of "

@@ -163,14 +163,16 @@ def test_every_isa_channels_last_between_row_order_and_streaming(dtype, channels
                 assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
 
 
-@pytest.mark.parametrize("dtype,channels", [(torch.float32, 40), (torch.float32, 72), (torch.bfloat16, 72)],
-                         ids=str)
+@pytest.mark.parametrize("dtype,channels", [(torch.float32, 40), (torch.float32, 72), (torch.float32, 80),
+                                            (torch.bfloat16, 72)], ids=str)
 def test_every_isa_channels_last_rows_past_the_streaming_threshold(dtype, channels):
     """channels_last tensors too large for the cache with a few channel blocks per row,
-    whose reductions walk whole rows (rows_sum_and_squares, rows_backward_sums): 40 and
-    72 channels are 2 and 3 blocks of 32 (the last one partial) with AVX-512, 3 and 5
-    of 16 with AVX2; a training step and a fused activation with a residual, under each
-    ISA, against torch in the same dtype and a float64 reference."""
+    whose reductions walk whole rows (rows_sum_and_squares, rows_backward_sums): 40, 72
+    and 80 channels are 2, 3 and 3 blocks of 32 (the last one partial) with AVX-512, 3,
+    5 and 5 of 16 with AVX2; a training step and a fused activation with a residual,
+    under each ISA, against torch in the same dtype and a float64 reference. Rows of 80
+    float32 channels (320 bytes, whole lines) are written with streaming stores, their
+    partial last block with plain ones; the others' rows are not whole lines."""
     per_sample = channels * 32 * 32 * dtype.itemsize
     shape = (OUT_OF_CACHE_BYTES // per_sample + 1, channels, 32, 32)
     x = random_input(shape, dtype, channels_last=True)

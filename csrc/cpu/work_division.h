@@ -268,28 +268,28 @@ inline void with_row_blocks(int64_t blocks, const F& f) {
 // Smaller outputs are stored normally, so that whoever reads them next finds them in
 // cache. Measured with `python -m bench.blocks`-style steps: training fwd+bwd of blocks
 // whose next op reads y (BN then torch.relu, relu(BN + residual), BN, relu and a 1x1
-// conv), a ring of 4 inputs, 2 threads, alternating processes, 5-6 pairs, on a 2-vCPU
+// conv), a ring of 4 inputs, 2 threads, alternating processes, 5-8 pairs, on a 2-vCPU
 // Xeon guest (2 MiB L2 per core, L3 480 MiB). Streamed, 4-13 MB tensors ran 1.02x-1.27x
 // slower in both layouts: float32 (32,256,14,14) BN+relu 1.25x NCHW, 1.23x
 // channels_last; (250,64,11,11) 1.19x / 1.27x; (32,128,28,28) 1.11x / 1.11x; bfloat16
 // (32,64,56,56) 1.04x / 1.07x. 0.8-4 MB ones too (NCHW BN+relu 1.20x-1.52x). From about
 // 20 MB streaming won: float32 (32,64,56,56) BN+relu 0.84x NCHW, 0.97x channels_last
-// (BN, relu and a 1x1 conv 1.02x); (250,32,26,26) 0.94x; (32,128,56,56) 0.79x. A BN
-// step alone, whose y nobody reads (`python -m bench`'s step), gains from streaming at
-// every size (0.66x-0.93x at 4-13 MB); the fourth to sixteenth sessions measured only
-// such steps and streamed from 1-8 MiB (bench/NOTES.md).
+// (but BN, relu and a 1x1 conv 1.02x, slower); (250,32,26,26) 0.94x; (32,128,56,56)
+// 0.79x. A BN step alone on the same ring gained from streaming from 4 MB (0.66x-0.93x
+// at 4-13 MB; 0.87x-1.23x below). The eleventh to sixteenth sessions measured only BN
+// steps alone and streamed from 4-8 MiB (bench/NOTES.md).
 constexpr int64_t kStreamingBytes = kOutOfCacheBytes;
 
 // Whether the planar elementwise passes walk a range of runs as one span
 // (flat_forward, flat_backward in vec_elementwise.h) rather than run by run: runs of
 // a block or more. Module steps (float32 NCHW, 2 threads, in-process A/B, 9 rounds,
-// both at the 8 MiB threshold): (32,128,28,28) 1.15x, (250,32,26,26) 1.08x,
-// (64,96,28,28) 1.07x, (32,256,14,14) 1.04x; 0.99x-1.00x on (32,64,56,56),
-// (8,64,112,112), (16,512,7,7). bfloat16 (alternating processes, old build / new,
-// 8 and 10 rounds, with its spans streamed from 4 MiB): (64,256,14,14) 1.25x / 1.35x,
-// (16,512,7,7) 1.11x / 1.15x, (250,64,11,11) 1.10x / 1.10x, (250,32,26,26) 1.09x,
-// (32,256,14,14) 0.94x / 1.09x, (32,64,56,56) 0.95x / 1.02x, (8,64,112,112) 0.96x /
-// 1.01x (single rounds spread 0.7x-2.8x); half not measured.
+// both streaming from 8 MiB, the threshold before kStreamingBytes): (32,128,28,28)
+// 1.15x, (250,32,26,26) 1.08x, (64,96,28,28) 1.07x, (32,256,14,14) 1.04x; 0.99x-1.00x
+// on (32,64,56,56), (8,64,112,112), (16,512,7,7). bfloat16 (alternating processes, old
+// build / new, 8 and 10 rounds, with its spans streamed from 4 MiB): (64,256,14,14)
+// 1.25x / 1.35x, (16,512,7,7) 1.11x / 1.15x, (250,64,11,11) 1.10x / 1.10x,
+// (250,32,26,26) 1.09x, (32,256,14,14) 0.94x / 1.09x, (32,64,56,56) 0.95x / 1.02x,
+// (8,64,112,112) 0.96x / 1.01x (single rounds spread 0.7x-2.8x); half not measured.
 template <typename scalar_t>
 inline bool flat_planar_walk(const Geometry& g) {
   return g.S >= Lanes<scalar_t>::kBlock;
