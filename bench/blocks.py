@@ -37,6 +37,7 @@ from torch import nn
 
 import fastbn
 from bench.cases import fastbn_error_acceptable, relative_error
+from bench.cli import parse_shape
 from bench.timing import describe_cpu, git_revision, keep_freed_memory
 
 BLOCKS = ("bn_relu", "bn_add_relu", "bn_relu_conv", "conv_bn_relu")
@@ -128,13 +129,6 @@ def measure(shape, dtype, channels_last: bool, block: str, options) -> Dict:
             "layout": "channels_last" if channels_last else "NCHW", "block": block, "check": checked,
             "torch_us": statistics.median(times["torch"]), "fastbn_us": statistics.median(times["fastbn"]),
             "ratio": statistics.median(ratios), "ratios": ratios}
-
-
-def parse_shape(text: str) -> Tuple[int, ...]:
-    shape = tuple(int(part) for part in text.split(","))
-    if len(shape) != 4 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"a shape is N,C,H,W of positive sizes, got {text!r}")
-    return shape
 
 
 def parse_arguments(argv):

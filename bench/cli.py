@@ -48,7 +48,8 @@ def _choices(all_choices):
     return parse
 
 
-def _shape(text):
+def parse_shape(text):
+    """argparse type of --shape: N,C,H,W of positive integers."""
     try:
         shape = tuple(int(part) for part in text.split(","))
     except ValueError:
@@ -69,7 +70,7 @@ def parse_arguments(argv):
                              "(+float16 on cuda)")
     parser.add_argument("--layout", type=_choices(LAYOUTS), action="append",
                         help="memory layouts (repeatable or comma-separated); default both")
-    parser.add_argument("--shape", type=_shape, action="append", default=[],
+    parser.add_argument("--shape", type=parse_shape, action="append", default=[],
                         help="add a shape N,C,H,W (repeatable)")
     parser.add_argument("--only-shapes", action="store_true",
                         help="run only the --shape shapes, not the default list")
