@@ -140,7 +140,7 @@ def test_every_isa_past_the_streaming_threshold(dtype, channels_last):
 def test_every_isa_channels_last_between_row_order_and_streaming(dtype, channels):
     """channels_last tensors whose elementwise passes walk rows in memory order
     (kRowOrderBytes <= size < kOutOfCacheBytes), under each ISA. Their reductions walk
-    whole rows where a row is 2-4 channel blocks (row_walk_blocks: 80 channels with
+    whole rows where a row is 2-4 channel blocks (row_walk_group_rows: 80 channels with
     AVX-512 are 3 blocks of 32, the last one partial; the statistics of every dtype,
     the backward sums of half and bfloat16), else each piece in groups of rows block
     by block (groups of kInCacheReductionGroupBytes, the last one of a piece partial:
@@ -164,15 +164,20 @@ def test_every_isa_channels_last_between_row_order_and_streaming(dtype, channels
 
 
 @pytest.mark.parametrize("dtype,channels", [(torch.float32, 40), (torch.float32, 72), (torch.float32, 80),
-                                            (torch.bfloat16, 72)], ids=str)
+                                            (torch.bfloat16, 72), (torch.float32, 200), (torch.bfloat16, 136)],
+                         ids=str)
 def test_every_isa_channels_last_rows_past_the_streaming_threshold(dtype, channels):
-    """channels_last tensors too large for the cache with a few channel blocks per row,
-    whose reductions walk whole rows (rows_sum_and_squares, rows_backward_sums): 40, 72
-    and 80 channels are 2, 3 and 3 blocks of 32 (the last one partial) with AVX-512, 3,
-    5 and 5 of 16 with AVX2; a training step and a fused activation with a residual,
-    under each ISA, against torch in the same dtype and a float64 reference. Rows of 80
-    float32 channels (320 bytes, whole lines) are written with streaming stores, their
-    partial last block with plain ones; the others' rows are not whole lines."""
+    """channels_last tensors too large for the cache, whose reductions walk rows in
+    memory order (rows_sum_and_squares, rows_backward_sums): rows of 2-4 channel blocks
+    whole, wider ones in groups of rows panel by panel (for_each_row_panel, panels of up
+    to 4 blocks). With AVX-512 (blocks of 32) 40, 72 and 80 channels are 2, 3 and 3
+    blocks (the last one partial), 200 channels 7 (panels of 4 and 3 blocks, the last
+    one partial), 136 channels 5 (panels of 4 and 1, partial); with AVX2 (blocks of 16)
+    72 and 80 channels are panels of 4 and 1 blocks, 200 channels of 4, 4, 4 and 1, 136
+    of 4, 4 and 1. A training step and a fused activation with a residual, under each
+    ISA, against torch in the same dtype and a float64 reference. Rows of 80 float32
+    channels (320 bytes, whole lines) are written with streaming stores, their partial
+    last block with plain ones; the others' rows are not whole lines."""
     per_sample = channels * 32 * 32 * dtype.itemsize
     shape = (OUT_OF_CACHE_BYTES // per_sample + 1, channels, 32, 32)
     x = random_input(shape, dtype, channels_last=True)

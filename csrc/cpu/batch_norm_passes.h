@@ -277,7 +277,8 @@ std::vector<Moments<double>> interleaved_channel_moments(const scalar_t* x, cons
   using red_t = typename ReduceLanes<scalar_t>::red_t;
   using acc_t = at::opmath_type<scalar_t>;  // the shifts' type (column_sum_and_squares subtracts in acc_t)
   const int64_t C = g.C, rows = g.count(), padded = round_up(C, 64);
-  const int64_t tasks = interleaved_tasks(rows), row_blocks = row_walk_blocks<scalar_t>(g, RowReduction::Statistics);
+  const int64_t tasks = interleaved_tasks(rows);
+  const int64_t row_group = row_walk_group_rows<scalar_t>(g, RowReduction::Statistics);
   // Per-task moments, merged piece by piece (Chan), as arrays (every channel has
   // the same count): the loops over channels at the end of each piece vectorize.
   std::vector<double> task_mean(tasks * C, 0.0), task_m2(tasks * C, 0.0);
@@ -302,10 +303,12 @@ std::vector<Moments<double>> interleaved_channel_moments(const scalar_t* x, cons
         const scalar_t* piece = x + r * C;
         std::fill(piece_mean.begin(), piece_mean.end(), red_t(0));
         std::fill(piece_m2.begin(), piece_m2.end(), red_t(0));
-        if (row_blocks > 0) {
-          with_row_blocks(row_blocks, [&](auto blocks) {
-            rows_sum_and_squares<decltype(blocks)::value>(piece, n, C, shift.data(), piece_mean.data(),
-                                                          piece_m2.data());
+        if (row_group > 0) {
+          for_each_row_panel<scalar_t>(0, n, C, row_group, [&](int64_t first, int64_t group, int64_t c0,
+                                                               int64_t width, auto blocks) {
+            rows_sum_and_squares<decltype(blocks)::value>(piece + first * C + c0, group, C, width,
+                                                          shift.data() + c0, piece_mean.data() + c0,
+                                                          piece_m2.data() + c0);
           });
         } else {
           for_each_row_group(0, n, reduction_group_rows<scalar_t>(g, n), [&](int64_t first, int64_t group) {
@@ -615,15 +618,16 @@ BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
   } else {
     std::vector<acc_t> mean_padded(padded, acc_t(0));  // padded for the column loops' block loads
     std::copy(a.mean, a.mean + C, mean_padded.begin());
-    const int64_t row_blocks = row_walk_blocks<scalar_t>(g, RowReduction::BackwardSums);
+    const int64_t row_group = row_walk_group_rows<scalar_t>(g, RowReduction::BackwardSums);
     parallel_parts(g.count(), tasks, [&](int64_t t, int64_t r_begin, int64_t r_end) {
-      if (row_blocks > 0) {  // whole rows in memory order
-        with_row_blocks(row_blocks, [&](auto blocks) {
-          const int64_t at = r_begin * C;
-          rows_backward_sums<decltype(blocks)::value, A>(a.dy + at, a.x + at, offset_or_null(a.residual, at),
-                                                         r_end - r_begin, C, mean_padded.data(), forward_k,
-                                                         a.act_param, part_dy.data() + t * padded,
-                                                         part_dy_xmu.data() + t * padded);
+      if (row_group > 0) {  // rows in memory order
+        for_each_row_panel<scalar_t>(r_begin, r_end, C, row_group, [&](int64_t r, int64_t n, int64_t c0,
+                                                                       int64_t width, auto blocks) {
+          const int64_t at = r * C + c0;
+          rows_backward_sums<decltype(blocks)::value, A>(a.dy + at, a.x + at, offset_or_null(a.residual, at), n,
+                                                         C, width, c0, mean_padded.data() + c0, forward_k,
+                                                         a.act_param, part_dy.data() + t * padded + c0,
+                                                         part_dy_xmu.data() + t * padded + c0);
         });
         return;
       }

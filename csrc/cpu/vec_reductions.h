@@ -559,14 +559,15 @@ inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, const sc
   }
 }
 
-// Rows: `rows` consecutive rows of C interleaved channels, C in kBlocks blocks (the
-// last one may be partial), walked in memory order with every channel's float group
-// sums in registers; each group of rows is added into the double arrays (padded to
-// whole blocks). For tensors past the L2 with a few blocks per row (row_walk_blocks):
-// for those too large for the cache the column loops take a group of about 1 KiB at a
-// time (see reduction_group_rows), and loading and storing their double accumulators
-// for every such group made the statistics about twice as slow as torch's x.sum over
-// the same channels_last tensor.
+// Rows: `rows` rows `stride` values apart, of which C interleaved channels (a whole
+// row, or a panel of a wider one: for_each_row_panel) in kBlocks blocks (the last one
+// may be partial), walked in memory order with every channel's float group sums in
+// registers; each group of rows is added into the double arrays (padded to whole
+// blocks). For tensors past the L2 with a few blocks per row, and panels of wider rows
+// past the cache (row_walk_group_rows): the column loops took a group of about 1 KiB
+// at a time there, and loading and storing their double accumulators for every such
+// group made the statistics about twice as slow as torch's x.sum over the same
+// channels_last tensor.
 
 // The width of block b of a row of C channels in kBlocks blocks of kBlock.
 template <int kBlocks, int64_t kBlock>
@@ -589,8 +590,8 @@ C10_ALWAYS_INLINE void add_block_group(const AVec& lo, const AVec& hi, red_t* ou
 // (column_sum_and_squares for whole rows).
 template <int kBlocks, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
           typename red_t = typename ReduceLanes<scalar_t>::red_t>
-inline void rows_sum_and_squares(const scalar_t* x, int64_t rows, int64_t C, const acc_t* shift, red_t* sums,
-                                 red_t* squares) {
+inline void rows_sum_and_squares(const scalar_t* x, int64_t rows, int64_t stride, int64_t C, const acc_t* shift,
+                                 red_t* sums, red_t* squares) {
   using L = Lanes<scalar_t>;
   using AVec = typename L::Vec;
   AVec shifts[kBlocks][2];
@@ -606,7 +607,7 @@ inline void rows_sum_and_squares(const scalar_t* x, int64_t rows, int64_t C, con
     for (int64_t r = g; r < end; ++r) {
       FASTBN_UNROLL for (int b = 0; b < kBlocks; ++b) {
         AVec a0, a1;  // a partial block's padding lanes: 0 - 0 (the shift arrays are padded with 0)
-        load_values(x + r * C + b * L::kBlock, row_block_width<kBlocks, L::kBlock>(b, C), a0, a1);
+        load_values(x + r * stride + b * L::kBlock, row_block_width<kBlocks, L::kBlock>(b, C), a0, a1);
         a0 = a0 - shifts[b][0], a1 = a1 - shifts[b][1];
         s[b][0] += a0, s[b][1] += a1;
         q[b][0] = at::vec::fmadd(a0, a0, q[b][0]), q[b][1] = at::vec::fmadd(a1, a1, q[b][1]);
@@ -620,12 +621,13 @@ inline void rows_sum_and_squares(const scalar_t* x, int64_t rows, int64_t C, con
 }
 
 // out_dy[c] += sum of g[c]; out_dy_xmu[c] += sum of g[c] * (x[c] - mean[c]) over rows
-// (column_backward_sums for whole rows; mean and fk's arrays padded).
+// (column_backward_sums for whole rows or panels: mean starts at the panel's first
+// channel, c_first, while fk's arrays are indexed by channel; both padded).
 template <int kBlocks, Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
           typename red_t = typename ReduceLanes<scalar_t>::red_t>
 inline void rows_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t rows,
-                               int64_t C, const acc_t* mean, const ForwardArrays<acc_t>& fk, acc_t param,
-                               red_t* out_dy, red_t* out_dy_xmu) {
+                               int64_t stride, int64_t C, int64_t c_first, const acc_t* mean,
+                               const ForwardArrays<acc_t>& fk, acc_t param, red_t* out_dy, red_t* out_dy_xmu) {
   using L = Lanes<scalar_t>;
   using AVec = typename L::Vec;
   const AVec vparam(param), zero(acc_t(0));
@@ -641,14 +643,15 @@ inline void rows_backward_sums(const scalar_t* dy, const scalar_t* x, const scal
     for (int64_t r = g; r < end; ++r) {
       FASTBN_UNROLL for (int b = 0; b < kBlocks; ++b) {
         // lanes past the width: dy = 0, so g = 0 (never stored)
-        const int64_t at = r * C + b * L::kBlock, width = row_block_width<kBlocks, L::kBlock>(b, C);
+        const int64_t at = r * stride + b * L::kBlock, width = row_block_width<kBlocks, L::kBlock>(b, C);
         AVec g0, g1, x0, x1, r0, r1;
         load_values(dy + at, width, g0, g1);
         load_values(x + at, width, x0, x1);
         load_residual<A>(residual, at, width, r0, r1);
         if constexpr (A != Activation::Identity) {  // (the identity's gradient needs no coefficients)
-          g0 = grad_before_activation<A>(g0, x0, r0, forward_vecs(fk, b * L::kBlock), vparam);
-          g1 = grad_before_activation<A>(g1, x1, r1, forward_vecs(fk, b * L::kBlock + L::kVec), vparam);
+          const int64_t c = c_first + b * L::kBlock;
+          g0 = grad_before_activation<A>(g0, x0, r0, forward_vecs(fk, c), vparam);
+          g1 = grad_before_activation<A>(g1, x1, r1, forward_vecs(fk, c + L::kVec), vparam);
         }
         s[b][0] += g0, s[b][1] += g1;
         p[b][0] = at::vec::fmadd(g0, x0 - means[b][0], p[b][0]);

@@ -169,7 +169,7 @@ inline int64_t tensor_bytes(const Geometry& g) {
 
 // Whether a tensor of g's size is too large to stay in the caches between
 // passes (kOutOfCacheBytes, about half a server L3): the interleaved reductions'
-// walk (reduction_group_rows, row_walk_blocks) follows it.
+// walk (row_walk_group_rows) follows it.
 constexpr int64_t kOutOfCacheBytes = int64_t(16) << 20;
 template <typename scalar_t>
 inline bool larger_than_cache(const Geometry& g) {
@@ -188,77 +188,97 @@ inline bool tiles_in_row_order(const Geometry& g) {
   return tensor_bytes<scalar_t>(g) >= kRowOrderBytes;
 }
 
-// Rows an interleaved reduction walks down one channel block before the next
-// block: the piece (`piece_rows`, whose moments are then merged) is walked in
-// groups of rows, each block down the group and then the next group, so that
-// memory is read close to its order (a whole piece block by block reads every
-// row in pieces, which the hardware prefetchers follow poorly) while the column
-// loops keep their accumulators in registers down the group.
-//  - A tensor too large for the cache whose rows span more than kMaxRowBlocks
-//    blocks (fewer: row_walk_blocks, below, walks whole rows): groups of about
-//    kReductionGroupBytes per input, which stay in L1 across their blocks. 1 KiB
-//    (4 rows of C = 64 floats): with the column loops summing in float
-//    (kStatisticsGroupRows) 8 KiB groups read memory at about half the rate of
-//    the double loops on 32,64,56,56 (statistics 930 -> 1860 µs, backward sums
-//    2210 -> 4130), 1 KiB groups about as fast as before (1190 / 2320) and faster
-//    on C = 96 (64,96,28,28 backward sums 3580 -> 1470 µs): closer to reading
-//    each row whole, in memory order.
-//  - Smaller tensors: groups of about kInCacheReductionGroupBytes per input, which
-//    stay in L2. Module fwd+bwd steps (2 threads, in-process A/B, 11-15 rounds, a
-//    2-vCPU Xeon guest with 2 MiB of L2 per core) against whole pieces (512 KiB of
-//    float): channels_last float32 (32,256,14,14) 1.08x, (16,512,7,7) 1.06x,
-//    (250,64,11,11) 1.02x; bfloat16 (32,256,14,14) 1.15x, (32,64,56,56) 1.05x,
-//    (16,512,7,7) 1.03x, (8,64,112,112) 1.02x, (64,96,28,28) 1.00x, (250,64,11,11)
-//    0.98x. (The large tensors' walk, row walk or 1 KiB groups, lost there: 0.66x-0.89x
-//    on float32 (32,256,14,14), (250,64,11,11), (16,512,14,14).)
+// Rows an interleaved reduction's column loops walk down one channel block before
+// the next block, for tensors that fit in the cache (larger ones walk rows in memory
+// order: row_walk_group_rows): the piece (`piece_rows`, whose moments are then
+// merged) is walked in groups of about kInCacheReductionGroupBytes per input, each
+// block down the group and then the next group, so that the group stays in L2 while
+// the column loops keep their accumulators in registers down it. Module fwd+bwd steps
+// (2 threads, in-process A/B, 11-15 rounds, a 2-vCPU Xeon guest with 2 MiB of L2 per
+// core) against whole pieces (512 KiB of float): channels_last float32 (32,256,14,14)
+// 1.08x, (16,512,7,7) 1.06x, (250,64,11,11) 1.02x; bfloat16 (32,256,14,14) 1.15x,
+// (32,64,56,56) 1.05x, (16,512,7,7) 1.03x, (8,64,112,112) 1.02x, (64,96,28,28) 1.00x,
+// (250,64,11,11) 0.98x. (Walks of the large tensors, whole rows or 1 KiB groups, lost
+// there: 0.66x-0.89x on float32 (32,256,14,14), (250,64,11,11), (16,512,14,14).)
 // Rows of a single block keep whole pieces: the column loops then read memory in order.
-constexpr int64_t kReductionGroupBytes = 1024;
 constexpr int64_t kInCacheReductionGroupBytes = int64_t(64) << 10;
 template <typename scalar_t>
 inline int64_t reduction_group_rows(const Geometry& g, int64_t piece_rows) {
   if (g.C <= Lanes<scalar_t>::kBlock) return piece_rows;
-  const int64_t bytes = larger_than_cache<scalar_t>(g) ? kReductionGroupBytes : kInCacheReductionGroupBytes;
-  return std::clamp<int64_t>(bytes / (g.C * int64_t(sizeof(scalar_t))), 1, piece_rows);
+  return std::clamp<int64_t>(kInCacheReductionGroupBytes / (g.C * int64_t(sizeof(scalar_t))), 1, piece_rows);
 }
 
-// The number of channel blocks per row when the interleaved reductions walk whole rows
-// in memory order (rows_sum_and_squares, rows_backward_sums), else 0. Rows of 2 to
-// kMaxRowBlocks blocks (the float group sums of a row then fit in the vector
-// registers; one block per row: the column loops already read memory in order):
-//  - statistics: from kRowOrderBytes on (tensors past the two cores' L2). Against the
-//    column walk in kInCacheReductionGroupBytes groups below kOutOfCacheBytes, in a
-//    loop of the op (2 threads, in-process A/B, 9 rounds, a 2-vCPU Xeon guest with
-//    2 MiB of L2 per core): bfloat16 (32,64,56,56) 1.45x, (32,128,28,28) 1.46x,
-//    (32,80,40,40) 1.37x, (64,96,28,28) 1.25x; float32 (250,64,11,11) 1.10x,
-//    (32,128,28,28) 1.07x, (32,96,28,28) 1.04x, (16,64,56,56) 1.03x. Module steps:
-//    0.99x-1.08x (the statistics are one pass of the step's eight).
-//  - backward sums: past kOutOfCacheBytes; half and bfloat16 rows of 3 blocks from
-//    kRowOrderBytes on. Module steps (same A/B, 9-11 rounds): bfloat16 (64,96,28,28)
-//    1.12x-1.16x, (32,80,40,40) 1.11x; but rows of 2 blocks lost ((8,64,112,112) with
-//    1 KiB column groups 0.92x; op loop, whole rows, (32,64,56,56) 0.74x), rows of 4
-//    (op loop (32,112,28,28) 0.83x, (64,128,28,28) 0.96x) and float32 rows of 3
-//    ((32,96,28,28) 0.97x). Why 3 blocks only was not found.
+// Rows per group when the interleaved reductions walk rows in memory order
+// (rows_sum_and_squares, rows_backward_sums; for_each_row_panel), else 0 (the column
+// loops in groups of reduction_group_rows). The float group sums of kMaxRowBlocks
+// blocks fit in the vector registers, so rows of 2 to kMaxRowBlocks blocks are walked
+// whole (one group: every row), wider ones a group of rows at a time, panel by panel
+// (rows of a single block: the column loops already read memory in order):
+//  - statistics of rows of 2 to kMaxRowBlocks blocks: from kRowOrderBytes on (tensors
+//    past the two cores' L2). Against the column walk in kInCacheReductionGroupBytes
+//    groups below kOutOfCacheBytes, in a loop of the op (2 threads, in-process A/B, 9
+//    rounds, a 2-vCPU Xeon guest with 2 MiB of L2 per core): bfloat16 (32,64,56,56)
+//    1.45x, (32,128,28,28) 1.46x, (32,80,40,40) 1.37x, (64,96,28,28) 1.25x; float32
+//    (250,64,11,11) 1.10x, (32,128,28,28) 1.07x, (32,96,28,28) 1.04x, (16,64,56,56)
+//    1.03x. Module steps: 0.99x-1.08x (the statistics are one pass of the step's eight).
+//  - backward sums of rows of 2 to kMaxRowBlocks blocks: past kOutOfCacheBytes; half
+//    and bfloat16 rows of 3 blocks from kRowOrderBytes on. Module steps (same A/B, 9-11
+//    rounds): bfloat16 (64,96,28,28) 1.12x-1.16x, (32,80,40,40) 1.11x; but rows of 2
+//    blocks lost ((8,64,112,112) with 1 KiB column groups 0.92x; op loop, whole rows,
+//    (32,64,56,56) 0.74x), rows of 4 (op loop (32,112,28,28) 0.83x, (64,128,28,28)
+//    0.96x) and float32 rows of 3 ((32,96,28,28) 0.97x). Why 3 blocks only was not found.
+//  - wider rows, both reductions: past kOutOfCacheBytes, in groups of about
+//    kPanelGroupBytes per input. Before, the column loops walked them in groups of
+//    about 1 KiB per input (a row or less: each block of each row loaded and stored
+//    its double sums), at a third to a half of a copy's rate. Ops, 2 threads, the
+//    2-vCPU Xeon guest with a 480 MiB L3: channels_last float32 (32,256,80,80)
+//    statistics 13.6 -> 24.7 GB/s, backward sums 11.6 -> 22.7; bfloat16 (16,512,56,56)
+//    9.8 -> 34.1 and 7.4 -> 21.9. Groups of 4-64 KiB all gained about as much; 32 KiB
+//    was at least as fast as 16 KiB on (32,256,28,28) and (32,512,28,28) float32.
 constexpr int64_t kMaxRowBlocks = 4;
+constexpr int64_t kPanelGroupBytes = int64_t(32) << 10;
 enum class RowReduction { Statistics, BackwardSums };
 template <typename scalar_t>
-inline int64_t row_walk_blocks(const Geometry& g, RowReduction reduction) {
+inline int64_t row_walk_group_rows(const Geometry& g, RowReduction reduction) {
   const int64_t blocks = (g.C + Lanes<scalar_t>::kBlock - 1) / Lanes<scalar_t>::kBlock;
-  if (blocks < 2 || blocks > kMaxRowBlocks) return 0;
   const int64_t bytes = tensor_bytes<scalar_t>(g);
-  if (reduction == RowReduction::Statistics) return bytes >= kRowOrderBytes ? blocks : 0;
-  const bool reduced_rows_of_three = Lanes<scalar_t>::kReduced && blocks == 3 && bytes >= kRowOrderBytes;
-  return larger_than_cache<scalar_t>(g) || reduced_rows_of_three ? blocks : 0;
+  if (blocks < 2) return 0;
+  if (blocks > kMaxRowBlocks) {
+    return larger_than_cache<scalar_t>(g) ? std::max<int64_t>(1, kPanelGroupBytes / (g.C * int64_t(sizeof(scalar_t))))
+                                          : 0;
+  }
+  const bool whole_rows = reduction == RowReduction::Statistics
+                              ? bytes >= kRowOrderBytes
+                              : larger_than_cache<scalar_t>(g) ||
+                                    (Lanes<scalar_t>::kReduced && blocks == 3 && bytes >= kRowOrderBytes);
+  return whole_rows ? g.count() : 0;
 }
 
-// Calls f(std::integral_constant<int, blocks>) for blocks in [2, kMaxRowBlocks].
+// Calls f(std::integral_constant<int, blocks>{}) for blocks in [1, kMaxRowBlocks].
 template <typename F>
 inline void with_row_blocks(int64_t blocks, const F& f) {
   static_assert(kMaxRowBlocks == 4, "one case per block count");
   switch (blocks) {
+    case 1: return f(std::integral_constant<int, 1>{});
     case 2: return f(std::integral_constant<int, 2>{});
     case 3: return f(std::integral_constant<int, 3>{});
     default: return f(std::integral_constant<int, 4>{});
   }
+}
+
+// Calls f(first_row, rows, c0, width, blocks) over the rows [begin, end): groups of
+// group_rows rows (row_walk_group_rows), each split into panels of up to
+// kMaxRowBlocks channel blocks (channels c0 to c0 + width, in `blocks` blocks, an
+// std::integral_constant).
+template <typename scalar_t, typename F>
+inline void for_each_row_panel(int64_t begin, int64_t end, int64_t C, int64_t group_rows, const F& f) {
+  constexpr int64_t kBlock = Lanes<scalar_t>::kBlock, kPanel = kMaxRowBlocks * kBlock;
+  for_each_row_group(begin, end, group_rows, [&](int64_t r, int64_t n) {
+    for (int64_t c0 = 0; c0 < C; c0 += kPanel) {
+      const int64_t width = std::min(kPanel, C - c0);
+      with_row_blocks((width + kBlock - 1) / kBlock, [&](auto blocks) { f(r, n, c0, width, blocks); });
+    }
+  });
 }
 
 // Outputs this large are written with streaming stores, in either layout: past the
