@@ -625,7 +625,8 @@ BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
                                                                        int64_t width, auto blocks) {
           const int64_t at = r * C + c0;
           rows_backward_sums<decltype(blocks)::value, A>(a.dy + at, a.x + at, offset_or_null(a.residual, at), n,
-                                                         C, width, c0, mean_padded.data() + c0, forward_k,
+                                                         C, width, c0, row_backward_group_rows(g),
+                                                         mean_padded.data() + c0, forward_k,
                                                          a.act_param, part_dy.data() + t * padded + c0,
                                                          part_dy_xmu.data() + t * padded + c0);
         });
