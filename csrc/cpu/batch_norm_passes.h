@@ -619,13 +619,14 @@ BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
     std::vector<acc_t> mean_padded(padded, acc_t(0));  // padded for the column loops' block loads
     std::copy(a.mean, a.mean + C, mean_padded.begin());
     const int64_t row_group = row_walk_group_rows<scalar_t>(g, RowReduction::BackwardSums);
+    const int64_t float_group_rows = backward_group_rows(g);  // float groups of the sums
     parallel_parts(g.count(), tasks, [&](int64_t t, int64_t r_begin, int64_t r_end) {
       if (row_group > 0) {  // rows in memory order
         for_each_row_panel<scalar_t>(r_begin, r_end, C, row_group, [&](int64_t r, int64_t n, int64_t c0,
                                                                        int64_t width, auto blocks) {
           const int64_t at = r * C + c0;
           rows_backward_sums<decltype(blocks)::value, A>(a.dy + at, a.x + at, offset_or_null(a.residual, at), n,
-                                                         C, width, c0, row_backward_group_rows(g),
+                                                         C, width, c0, float_group_rows,
                                                          mean_padded.data() + c0, forward_k,
                                                          a.act_param, part_dy.data() + t * padded + c0,
                                                          part_dy_xmu.data() + t * padded + c0);
@@ -637,7 +638,8 @@ BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
         for_each_channel_block<scalar_t>(C, [&](int64_t c0, int64_t width) {
           column_backward_sums<A>(a.dy + r * C + c0, a.x + r * C + c0, offset_or_null(a.residual, r * C + c0), n, C,
                                   width, mean_padded.data() + c0, forward_k, c0, a.act_param,
-                                  part_dy.data() + t * padded + c0, part_dy_xmu.data() + t * padded + c0);
+                                  part_dy.data() + t * padded + c0, part_dy_xmu.data() + t * padded + c0,
+                                  float_group_rows);
         });
       });
     });

@@ -90,8 +90,8 @@ struct ReduceLanes {
 //    a simulation (random normal terms, 63 to 250 rows) the error of the float
 //    result stayed within 1.24 units in the last place of the largest channel
 //    (16 rows: 2.03; torch's own float32 results, within 2x of which the tests
-//    hold us, were 0.4-2.5 units off on small shapes). The row walk of tensors
-//    whose channels sum many values takes 16 (row_backward_group_rows).
+//    hold us, were 0.4-2.5 units off on small shapes). Interleaved tensors whose
+//    channels sum many values take 16 (backward_group_rows).
 constexpr int64_t kStatisticsGroupRows = 16;
 constexpr int64_t kBackwardGroupRows = 4;
 
@@ -501,13 +501,14 @@ inline void column_sum_sq_dev(const scalar_t* x, int64_t rows, int64_t stride, i
 
 // out_dy[c] += sum of g[c]; out_dy_xmu[c] += sum of g[c] * (x[c] - mean[c]), g = dy * act'(z [+ residual]);
 // out_dy and out_dy_xmu hold a whole block (padded arrays; lanes past width stay 0).
-// Summed in acc_t over groups of rows (see kBackwardGroupRows); mean comes in acc_t
-// (the operator's batch mean), so x - mean is the same value in float as in double.
+// Summed in acc_t over groups of float_group_rows rows (backward_group_rows); mean comes
+// in acc_t (the operator's batch mean), so x - mean is the same value in float as in double.
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
           typename red_t = typename ReduceLanes<scalar_t>::red_t>
 inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t rows,
                                  int64_t stride, int64_t width, const acc_t* mean, const ForwardArrays<acc_t>& fk,
-                                 int64_t c0, acc_t param, red_t* out_dy, red_t* out_dy_xmu) {
+                                 int64_t c0, acc_t param, red_t* out_dy, red_t* out_dy_xmu,
+                                 int64_t float_group_rows) {
   using L = Lanes<scalar_t>;
   using R = ReduceLanes<scalar_t>;
   using RVec = typename R::Vec;
@@ -530,8 +531,8 @@ inline void column_backward_sums(const scalar_t* dy, const scalar_t* x, const sc
     d0 = x0 - mean0;
     d1 = x1 - mean1;
   };
-  for (int64_t g = 0; g < rows; g += kBackwardGroupRows) {
-    const int64_t end = std::min(rows, g + kBackwardGroupRows);
+  for (int64_t g = 0; g < rows; g += float_group_rows) {
+    const int64_t end = std::min(rows, g + float_group_rows);
     AVec s0 = zero, s1 = zero, pa0 = zero, pa1 = zero, pb0 = zero, pb1 = zero;
     int64_t r = g;
     for (; r + 2 <= end; r += 2) {
@@ -625,12 +626,13 @@ inline void rows_sum_and_squares(const scalar_t* x, int64_t rows, int64_t stride
 // out_dy[c] += sum of g[c]; out_dy_xmu[c] += sum of g[c] * (x[c] - mean[c]) over rows
 // (column_backward_sums for whole rows or panels: mean starts at the panel's first
 // channel, c_first, while fk's arrays are indexed by channel; both padded), in float
-// groups of group_rows rows (row_backward_group_rows).
+// groups of float_group_rows rows (backward_group_rows).
 template <int kBlocks, Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
           typename red_t = typename ReduceLanes<scalar_t>::red_t>
 inline void rows_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t rows,
-                               int64_t stride, int64_t C, int64_t c_first, int64_t group_rows, const acc_t* mean,
-                               const ForwardArrays<acc_t>& fk, acc_t param, red_t* out_dy, red_t* out_dy_xmu) {
+                               int64_t stride, int64_t C, int64_t c_first, int64_t float_group_rows,
+                               const acc_t* mean, const ForwardArrays<acc_t>& fk, acc_t param, red_t* out_dy,
+                               red_t* out_dy_xmu) {
   using L = Lanes<scalar_t>;
   using AVec = typename L::Vec;
   const AVec vparam(param), zero(acc_t(0));
@@ -639,8 +641,8 @@ inline void rows_backward_sums(const scalar_t* dy, const scalar_t* x, const scal
     means[b][0] = AVec::loadu(mean + b * L::kBlock);
     means[b][1] = AVec::loadu(mean + b * L::kBlock + L::kVec);
   }
-  for (int64_t g = 0; g < rows; g += group_rows) {
-    const int64_t end = std::min(rows, g + group_rows);
+  for (int64_t g = 0; g < rows; g += float_group_rows) {
+    const int64_t end = std::min(rows, g + float_group_rows);
     AVec s[kBlocks][2], p[kBlocks][2];
     FASTBN_UNROLL for (int b = 0; b < kBlocks; ++b) s[b][0] = s[b][1] = p[b][0] = p[b][1] = zero;
     for (int64_t r = g; r < end; ++r) {
