@@ -622,7 +622,6 @@ inline void rows_sum_and_squares(const scalar_t* x, int64_t rows, int64_t stride
   }
 }
 
-
 // out_dy[c] += sum of g[c]; out_dy_xmu[c] += sum of g[c] * (x[c] - mean[c]) over rows
 // (column_backward_sums for whole rows or panels: mean starts at the panel's first
 // channel, c_first, while fk's arrays are indexed by channel; both padded), in float
