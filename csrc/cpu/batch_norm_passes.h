@@ -218,20 +218,21 @@ inline void add_lanes_to_channels(const Vectorized<T>& lanes, const int64_t* cha
 }
 
 // Planar runs this short are reduced several runs at a time (planar_grouped_moments,
-// planar_grouped_backward_sums): for reduced dtypes a run is then one float group.
+// planar_grouped_backward_sums): a run is then one float group of the statistics, and
+// of the backward sums where float_backward_runs.
 template <typename scalar_t>
 constexpr int64_t kMaxGroupedRun = kStatisticsGroupRows * Lanes<scalar_t>::kBlock;
 
 // planar_channel_moments for short runs (S up to kMaxGroupedRun, e.g. 7x7 or 14x14
 // planes). Each run is summed as span_sum_and_squares would (float32, bfloat16, half:
-// in one float group), about its channel's shift, but StatisticsRunVec's width of runs at once
+// in one float group), about its channel's shift, but RunVec's width of runs at once
 // (runs_sum_and_squares): their lanes are added across runs together and added into
 // per-channel double sums, so there are no per-channel lane accumulators to flush and
 // clear, and one run's reduction overlaps the next ones'. (16,512,7,7) bfloat16,
 // 1 thread: 8192 runs of 49 values cost about 16 ns each in planar_channel_moments.
 template <typename scalar_t>
 std::vector<Moments<double>> planar_grouped_moments(const scalar_t* x, const Geometry& g) {
-  using V = StatisticsRunVec<scalar_t>;
+  using V = RunVec<scalar_t>;
   constexpr int64_t kRuns = V::size();
   const int64_t tasks = planar_tasks(g), C = g.C, S = g.S;
   std::vector<Moments<double>> parts(tasks * C, Moments<double>{0.0, 0.0, 0});
@@ -548,24 +549,43 @@ struct BackwardOutputs {
   scalar_t* grad_residual;
 };
 
-// Whether the planar backward sums take several runs at once (runs_backward_sums): runs
-// up to kMaxGroupedRun, for reduced dtypes short enough to be one float group each
-// (kBackwardGroupRows blocks).
+// Whether the planar backward sums take several runs at once (planar_grouped_backward_sums):
+// runs up to kMaxGroupedRun.
 template <typename scalar_t>
 inline bool grouped_backward_runs(const Geometry& g) {
-  if constexpr (Lanes<scalar_t>::kReduced) {
-    return g.S <= kBackwardGroupRows * Lanes<scalar_t>::kBlock;
+  return g.S <= kMaxGroupedRun<scalar_t>;
+}
+
+// Whether those runs are each summed as one float group (runs_backward_sums' kFloatRuns):
+// bfloat16 and half runs up to kMaxGroupedRun, float32 runs up to kBackwardGroupRows
+// blocks (where the rest of float32's backward sums are in double: span_backward_sums).
+// Before, float32 summed its grouped runs in double lanes and bfloat16 its runs past
+// kBackwardGroupRows blocks one channel at a time (span_backward_sums). Ops, 2 threads,
+// NCHW, a 2-vCPU Xeon guest: backward sums of float32 (16,512,7,7) 89 -> 53 µs,
+// (250,64,5,5) 124 -> 79, (250,64,11,11) 340 -> 306; bfloat16 (32,256,14,14) 150-162 ->
+// 137. Against float64, float32 grad_bias of (16,512,7,7) (dy of mean 0) went from
+// 3.5e-6 to 7.2e-6 (torch's 7.4e-6), of (250,64,5,5) from 6.5e-6 to 1.6e-5 (torch's
+// 9.7e-6; torch sums float32 in double there). Float groups of whole float32 runs up to
+// kMaxGroupedRun failed the budget (2x torch's error + a unit in the last place) on
+// planar (16,3,9,9) with the DEFAULT kernels, data whose deviations x - mean are large
+// and cancel (test_float_group_statistics_far_from_the_first_values): 7.8e-6 > 7.5e-6.
+template <typename scalar_t>
+inline bool float_backward_runs(const Geometry& g) {
+  if constexpr (!Lanes<scalar_t>::kFloatStatistics) {
+    return false;
+  } else if constexpr (Lanes<scalar_t>::kReduced) {
+    return true;
   } else {
-    return g.S <= kMaxGroupedRun<scalar_t>;
+    return g.S <= kBackwardGroupRows * Lanes<scalar_t>::kBlock;
   }
 }
 
 // The planar backward sums of short runs into per-part double arrays (out + t *
-// padded), RunVec's width of runs at a time (see planar_grouped_moments).
-template <Activation A, typename scalar_t, typename acc_t>
+// padded), BackwardRunVec's width of runs at a time (see planar_grouped_moments).
+template <Activation A, bool kFloatRuns, typename scalar_t, typename acc_t>
 void planar_grouped_backward_sums(const BackwardArgs<scalar_t, acc_t>& a, const ForwardArrays<acc_t>& forward_k,
                                   int64_t tasks, int64_t padded, double* part_dy, double* part_dy_xmu) {
-  using V = RunVec<scalar_t>;
+  using V = BackwardRunVec<kFloatRuns>;
   constexpr int64_t kRuns = V::size();
   const Geometry& g = a.g;
   const int64_t C = g.C;
@@ -583,7 +603,7 @@ void planar_grouped_backward_sums(const BackwardArgs<scalar_t, acc_t>& a, const 
         },
         [&](int64_t offset, const int64_t* channels) {
           V run_dy, run_dy_xmu;
-          runs_backward_sums<A>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), g.S, channels,
+          runs_backward_sums<A, kFloatRuns>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), g.S, channels,
                                 a.mean, forward_k, a.act_param, run_dy, run_dy_xmu);
           add_lanes_to_channels(run_dy, channels, out_dy);
           add_lanes_to_channels(run_dy_xmu, channels, out_dy_xmu);
@@ -601,7 +621,13 @@ BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
   const int64_t tasks = g.layout == Layout::Planar ? planar_tasks(g) : interleaved_tasks(g.count());
   std::vector<red_t> part_dy(tasks * padded, red_t(0)), part_dy_xmu(tasks * padded, red_t(0));
   if (g.layout == Layout::Planar && grouped_backward_runs<scalar_t>(g)) {
-    planar_grouped_backward_sums<A>(a, forward_k, tasks, padded, part_dy.data(), part_dy_xmu.data());
+    if (float_backward_runs<scalar_t>(g)) {  // (never for double)
+      if constexpr (Lanes<scalar_t>::kFloatStatistics) {
+        planar_grouped_backward_sums<A, true>(a, forward_k, tasks, padded, part_dy.data(), part_dy_xmu.data());
+      }
+    } else {
+      planar_grouped_backward_sums<A, false>(a, forward_k, tasks, padded, part_dy.data(), part_dy_xmu.data());
+    }
   } else if (g.layout == Layout::Planar) {
     parallel_parts(g.N * C * g.S, tasks, [&](int64_t t, int64_t begin, int64_t end) {
       // per channel, added up across lanes once per part (see planar_channel_moments)

@@ -240,26 +240,20 @@ inline void span_sum_and_squares(const scalar_t* x, int64_t n, red_t shift, Lane
   }
 }
 
-// The vector of one run's lane sums in the grouped planar backward sums
-// (runs_backward_sums): float for reduced dtypes (a run is one float group), red_t
-// (double) for float32 and double, whose backward sums are in double (see
-// span_backward_sums). The statistics (runs_sum_and_squares) use StatisticsRunVec:
-// float32 sums its runs in float groups there too.
+// The vector of one run's lane sums in the grouped planar statistics (runs_sum_and_squares):
+// float for the dtypes that accumulate in float (a run is one float group), double for double.
 template <typename scalar_t>
-using RunVec = Vectorized<std::conditional_t<Lanes<scalar_t>::kReduced, typename Lanes<scalar_t>::acc_t,
-                                             typename ReduceLanes<scalar_t>::red_t>>;
-template <typename scalar_t>
-using StatisticsRunVec = typename Lanes<scalar_t>::Vec;  // float where kFloatStatistics, else double
+using RunVec = typename Lanes<scalar_t>::Vec;
 
-// The statistics of StatisticsRunVec's width of consecutive runs of n values each (float
+// The statistics of RunVec's width of consecutive runs of n values each (float
 // groups: n <= kStatisticsGroupRows * kBlock, one group per run), run j about shifts[j]:
 // lane j of `sums` is run j's sum(x - shifts[j]), of `squares` its sum((x - shifts[j])^2).
 // For short planar runs (7x7 planes), where flushing one run's lanes into its channel's
 // double lanes cost more than summing the run.
 template <typename scalar_t>
 inline void runs_sum_and_squares(const scalar_t* x, int64_t n, const double* shifts,
-                                 StatisticsRunVec<scalar_t>& sums, StatisticsRunVec<scalar_t>& squares) {
-  using V = StatisticsRunVec<scalar_t>;
+                                 RunVec<scalar_t>& sums, RunVec<scalar_t>& squares) {
+  using V = RunVec<scalar_t>;
   constexpr int64_t kRuns = V::size();
   V run_sums[kRuns], run_squares[kRuns];
   for (int64_t j = 0; j < kRuns; ++j) {
@@ -300,14 +294,15 @@ inline void span_sum_sq_dev(const scalar_t* x, int64_t n, red_t mean, LaneSums<s
   }
 }
 
-// A reduced dtype's float group of n <= kBackwardGroupRows * kBlock values: the lanes of
-// sum(g) and sum(g * (x - mean)), g = dy * act'(z [+ residual]), for the caller to add up.
+// A float group of n values (float32, bfloat16, half; kBackwardGroupRows blocks in
+// span_backward_sums, a whole short run in runs_backward_sums): the lanes of sum(g) and
+// sum(g * (x - mean)), g = dy * act'(z [+ residual]), for the caller to add up.
 template <Activation A, typename scalar_t, typename AVec = typename Lanes<scalar_t>::Vec>
 C10_ALWAYS_INLINE void group_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t n,
                                            const AVec& vmean, const ForwardVecs<AVec>& f, const AVec& vparam,
                                            AVec& sum_dy, AVec& sum_dy_xmu) {
   using L = Lanes<scalar_t>;
-  static_assert(L::kReduced, "float groups are for reduced dtypes");
+  static_assert(L::kFloatStatistics, "float groups are for dtypes that accumulate in float");
   const AVec zero(typename L::acc_t(0));
   AVec s0 = zero, s1 = zero, p0 = zero, p1 = zero;
   for (int64_t i = 0; i < n; i += L::kBlock) {
@@ -329,7 +324,8 @@ C10_ALWAYS_INLINE void group_backward_sums(const scalar_t* dy, const scalar_t* x
 // sum_dy += g; sum_dy_xmu += g * (x - mean), g = dy * act'(z [+ residual]); residual may be null.
 // float32 widens every block to double: grad_weight is a sum of terms that
 // largely cancel, and a float rounding per term failed the parity budget against
-// torch's double sums. Reduced dtypes (bfloat16, half) sum groups of
+// torch's double sums (runs of up to kBackwardGroupRows blocks are summed in one float
+// group each, which stays within it: float_backward_runs). Reduced dtypes (bfloat16, half) sum groups of
 // kBackwardGroupRows blocks in float (acc_t) and add each group into the
 // double lanes, as the column sums do: torch sums them in float too.
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
@@ -379,22 +375,28 @@ inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, const scal
   }
 }
 
-// The backward sums of RunVec's width of consecutive runs of n values each (reduced
-// dtypes: n <= kBackwardGroupRows * kBlock, one float group per run), run j of channel
-// channels[j]: lane j of `sum_dy` / `sum_dy_xmu` is run j's sum(g) / sum(g * (x - mean))
-// (see runs_sum_and_squares).
-template <Activation A, typename scalar_t, typename acc_t = typename Lanes<scalar_t>::acc_t>
+// The vector of one run's lane sums in runs_backward_sums: float where each run is one
+// float group (kFloatRuns), else double.
+template <bool kFloatRuns>
+using BackwardRunVec = Vectorized<std::conditional_t<kFloatRuns, float, double>>;
+
+// The backward sums of BackwardRunVec's width of consecutive runs of n values each, run j
+// of channel channels[j]: lane j of `sum_dy` / `sum_dy_xmu` is run j's sum(g) /
+// sum(g * (x - mean)) (see runs_sum_and_squares). kFloatRuns: each run is one float group
+// (float32, bfloat16, half), else summed as span_backward_sums does (double lanes for
+// float32 and double; groups of kBackwardGroupRows blocks for the others).
+template <Activation A, bool kFloatRuns, typename scalar_t, typename acc_t = typename Lanes<scalar_t>::acc_t>
 inline void runs_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t n,
                                const int64_t* channels, const acc_t* mean, const ForwardArrays<acc_t>& fk,
-                               acc_t param, RunVec<scalar_t>& sum_dy, RunVec<scalar_t>& sum_dy_xmu) {
-  using V = RunVec<scalar_t>;
+                               acc_t param, BackwardRunVec<kFloatRuns>& sum_dy, BackwardRunVec<kFloatRuns>& sum_dy_xmu) {
+  using V = BackwardRunVec<kFloatRuns>;
   constexpr int64_t kRuns = V::size();
   const Vectorized<acc_t> vparam(param);
   V run_dy[kRuns], run_dy_xmu[kRuns];
   for (int64_t j = 0; j < kRuns; ++j) {
     const int64_t c = channels[j];
     const scalar_t* run_residual = residual == nullptr ? nullptr : residual + j * n;
-    if constexpr (Lanes<scalar_t>::kReduced) {
+    if constexpr (kFloatRuns) {
       group_backward_sums<A>(dy + j * n, x + j * n, run_residual, n, Vectorized<acc_t>(mean[c]),
                              forward_vecs(fk.get(c)), vparam, run_dy[j], run_dy_xmu[j]);
     } else {
@@ -589,7 +591,7 @@ C10_ALWAYS_INLINE void add_block_group(const AVec& lo, const AVec& hi, red_t* ou
 }
 
 // sums[c] += sum over rows of (x[c] - shift[c]), squares[c] += of (x[c] - shift[c])^2
-// (column_sum_and_squares for whole rows).
+// (column_sum_and_squares for whole rows or panels: C channels of rows `stride` values apart).
 template <int kBlocks, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
           typename red_t = typename ReduceLanes<scalar_t>::red_t>
 inline void rows_sum_and_squares(const scalar_t* x, int64_t rows, int64_t stride, int64_t C, const acc_t* shift,

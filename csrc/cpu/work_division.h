@@ -242,22 +242,21 @@ template <typename scalar_t>
 inline int64_t row_walk_group_rows(const Geometry& g, RowReduction reduction) {
   const int64_t blocks = (g.C + Lanes<scalar_t>::kBlock - 1) / Lanes<scalar_t>::kBlock;
   const int64_t bytes = tensor_bytes<scalar_t>(g);
+  const bool past_cache = larger_than_cache<scalar_t>(g);
   if (blocks < 2) return 0;
   if (blocks > kMaxRowBlocks) {
-    return larger_than_cache<scalar_t>(g) ? std::max<int64_t>(1, kPanelGroupBytes / (g.C * int64_t(sizeof(scalar_t))))
-                                          : 0;
+    return past_cache ? std::max<int64_t>(1, kPanelGroupBytes / (g.C * int64_t(sizeof(scalar_t)))) : 0;
   }
   const bool whole_rows = reduction == RowReduction::Statistics
                               ? bytes >= kRowOrderBytes
-                              : larger_than_cache<scalar_t>(g) ||
-                                    (Lanes<scalar_t>::kReduced && blocks == 3 && bytes >= kRowOrderBytes);
+                              : past_cache || (Lanes<scalar_t>::kReduced && blocks == 3 && bytes >= kRowOrderBytes);
   return whole_rows ? g.count() : 0;
 }
 
 // Rows per float group of the interleaved backward sums (rows_backward_sums,
 // column_backward_sums), whose sums are added into the double accumulators once per
 // group: kBackwardGroupRows (4) where a channel sums fewer than kLongRowSums values,
-// else 16. With many rows fastbn's float rounding over 16 rows stays far below torch's
+// else kLongBackwardGroupRows (16). With many rows fastbn's float rounding over 16 rows stays far below torch's
 // own error: against float64 (max |error| / max |float64|), channels_last float32
 // (17,64,64,64), dy with mean 0: grad_bias 6.1e-8 (4 rows), 9.3e-8 (16 rows), torch
 // 4.2e-6; grad_weight 5.5e-8, 6.9e-8, torch 5.6e-6. The row walk added its float sums
@@ -268,8 +267,9 @@ inline int64_t row_walk_group_rows(const Geometry& g, RowReduction reduction) {
 // float32 (32,128,28,28) 2188 -> 2021 and 2307 -> 2034; bfloat16 (8,64,112,112) 2328 ->
 // 2197 and 2364 -> 2209; others within the noise (about 5%).
 constexpr int64_t kLongRowSums = 4096;
+constexpr int64_t kLongBackwardGroupRows = 16;
 inline int64_t backward_group_rows(const Geometry& g) {
-  return g.count() >= kLongRowSums ? 16 : kBackwardGroupRows;
+  return g.count() >= kLongRowSums ? kLongBackwardGroupRows : kBackwardGroupRows;
 }
 
 // Calls f(std::integral_constant<int, blocks>{}) for blocks in [1, kMaxRowBlocks].
