@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import fastbn
-from conftest import ALL_DTYPES, assert_within_budget, random_input
+from conftest import ALL_DTYPES, EMULATED_TOLERANCE, assert_within_budget, random_input
 
 ISAS = fastbn.ops.CPU_CAPABILITIES
 OUT_OF_CACHE_BYTES = 16 << 20  # kOutOfCacheBytes in csrc/cpu/work_division.h
@@ -164,7 +164,8 @@ def test_every_isa_channels_last_between_row_order_and_streaming(dtype, channels
 
 
 @pytest.mark.parametrize("dtype,channels", [(torch.float32, 40), (torch.float32, 72), (torch.float32, 80),
-                                            (torch.bfloat16, 72), (torch.float32, 200), (torch.bfloat16, 136)],
+                                            (torch.bfloat16, 72), (torch.float32, 200), (torch.bfloat16, 136),
+                                            (torch.float16, 136)],
                          ids=str)
 def test_every_isa_channels_last_rows_past_the_streaming_threshold(dtype, channels):
     """channels_last tensors too large for the cache, whose reductions walk rows in
@@ -172,12 +173,13 @@ def test_every_isa_channels_last_rows_past_the_streaming_threshold(dtype, channe
     whole, wider ones in groups of rows panel by panel (for_each_row_panel, panels of up
     to 4 blocks). With AVX-512 (blocks of 32) 40, 72 and 80 channels are 2, 3 and 3
     blocks (the last one partial), 200 channels 7 (panels of 4 and 3 blocks, the last
-    one partial), 136 channels 5 (panels of 4 and 1, partial); with AVX2 (blocks of 16)
-    72 and 80 channels are panels of 4 and 1 blocks, 200 channels of 4, 4, 4 and 1, 136
-    of 4, 4 and 1. A training step and a fused activation with a residual, under each
-    ISA, against torch in the same dtype and a float64 reference. Rows of 80 float32
-    channels (320 bytes, whole lines) are written with streaming stores, their partial
-    last block with plain ones; the others' rows are not whole lines."""
+    one partial), 136 channels (bfloat16, float16) 5 (panels of 4 and 1, partial); with
+    AVX2 (blocks of 16) 72 and 80 channels are panels of 4 and 1 blocks, 200 channels of
+    4, 4, 4 and 1, 136 of 4, 4 and 1. A training step and a fused activation with a
+    residual, under each ISA, against torch in the same dtype and a float64 reference.
+    Rows of 80 float32 channels (320 bytes, whole lines) are written with streaming
+    stores, their partial last block with plain ones; the others' rows are not whole
+    lines. The activation's gradients are compared away from its kink (away_from_kink)."""
     per_sample = channels * 32 * 32 * dtype.itemsize
     shape = (OUT_OF_CACHE_BYTES // per_sample + 1, channels, 32, 32)
     x = random_input(shape, dtype, channels_last=True)
@@ -200,6 +202,8 @@ def test_every_isa_channels_last_rows_past_the_streaming_threshold(dtype, channe
                                          residual.double(), leaky)
     names = ("activated output", "activated grad_input", "grad_residual", "activated grad_weight",
              "activated grad_bias")
+    kink_far = away_from_kink(activated_reference[0], 0.2)
+    kink_tolerance = kink_sum_tolerances(x, grad, ~kink_far, 0.2, activated_reference[3:])
     for isa in ISAS:
         with fastbn.ops.use_cpu_capability(isa):
             fast = training_step(make_bn(fastbn.BatchNorm2d, state, dtype), x, grad)
@@ -208,7 +212,45 @@ def test_every_isa_channels_last_rows_past_the_streaming_threshold(dtype, channe
             fused = make_bn(fastbn.BatchNorm2d, state, torch.float32, activation="leaky_relu", activation_param=0.2)
             activated = activated_step(fused, x, residual, None)
             for actual, torch_result, ref, what in zip(activated, activated_torch, activated_reference, names):
-                assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
+                if what in ("activated grad_input", "grad_residual"):
+                    actual, torch_result, ref = (t[kink_far] for t in (actual, torch_result, ref))
+                assert_within_budget(actual, torch_result, ref, f"{isa}: {what}",
+                                     emulated_tolerance=kink_tolerance.get(what))
+
+
+def away_from_kink(activated_reference_output, negative_slope, band=1e-6):
+    """Where the float64 pre-activation bn(x) + residual of a leaky_relu lies more than
+    `band` from its kink at 0. Within it, a rounding of bn(x) may put a value on the
+    other side, where either slope is right: in the millions of values of the tests past
+    the cache a few land there (under the emulated CUDA kernels one float16 grad_input
+    value was 0.55 off the reference, against a fixed tolerance of 0.0095); a rounding of
+    bn(x) in float32 moves it by less than 1e-6 here (|bn(x)| < 10). At most 1e-4 of the values may be
+    excluded, so that the comparison still covers both sides."""
+    y = activated_reference_output
+    pre = torch.where(y > 0, y, y / negative_slope)
+    far = pre.abs() > band
+    assert (~far).sum().item() <= 1e-4 * far.numel(), "too many values at the kink: band too wide"
+    return far
+
+
+def kink_sum_tolerances(x, grad, near_kink, negative_slope, reference_grads):
+    """Under the emulated CUDA kernels, the tolerances of the activated grad_weight and
+    grad_bias (relative to the reference's largest value, as EMULATED_TOLERANCE): float32's,
+    plus the most that the values near the kink (away_from_kink) can move the sums by
+    taking the other slope, (1 - slope) * |dy| (* |x_hat| for grad_weight) summed over
+    them. (One such value moved a float16 grad_weight by 0.15, seven times float32's
+    tolerance of its scale.)"""
+    dims = (0, 2, 3)
+    x64 = x.double()
+    x_hat = (x64 - x64.mean(dims, keepdim=True)) / x64.var(dims, unbiased=False, keepdim=True).add(1e-5).sqrt()
+    either_slope = (1 - negative_slope) * grad.double().abs() * near_kink
+    shifts = {"activated grad_weight": (either_slope * x_hat.abs()).sum(dims).max().item(),
+              "activated grad_bias": either_slope.sum(dims).max().item()}
+    tolerances = {}
+    for (what, shift), reference in zip(shifts.items(), reference_grads):
+        scale = max(1.0, reference.abs().max().item())
+        tolerances[what] = EMULATED_TOLERANCE[torch.float32] + shift / scale
+    return tolerances
 
 
 # Planar runs short enough that the reductions take a vector's width of runs at once
