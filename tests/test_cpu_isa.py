@@ -255,9 +255,10 @@ def kink_sum_tolerances(x, grad, near_kink, negative_slope, reference_grads):
 
 # Planar runs short enough that the reductions take a vector's width of runs at once
 # (planar_grouped_moments, planar_grouped_backward_sums): up to 16 blocks per run, each run
-# one float group but float32's backward sums past 4 blocks (float_backward_runs; a block is
-# 32 values with AVX-512, 16 with AVX2 and DEFAULT); shapes at and past each limit, runs of channels that wrap around C (C not a
-# multiple of the lanes, C below them), and parts of 3 threads starting inside runs.
+# one float group but float32's backward sums past 4 blocks (float_backward_runs; a block
+# is 32 values with AVX-512, 16 with AVX2 and DEFAULT); shapes at and past each limit, runs
+# of channels that wrap around C (C not a multiple of the lanes, C below them), and parts
+# of 3 threads starting inside runs.
 SHORT_PLANAR_RUNS = [(16, 40, 7, 7), (7, 3, 11, 11), (5, 24, 8, 8), (5, 24, 5, 13), (5, 24, 8, 16), (5, 24, 3, 43),
                      (3, 20, 16, 16), (3, 20, 257, 1), (3, 20, 16, 32), (3, 20, 27, 19), (64, 17, 1, 1)]
 

@@ -603,8 +603,8 @@ void planar_grouped_backward_sums(const BackwardArgs<scalar_t, acc_t>& a, const 
         },
         [&](int64_t offset, const int64_t* channels) {
           V run_dy, run_dy_xmu;
-          runs_backward_sums<A, kFloatRuns>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), g.S, channels,
-                                a.mean, forward_k, a.act_param, run_dy, run_dy_xmu);
+          runs_backward_sums<A, kFloatRuns>(a.dy + offset, a.x + offset, offset_or_null(a.residual, offset), g.S,
+                                            channels, a.mean, forward_k, a.act_param, run_dy, run_dy_xmu);
           add_lanes_to_channels(run_dy, channels, out_dy);
           add_lanes_to_channels(run_dy_xmu, channels, out_dy_xmu);
         });

@@ -324,10 +324,10 @@ C10_ALWAYS_INLINE void group_backward_sums(const scalar_t* dy, const scalar_t* x
 // sum_dy += g; sum_dy_xmu += g * (x - mean), g = dy * act'(z [+ residual]); residual may be null.
 // float32 widens every block to double: grad_weight is a sum of terms that
 // largely cancel, and a float rounding per term failed the parity budget against
-// torch's double sums (runs of up to kBackwardGroupRows blocks are summed in one float
-// group each, which stays within it: float_backward_runs). Reduced dtypes (bfloat16, half) sum groups of
-// kBackwardGroupRows blocks in float (acc_t) and add each group into the
-// double lanes, as the column sums do: torch sums them in float too.
+// torch's double sums (short runs of up to kBackwardGroupRows blocks are summed in one
+// float group each, which stays within it: float_backward_runs). Reduced dtypes
+// (bfloat16, half) sum groups of kBackwardGroupRows blocks in float (acc_t) and add each
+// group into the double lanes, as the column sums do: torch sums them in float too.
 template <Activation A, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>,
           typename red_t = typename ReduceLanes<scalar_t>::red_t>
 inline void span_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t n, red_t mean,
@@ -383,12 +383,12 @@ using BackwardRunVec = Vectorized<std::conditional_t<kFloatRuns, float, double>>
 // The backward sums of BackwardRunVec's width of consecutive runs of n values each, run j
 // of channel channels[j]: lane j of `sum_dy` / `sum_dy_xmu` is run j's sum(g) /
 // sum(g * (x - mean)) (see runs_sum_and_squares). kFloatRuns: each run is one float group
-// (float32, bfloat16, half), else summed as span_backward_sums does (double lanes for
-// float32 and double; groups of kBackwardGroupRows blocks for the others).
+// (float32, bfloat16, half), else summed as span_backward_sums does (see float_backward_runs).
 template <Activation A, bool kFloatRuns, typename scalar_t, typename acc_t = typename Lanes<scalar_t>::acc_t>
 inline void runs_backward_sums(const scalar_t* dy, const scalar_t* x, const scalar_t* residual, int64_t n,
                                const int64_t* channels, const acc_t* mean, const ForwardArrays<acc_t>& fk,
-                               acc_t param, BackwardRunVec<kFloatRuns>& sum_dy, BackwardRunVec<kFloatRuns>& sum_dy_xmu) {
+                               acc_t param, BackwardRunVec<kFloatRuns>& sum_dy,
+                               BackwardRunVec<kFloatRuns>& sum_dy_xmu) {
   using V = BackwardRunVec<kFloatRuns>;
   constexpr int64_t kRuns = V::size();
   const Vectorized<acc_t> vparam(param);

@@ -256,16 +256,16 @@ inline int64_t row_walk_group_rows(const Geometry& g, RowReduction reduction) {
 // Rows per float group of the interleaved backward sums (rows_backward_sums,
 // column_backward_sums), whose sums are added into the double accumulators once per
 // group: kBackwardGroupRows (4) where a channel sums fewer than kLongRowSums values,
-// else kLongBackwardGroupRows (16). With many rows fastbn's float rounding over 16 rows stays far below torch's
-// own error: against float64 (max |error| / max |float64|), channels_last float32
-// (17,64,64,64), dy with mean 0: grad_bias 6.1e-8 (4 rows), 9.3e-8 (16 rows), torch
-// 4.2e-6; grad_weight 5.5e-8, 6.9e-8, torch 5.6e-6. The row walk added its float sums
-// into the double arrays in memory every 4 rows, which took about a quarter of its
-// time. Module steps (2 threads, the 2-vCPU Xeon guest), 4 -> 16 rows, row walk:
-// float32 (32,64,56,56) 4953 -> 3952 µs, (16,64,224,224) 50237 -> 45291; bfloat16
-// (16,64,224,224) 40131 -> 28807. Column loops (double sums in registers), two runs:
-// float32 (32,128,28,28) 2188 -> 2021 and 2307 -> 2034; bfloat16 (8,64,112,112) 2328 ->
-// 2197 and 2364 -> 2209; others within the noise (about 5%).
+// else kLongBackwardGroupRows (16). With many rows fastbn's float rounding over 16 rows
+// stays far below torch's own error: against float64 (max |error| / max |float64|),
+// channels_last float32 (17,64,64,64), dy with mean 0: grad_bias 6.1e-8 (4 rows),
+// 9.3e-8 (16 rows), torch 4.2e-6; grad_weight 5.5e-8, 6.9e-8, torch 5.6e-6. The row
+// walk added its float sums into the double arrays in memory every 4 rows, which took
+// about a quarter of its time. Module steps (2 threads, the 2-vCPU Xeon guest), 4 -> 16
+// rows, row walk: float32 (32,64,56,56) 4953 -> 3952 µs, (16,64,224,224) 50237 ->
+// 45291; bfloat16 (16,64,224,224) 40131 -> 28807. Column loops (double sums in
+// registers), two runs: float32 (32,128,28,28) 2188 -> 2021 and 2307 -> 2034; bfloat16
+// (8,64,112,112) 2328 -> 2197 and 2364 -> 2209; others within the noise (about 5%).
 constexpr int64_t kLongRowSums = 4096;
 constexpr int64_t kLongBackwardGroupRows = 16;
 inline int64_t backward_group_rows(const Geometry& g) {
