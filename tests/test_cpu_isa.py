@@ -223,9 +223,10 @@ def away_from_kink(activated_reference_output, negative_slope, band=1e-6):
     `band` from its kink at 0. Within it, a rounding of bn(x) may put a value on the
     other side, where either slope is right: in the millions of values of the tests past
     the cache a few land there (under the emulated CUDA kernels one float16 grad_input
-    value was 0.55 off the reference, against a fixed tolerance of 0.0095); a rounding of
-    bn(x) in float32 moves it by less than 1e-6 here (|bn(x)| < 10). At most 1e-4 of the values may be
-    excluded, so that the comparison still covers both sides."""
+    value was 0.55 off the reference, against a fixed tolerance of 0.0095). Near the kink
+    |bn(x)| = |residual|, under 6 here, where float32's roundings of bn(x) come to well
+    under 1e-6. At most 1e-4 of the values may be excluded, so that the comparison still
+    covers both sides."""
     y = activated_reference_output
     pre = torch.where(y > 0, y, y / negative_slope)
     far = pre.abs() > band
