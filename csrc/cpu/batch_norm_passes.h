@@ -549,14 +549,8 @@ struct BackwardOutputs {
   scalar_t* grad_residual;
 };
 
-// Whether the planar backward sums take several runs at once (planar_grouped_backward_sums):
-// runs up to kMaxGroupedRun.
-template <typename scalar_t>
-inline bool grouped_backward_runs(const Geometry& g) {
-  return g.S <= kMaxGroupedRun<scalar_t>;
-}
-
-// Whether those runs are each summed as one float group (runs_backward_sums' kFloatRuns):
+// Whether the planar backward sums' grouped runs (planar_grouped_backward_sums, S up to
+// kMaxGroupedRun) are each summed as one float group (runs_backward_sums' kFloatRuns):
 // bfloat16 and half runs up to kMaxGroupedRun, float32 runs up to kBackwardGroupRows
 // blocks (where the rest of float32's backward sums are in double: span_backward_sums).
 // Before, float32 summed its grouped runs in double lanes and bfloat16 its runs past
@@ -620,7 +614,7 @@ BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
   // Per-part sums in double (red_t), padded per part for the column loops' block stores.
   const int64_t tasks = g.layout == Layout::Planar ? planar_tasks(g) : interleaved_tasks(g.count());
   std::vector<red_t> part_dy(tasks * padded, red_t(0)), part_dy_xmu(tasks * padded, red_t(0));
-  if (g.layout == Layout::Planar && grouped_backward_runs<scalar_t>(g)) {
+  if (g.layout == Layout::Planar && g.S <= kMaxGroupedRun<scalar_t>) {  // as channel_moments
     if (float_backward_runs<scalar_t>(g)) {  // (never for double)
       if constexpr (Lanes<scalar_t>::kFloatStatistics) {
         planar_grouped_backward_sums<A, true>(a, forward_k, tasks, padded, part_dy.data(), part_dy_xmu.data());
