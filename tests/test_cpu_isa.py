@@ -163,6 +163,59 @@ def test_every_isa_channels_last_between_row_order_and_streaming(dtype, channels
                 assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
 
 
+@pytest.mark.parametrize("channels", [32, 48, 64, 96, 128])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_every_isa_channels_last_rows_of_whole_channel_blocks(dtype, channels):
+    """channels_last rows of 2-4 whole channel blocks, whose elementwise passes hold every
+    block's coefficients in registers down a tile (walk_register_tile): 32, 48 and 64
+    channels are 2, 3 and 4 blocks of 16 (float32 and the half types with AVX2 and DEFAULT,
+    float64 with AVX-512), 64, 96 and 128 channels 2, 3 and 4 blocks of 32 (float32 and the
+    half types with AVX-512); the others are 1 block or past 4. In cache, with 57 rows per
+    sample (tiles end inside samples): the training step, eval, and leaky_relu over a
+    residual, under each ISA, against torch in the same dtype and a float64 reference."""
+    shape = (5, channels, 3, 19)
+    x = random_input(shape, dtype, channels_last=True)
+    grad = random_input(shape, dtype, channels_last=True, mean=0.1, std=1.0)
+    residual = random_input(shape, dtype, channels_last=True, mean=-0.3, std=1.0)
+    state = random_state(channels)
+    expected = training_step(make_bn(nn.BatchNorm2d, state, dtype), x, grad)
+    reference = training_step(make_bn(nn.BatchNorm2d, state, torch.float64), x.double(), grad.double())
+    with torch.no_grad():
+        expected_eval = make_bn(nn.BatchNorm2d, state, dtype).eval()(x)
+        reference_eval = make_bn(nn.BatchNorm2d, state, torch.float64).eval()(x.double())
+
+    def activated_step(bn, x, residual, act):
+        x, residual = x.detach().requires_grad_(), residual.detach().requires_grad_()
+        y = act(bn(x) + residual) if act is not None else bn(x, residual)
+        y.backward(grad.to(x.dtype))
+        return y.detach(), x.grad, residual.grad, bn.weight.grad, bn.bias.grad
+
+    leaky = nn.LeakyReLU(0.2)
+    # parameters in the accumulation dtype (float32 for the half types: see test_every_isa_short_planar_runs)
+    param_dtype = fastbn.ops.accumulate_dtype(dtype)
+    activated_torch = activated_step(make_bn(nn.BatchNorm2d, state, param_dtype), x, residual, leaky)
+    activated_reference = activated_step(make_bn(nn.BatchNorm2d, state, torch.float64), x.double(),
+                                         residual.double(), leaky)
+    names = ("activated output", "activated grad_input", "grad_residual", "activated grad_weight",
+             "activated grad_bias")
+    kink_far = away_from_kink(activated_reference[0], 0.2)
+    for isa in ISAS:
+        with fastbn.ops.use_cpu_capability(isa):
+            fast = training_step(make_bn(fastbn.BatchNorm2d, state, dtype), x, grad)
+            assert fast[0].is_contiguous(memory_format=torch.channels_last)
+            for actual, torch_result, ref, what in zip(fast, expected, reference, STEP_OUTPUTS):
+                assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
+            with torch.no_grad():
+                fast_eval = make_bn(fastbn.BatchNorm2d, state, dtype).eval()(x)
+            assert_within_budget(fast_eval, expected_eval, reference_eval, f"{isa}: eval output")
+            fused = make_bn(fastbn.BatchNorm2d, state, param_dtype, activation="leaky_relu", activation_param=0.2)
+            activated = activated_step(fused, x, residual, None)
+            for actual, torch_result, ref, what in zip(activated, activated_torch, activated_reference, names):
+                if what in ("activated grad_input", "grad_residual"):
+                    actual, torch_result, ref = (t[kink_far] for t in (actual, torch_result, ref))
+                assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
+
+
 @pytest.mark.parametrize("dtype,channels", [(torch.float32, 40), (torch.float32, 72), (torch.float32, 80),
                                             (torch.bfloat16, 72), (torch.float32, 200), (torch.bfloat16, 136),
                                             (torch.float16, 136)],

@@ -3,7 +3,9 @@
 // Part of the CPU kernels' vector loops (vec_kernels.h lists them all); compiled once per ISA.
 #pragma once
 
+#include <array>
 #include <type_traits>
+#include <utility>
 
 #include "cpu/vec_reductions.h"
 
@@ -127,6 +129,29 @@ C10_ALWAYS_INLINE void with_constant_flags(bool has_extras, bool stream, const F
   }
 }
 
+// Rows of 2 to kMaxRegisterTileBlocks whole channel blocks: the coefficients of
+// every block of the row are loaded once per tile and kept in registers, and the
+// rows are walked in memory order, each row's blocks unrolled. (The row-order walk
+// of wider rows loads each block's coefficients again for every row, from L1.)
+constexpr int64_t kMaxRegisterTileBlocks = 4;
+template <typename F>
+C10_ALWAYS_INLINE void with_register_tile_blocks(int64_t blocks, const F& f) {
+  static_assert(kMaxRegisterTileBlocks == 4, "one case per block count");
+  switch (blocks) {
+    case 2: return f(std::make_index_sequence<2>{});
+    case 3: return f(std::make_index_sequence<3>{});
+    default: return f(std::make_index_sequence<4>{});
+  }
+}
+
+template <typename scalar_t, typename Coefficients, typename Block, size_t... kBlocks>
+C10_ALWAYS_INLINE void walk_register_tile(int64_t rows, const Coefficients& coefficients, const Block& block,
+                                          std::index_sequence<kBlocks...>) {
+  constexpr int64_t kBlock = Lanes<scalar_t>::kBlock;
+  const std::array q{coefficients(int64_t(kBlocks) * kBlock)...};
+  for (int64_t r = 0; r < rows; ++r) (block(r, int64_t(kBlocks) * kBlock, kBlock, q[kBlocks]), ...);
+}
+
 // Walks a tile: block(r, c0, width, coefficients(c0)) for every row r and block of
 // channels c0 (width values, the constant kBlock but in a last partial block), each
 // block down a group of rows: the whole tile, or tile_group_rows in row order.
@@ -134,6 +159,11 @@ template <typename scalar_t, typename Coefficients, typename Block>
 C10_ALWAYS_INLINE void walk_tile(int64_t rows, int64_t C, bool rows_in_order, const Coefficients& coefficients,
                                  const Block& block) {
   using L = Lanes<scalar_t>;
+  if (C % L::kBlock == 0 && C / L::kBlock >= 2 && C / L::kBlock <= kMaxRegisterTileBlocks) {
+    return with_register_tile_blocks(C / L::kBlock, [&](auto blocks) C10_ALWAYS_INLINE_ATTRIBUTE {
+      walk_register_tile<scalar_t>(rows, coefficients, block, blocks);
+    });
+  }
   const int64_t group = rows_in_order && C > L::kBlock ? tile_group_rows<scalar_t>(C) : rows;
   const int64_t whole = C / L::kBlock * L::kBlock;
   for (int64_t r0 = 0; r0 < rows; r0 += group) {
