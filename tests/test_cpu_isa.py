@@ -150,17 +150,10 @@ def test_every_isa_channels_last_between_row_order_and_streaming(dtype, channels
     shape = (ROW_ORDER_BYTES // per_sample + 1, channels, 33, 35)
     size = torch.Size(shape).numel() * dtype.itemsize
     assert ROW_ORDER_BYTES <= size < min(OUT_OF_CACHE_BYTES, STREAMING_BYTES)
-    x = random_input(shape, dtype, channels_last=True)
-    grad = random_input(shape, dtype, channels_last=True, mean=0.1, std=1.0)
-    state = random_state(channels)
-    expected = training_step(make_bn(nn.BatchNorm2d, state, dtype), x, grad)
-    reference = training_step(make_bn(nn.BatchNorm2d, state, torch.float64), x.double(), grad.double())
+    x, grad, _, state, expected, reference = channels_last_case(shape, dtype)
     for isa in ISAS:
         with fastbn.ops.use_cpu_capability(isa):
-            fast = training_step(make_bn(fastbn.BatchNorm2d, state, dtype), x, grad)
-            assert fast[0].is_contiguous(memory_format=torch.channels_last)
-            for actual, torch_result, ref, what in zip(fast, expected, reference, STEP_OUTPUTS):
-                assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
+            assert_channels_last_step_within_budget(state, dtype, x, grad, expected, reference, isa)
 
 
 @pytest.mark.parametrize("channels", [32, 48, 64, 96, 128])
@@ -174,46 +167,27 @@ def test_every_isa_channels_last_rows_of_whole_channel_blocks(dtype, channels):
     sample (tiles end inside samples): the training step, eval, and leaky_relu over a
     residual, under each ISA, against torch in the same dtype and a float64 reference."""
     shape = (5, channels, 3, 19)
-    x = random_input(shape, dtype, channels_last=True)
-    grad = random_input(shape, dtype, channels_last=True, mean=0.1, std=1.0)
-    residual = random_input(shape, dtype, channels_last=True, mean=-0.3, std=1.0)
-    state = random_state(channels)
-    expected = training_step(make_bn(nn.BatchNorm2d, state, dtype), x, grad)
-    reference = training_step(make_bn(nn.BatchNorm2d, state, torch.float64), x.double(), grad.double())
+    x, grad, residual, state, expected, reference = channels_last_case(shape, dtype)
     with torch.no_grad():
         expected_eval = make_bn(nn.BatchNorm2d, state, dtype).eval()(x)
         reference_eval = make_bn(nn.BatchNorm2d, state, torch.float64).eval()(x.double())
 
-    def activated_step(bn, x, residual, act):
-        x, residual = x.detach().requires_grad_(), residual.detach().requires_grad_()
-        y = act(bn(x) + residual) if act is not None else bn(x, residual)
-        y.backward(grad.to(x.dtype))
-        return y.detach(), x.grad, residual.grad, bn.weight.grad, bn.bias.grad
-
     leaky = nn.LeakyReLU(0.2)
     # parameters in the accumulation dtype (float32 for the half types: see test_every_isa_short_planar_runs)
     param_dtype = fastbn.ops.accumulate_dtype(dtype)
-    activated_torch = activated_step(make_bn(nn.BatchNorm2d, state, param_dtype), x, residual, leaky)
+    activated_torch = activated_step(make_bn(nn.BatchNorm2d, state, param_dtype), x, residual, grad, leaky)
     activated_reference = activated_step(make_bn(nn.BatchNorm2d, state, torch.float64), x.double(),
-                                         residual.double(), leaky)
-    names = ("activated output", "activated grad_input", "grad_residual", "activated grad_weight",
-             "activated grad_bias")
+                                         residual.double(), grad, leaky)
     kink_far = away_from_kink(activated_reference[0], 0.2)
     for isa in ISAS:
         with fastbn.ops.use_cpu_capability(isa):
-            fast = training_step(make_bn(fastbn.BatchNorm2d, state, dtype), x, grad)
-            assert fast[0].is_contiguous(memory_format=torch.channels_last)
-            for actual, torch_result, ref, what in zip(fast, expected, reference, STEP_OUTPUTS):
-                assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
+            assert_channels_last_step_within_budget(state, dtype, x, grad, expected, reference, isa)
             with torch.no_grad():
                 fast_eval = make_bn(fastbn.BatchNorm2d, state, dtype).eval()(x)
             assert_within_budget(fast_eval, expected_eval, reference_eval, f"{isa}: eval output")
             fused = make_bn(fastbn.BatchNorm2d, state, param_dtype, activation="leaky_relu", activation_param=0.2)
-            activated = activated_step(fused, x, residual, None)
-            for actual, torch_result, ref, what in zip(activated, activated_torch, activated_reference, names):
-                if what in ("activated grad_input", "grad_residual"):
-                    actual, torch_result, ref = (t[kink_far] for t in (actual, torch_result, ref))
-                assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
+            assert_activated_within_budget(activated_step(fused, x, residual, grad), activated_torch,
+                                           activated_reference, kink_far, isa)
 
 
 @pytest.mark.parametrize("dtype,channels", [(torch.float32, 40), (torch.float32, 72), (torch.float32, 80),
@@ -235,26 +209,13 @@ def test_every_isa_channels_last_rows_past_the_streaming_threshold(dtype, channe
     lines. The activation's gradients are compared away from its kink (away_from_kink)."""
     per_sample = channels * 32 * 32 * dtype.itemsize
     shape = (OUT_OF_CACHE_BYTES // per_sample + 1, channels, 32, 32)
-    x = random_input(shape, dtype, channels_last=True)
-    grad = random_input(shape, dtype, channels_last=True, mean=0.1, std=1.0)
-    residual = random_input(shape, dtype, channels_last=True, mean=-0.3, std=1.0)
-    state = random_state(channels)
-    expected = training_step(make_bn(nn.BatchNorm2d, state, dtype), x, grad)
-    reference = training_step(make_bn(nn.BatchNorm2d, state, torch.float64), x.double(), grad.double())
-
-    def activated_step(bn, x, residual, act):
-        x, residual = x.detach().requires_grad_(), residual.detach().requires_grad_()
-        y = act(bn(x) + residual) if act is not None else bn(x, residual)
-        y.backward(grad.to(x.dtype))
-        return y.detach(), x.grad, residual.grad, bn.weight.grad, bn.bias.grad
+    x, grad, residual, state, expected, reference = channels_last_case(shape, dtype)
 
     # float32 parameters: see test_every_isa_short_planar_runs
     leaky = nn.LeakyReLU(0.2)
-    activated_torch = activated_step(make_bn(nn.BatchNorm2d, state, torch.float32), x, residual, leaky)
+    activated_torch = activated_step(make_bn(nn.BatchNorm2d, state, torch.float32), x, residual, grad, leaky)
     activated_reference = activated_step(make_bn(nn.BatchNorm2d, state, torch.float64), x.double(),
-                                         residual.double(), leaky)
-    names = ("activated output", "activated grad_input", "grad_residual", "activated grad_weight",
-             "activated grad_bias")
+                                         residual.double(), grad, leaky)
     kink_far = away_from_kink(activated_reference[0], 0.2)
     kink_tolerance = kink_sum_tolerances(x, grad, ~kink_far, 0.2, activated_reference[3:])
     for isa in ISAS:
@@ -263,12 +224,54 @@ def test_every_isa_channels_last_rows_past_the_streaming_threshold(dtype, channe
             for actual, torch_result, ref, what in zip(fast, expected, reference, STEP_OUTPUTS):
                 assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
             fused = make_bn(fastbn.BatchNorm2d, state, torch.float32, activation="leaky_relu", activation_param=0.2)
-            activated = activated_step(fused, x, residual, None)
-            for actual, torch_result, ref, what in zip(activated, activated_torch, activated_reference, names):
-                if what in ("activated grad_input", "grad_residual"):
-                    actual, torch_result, ref = (t[kink_far] for t in (actual, torch_result, ref))
-                assert_within_budget(actual, torch_result, ref, f"{isa}: {what}",
-                                     emulated_tolerance=kink_tolerance.get(what))
+            assert_activated_within_budget(activated_step(fused, x, residual, grad), activated_torch,
+                                           activated_reference, kink_far, isa, kink_tolerance)
+
+
+def channels_last_case(shape, dtype):
+    """Random channels_last x, grad and residual of `shape`, a random state, and the
+    training step of torch's BatchNorm2d in `dtype` and in float64 on them:
+    (x, grad, residual, state, expected, reference)."""
+    x = random_input(shape, dtype, channels_last=True)
+    grad = random_input(shape, dtype, channels_last=True, mean=0.1, std=1.0)
+    residual = random_input(shape, dtype, channels_last=True, mean=-0.3, std=1.0)
+    state = random_state(shape[1])
+    expected = training_step(make_bn(nn.BatchNorm2d, state, dtype), x, grad)
+    reference = training_step(make_bn(nn.BatchNorm2d, state, torch.float64), x.double(), grad.double())
+    return x, grad, residual, state, expected, reference
+
+
+def assert_channels_last_step_within_budget(state, dtype, x, grad, expected, reference, isa):
+    """fastbn's training step (channels_last output) against channels_last_case's."""
+    fast = training_step(make_bn(fastbn.BatchNorm2d, state, dtype), x, grad)
+    assert fast[0].is_contiguous(memory_format=torch.channels_last)
+    for actual, torch_result, ref, what in zip(fast, expected, reference, STEP_OUTPUTS):
+        assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
+
+
+def activated_step(bn, x, residual, grad, act=None):
+    """(output, grad_input, grad_residual, grad_weight, grad_bias) of act(bn(x) + residual),
+    or of fastbn's fused bn(x, residual) when act is None."""
+    x, residual = x.detach().requires_grad_(), residual.detach().requires_grad_()
+    y = act(bn(x) + residual) if act is not None else bn(x, residual)
+    y.backward(grad.to(x.dtype))
+    return y.detach(), x.grad, residual.grad, bn.weight.grad, bn.bias.grad
+
+
+ACTIVATED_OUTPUTS = ("activated output", "activated grad_input", "grad_residual", "activated grad_weight",
+                     "activated grad_bias")
+
+
+def assert_activated_within_budget(activated, activated_torch, activated_reference, kink_far, isa,
+                                   kink_tolerance=None):
+    """activated_step's results against torch's and float64's, the gradients of the input
+    and residual away from the kink (away_from_kink); kink_tolerance: emulated tolerances of
+    the parameters' gradients (kink_sum_tolerances)."""
+    for actual, torch_result, ref, what in zip(activated, activated_torch, activated_reference, ACTIVATED_OUTPUTS):
+        if what in ("activated grad_input", "grad_residual"):
+            actual, torch_result, ref = (t[kink_far] for t in (actual, torch_result, ref))
+        assert_within_budget(actual, torch_result, ref, f"{isa}: {what}",
+                             emulated_tolerance=(kink_tolerance or {}).get(what))
 
 
 def away_from_kink(activated_reference_output, negative_slope, band=1e-6):
@@ -385,12 +388,6 @@ def check_every_isa_planar_step(shape, dtype, residual_mean=-0.3):
     expected = training_step(make_bn(nn.BatchNorm2d, state, dtype), x, grad)
     reference = training_step(make_bn(nn.BatchNorm2d, state, torch.float64), x.double(), grad.double())
 
-    def activated_step(bn, x, residual, grad, act):
-        x, residual = x.detach().requires_grad_(), residual.detach().requires_grad_()
-        y = act(bn(x) + residual) if act is not None else bn(x, residual)
-        y.backward(grad)
-        return y.detach(), x.grad, residual.grad, bn.weight.grad, bn.bias.grad
-
     leaky = nn.LeakyReLU(0.2)
     activated_torch = activated_step(make_bn(nn.BatchNorm2d, state, param_dtype), x, residual, grad, leaky)
     activated_reference = activated_step(make_bn(nn.BatchNorm2d, state, torch.float64), x.double(),
@@ -419,10 +416,9 @@ def check_every_isa_planar_step(shape, dtype, residual_mean=-0.3):
                                                                         sum_dy_xmu, 1e-5, count)
                 assert_within_budget(grad_input, expected[1], reference[1], f"{isa}: batch_norm_backward_elemt")
                 fused = make_bn(fastbn.BatchNorm2d, state, param_dtype, activation="leaky_relu", activation_param=0.2)
-                activated = activated_step(fused, x, residual, grad, None)
-                names = ("activated output", "activated grad_input", "grad_residual", "activated grad_weight",
-                         "activated grad_bias")
-                for actual, torch_result, ref, what in zip(activated, activated_torch, activated_reference, names):
+                activated = activated_step(fused, x, residual, grad)
+                for actual, torch_result, ref, what in zip(activated, activated_torch, activated_reference,
+                                                           ACTIVATED_OUTPUTS):
                     assert_within_budget(actual, torch_result, ref, f"{isa}: {what}")
     finally:
         torch.set_num_threads(threads)
