@@ -6,7 +6,7 @@
 ``python -m bench`` times a BatchNorm2d step alone: nobody reads y and every step reuses
 the same x. In a network the next layer reads y at once and the previous one's backward
 reads dx, so whether an output stays in cache (normal stores) or bypasses it (streaming
-stores) decides the time differently (csrc/cpu/work_division.h, kStreamingBytes). Each
+stores) decides the time differently (csrc/cpu/output_streaming.h; ``--streaming-bytes``). Each
 block runs forward and backward (into x, the parameters and the residual) on a ring of
 four inputs, as a network hands each layer a new one every step:
 
@@ -145,21 +145,34 @@ def parse_arguments(argv):
     parser.add_argument("--fresh-pages", action="store_true",
                         help="leave glibc's default of returning large freed blocks to the OS (see "
                              "bench.timing.keep_freed_memory)")
+    parser.add_argument("--streaming-bytes", type=int,
+                        help="write fastbn's CPU outputs with streaming stores from this size on (default this "
+                             f"host's threshold, {fastbn.ops.cpu_streaming_bytes()} bytes: an eighth of the L3 within "
+                             "4-16 MiB); for A/B runs")
     parser.add_argument("--json", help="also write the rows here")
     options = parser.parse_args(argv)
     if options.rounds < 1 or options.steps < 1:
         parser.error("--rounds and --steps must be at least 1")
+    if options.streaming_bytes is not None and options.streaming_bytes < 0:
+        parser.error("--streaming-bytes must be at least 0")
     return options
 
 
 def main(argv=None) -> int:
     options = parse_arguments(sys.argv[1:] if argv is None else argv)
+    streaming_bytes = fastbn.ops.cpu_streaming_bytes() if options.streaming_bytes is None else options.streaming_bytes
+    with fastbn.ops.use_cpu_streaming_bytes(streaming_bytes):
+        return run(options)
+
+
+def run(options) -> int:
     torch.set_num_threads(options.threads)
     allocator = "allocator: system default" if options.fresh_pages else keep_freed_memory()
     shapes = options.shape or DEFAULT_SHAPES
     dtypes = [getattr(torch, name) for name in (options.dtype or ["float32", "bfloat16"])]
     print(f"# blocks, training fwd+bwd, {options.threads} thread(s), {options.rounds} paired rounds of "
-          f"{options.steps} steps; git {git_revision()}; torch {torch.__version__}; {describe_cpu()}; {allocator}")
+          f"{options.steps} steps; git {git_revision()}; torch {torch.__version__}; {describe_cpu()}; {allocator}; "
+          f"fastbn streams CPU outputs from {fastbn.ops.cpu_streaming_bytes()} bytes")
     print("\n| shape | dtype | layout | block | check | torch µs | fastbn µs | torch / fastbn |\n"
           "|---|---|---|---|---|---:|---:|---:|")
     rows = []
@@ -176,7 +189,8 @@ def main(argv=None) -> int:
     if options.json:
         with open(options.json, "w") as handle:
             json.dump({"threads": options.threads, "rounds": options.rounds, "steps": options.steps,
-                       "git": git_revision(), "rows": rows}, handle, indent=1)
+                       "streaming_bytes": fastbn.ops.cpu_streaming_bytes(), "git": git_revision(), "rows": rows},
+                      handle, indent=1)
     return 0 if all(row["check"] == "ok" for row in rows) else 1
 
 

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_capability.h"
+#include "cpu/output_streaming.h"
 #include "eager.h"
 #include "impl_switch.h"
 
@@ -137,12 +138,37 @@ PyObject* cpu_capabilities(PyObject* /*self*/, PyObject* /*args*/) {
   return names;
 }
 
+// The CPU outputs' streaming-store threshold (cpu/output_streaming.h): the size in
+// use, a switch for tests and benchmarks, and the cache size the default follows.
+PyObject* get_streaming_bytes(PyObject* /*self*/, PyObject* /*args*/) {
+  return PyLong_FromLongLong(fastbn::cpu::streaming_bytes());
+}
+
+PyObject* set_streaming_bytes(PyObject* /*self*/, PyObject* args) {
+  long long bytes = 0;
+  if (!PyArg_ParseTuple(args, "L", &bytes)) return nullptr;
+  try {
+    fastbn::cpu::set_streaming_bytes(bytes);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* last_level_cache_bytes(PyObject* /*self*/, PyObject* /*args*/) {
+  return PyLong_FromLongLong(fastbn::cpu::last_level_cache_bytes());
+}
+
 PyMethodDef module_methods[] = {
     {"_set_cuda_impl", set_cuda_impl, METH_VARARGS, "Force the CUDA implementation (tests)."},
     {"_get_cuda_impl", get_cuda_impl, METH_NOARGS, "The forced CUDA implementation."},
     {"_get_cpu_capability", get_cpu_capability, METH_NOARGS, "The ISA whose CPU kernels run."},
     {"_set_cpu_capability", set_cpu_capability, METH_VARARGS, "Run another supported ISA's CPU kernels (tests)."},
     {"_cpu_capabilities", cpu_capabilities, METH_NOARGS, "The ISAs this CPU and build can run, lowest first."},
+    {"_get_streaming_bytes", get_streaming_bytes, METH_NOARGS, "CPU outputs from this size on are streamed."},
+    {"_set_streaming_bytes", set_streaming_bytes, METH_VARARGS, "Stream CPU outputs from another size (tests)."},
+    {"_last_level_cache_bytes", last_level_cache_bytes, METH_NOARGS, "cpu0's largest data cache (sysfs), 0: unknown."},
     {"_train_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fastbn::eager_train_forward)),
      METH_FASTCALL, "Eager training forward: batch_norm_train and the running-statistics update (eager.cpp)."},
     {"_eval_forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fastbn::eager_eval_forward)),

@@ -42,6 +42,25 @@ def use_cpu_capability(name: str):
         _C._set_cpu_capability(previous)
         CPU_CAPABILITY = previous
 
+
+def cpu_streaming_bytes() -> int:
+    """The size from which the CPU kernels write outputs (y, grad_input) with streaming
+    stores: an eighth of the last-level cache, within 4-16 MiB (16 MiB where sysfs gives
+    no cache size; csrc/cpu/output_streaming.h), unless use_cpu_streaming_bytes set another."""
+    return _C._get_streaming_bytes()
+
+
+@contextlib.contextmanager
+def use_cpu_streaming_bytes(nbytes: int):
+    """Stream CPU outputs from `nbytes` on inside the block: for tests that need both sides
+    of another host's threshold, and for A/B benchmarks. Process-wide, like use_cpu_capability."""
+    previous = _C._get_streaming_bytes()
+    _C._set_streaming_bytes(nbytes)  # a ValueError, changing nothing, for a negative size
+    try:
+        yield
+    finally:
+        _C._set_streaming_bytes(previous)
+
 # The CUDA kernels compile on every machine with a CUDA toolkit, but until the
 # test suite has passed on a GPU, fastbn's modules and functional API send CUDA
 # tensors to torch's own batch norm (correct, not faster) unless
@@ -477,7 +496,8 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
 
 
 __all__: Sequence[str] = [
-    "WITH_CUDA", "CPU_CAPABILITY", "CPU_CAPABILITIES", "use_cpu_capability", "CUDA_KERNELS_VALIDATED",
+    "WITH_CUDA", "CPU_CAPABILITY", "CPU_CAPABILITIES", "use_cpu_capability", "cpu_streaming_bytes",
+    "use_cpu_streaming_bytes", "CUDA_KERNELS_VALIDATED",
     "use_cuda_kernels", "cuda_implementation",
     "Activation", "ACTIVATIONS", "activation_code", "activation_forward", "activation_grad", "accumulate_dtype", "output_memory_format", "composite_backward",
     "batch_norm_train", "batch_norm_eval", "update_running_stats",

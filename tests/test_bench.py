@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 
+import fastbn
+
 from bench import cases, cli
 from bench.report import check_cell
 from bench.row import Row
@@ -145,10 +147,14 @@ def test_blocks_rows_are_checked_against_float64(tmp_path, capsys):
     one's check against a float64 copy of torch's block passed."""
     from bench import blocks
     out = tmp_path / "blocks.json"
-    for layout in ([], ["--channels-last"]):
+    threshold = fastbn.ops.cpu_streaming_bytes()
+    # NCHW with every output streamed (--streaming-bytes 0), channels_last with this host's threshold
+    for layout, streaming in (([], ["--streaming-bytes", "0"]), (["--channels-last"], [])):
         # --fresh-pages: keep_freed_memory would change glibc's settings for the rest of the test process
-        argv = ["--shape", "2,8,5,5", "--rounds", "1", "--steps", "1", "--fresh-pages", "--json", str(out)] + layout
-        assert blocks.main(argv) == 0
+        argv = ["--shape", "2,8,5,5", "--rounds", "1", "--steps", "1", "--fresh-pages", "--json", str(out)]
+        assert blocks.main(argv + layout + streaming) == 0
+        assert fastbn.ops.cpu_streaming_bytes() == threshold
+        assert json.loads(out.read_text())["streaming_bytes"] == (0 if streaming else threshold)
         rows = json.loads(out.read_text())["rows"]
         assert [(row["block"], row["dtype"]) for row in rows] == [
             (block, dtype) for dtype in ("float32", "bfloat16") for block in blocks.BLOCKS]

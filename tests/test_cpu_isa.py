@@ -25,7 +25,9 @@ from conftest import ALL_DTYPES, EMULATED_TOLERANCE, assert_within_budget, rando
 ISAS = fastbn.ops.CPU_CAPABILITIES
 OUT_OF_CACHE_BYTES = 16 << 20  # kOutOfCacheBytes in csrc/cpu/work_division.h
 ROW_ORDER_BYTES = 4 << 20  # kRowOrderBytes in csrc/cpu/work_division.h
-STREAMING_BYTES = 16 << 20  # kStreamingBytes there (outputs written with streaming stores, either layout)
+# this host's size from which outputs are written with streaming stores, either layout: an eighth
+# of the L3 within 4-16 MiB (csrc/cpu/output_streaming.h)
+STREAMING_BYTES = fastbn.ops.cpu_streaming_bytes()
 GUARD = 7.0
 
 
@@ -135,9 +137,10 @@ def test_every_isa_past_the_streaming_threshold(dtype, channels_last):
             assert_guards_intact(x_buffer, f"{isa}: phase ops")
 
 
+@pytest.mark.parametrize("streaming_from", [OUT_OF_CACHE_BYTES, ROW_ORDER_BYTES], ids=["large_l3", "small_l3"])
 @pytest.mark.parametrize("channels", [80, 136])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_every_isa_channels_last_between_row_order_and_streaming(dtype, channels):
+def test_every_isa_channels_last_between_row_order_and_streaming(dtype, channels, streaming_from):
     """channels_last tensors whose elementwise passes walk rows in memory order
     (kRowOrderBytes <= size < kOutOfCacheBytes), under each ISA. Their reductions walk
     whole rows where a row is 2-4 channel blocks (row_walk_group_rows: 80 channels with
@@ -145,15 +148,18 @@ def test_every_isa_channels_last_between_row_order_and_streaming(dtype, channels
     the backward sums of half and bfloat16), else each piece in groups of rows block
     by block (groups of kInCacheReductionGroupBytes, the last one of a piece partial:
     136 channels, 5 blocks with AVX-512; both widths with AVX2 and DEFAULT, 5 and 9
-    blocks of 16). Below kStreamingBytes: every output stored normally."""
+    blocks of 16). With the streaming threshold of a host with a large L3 (16 MiB, from
+    128 MiB of L3 on), every output is stored normally; with that of a small L3 (4 MiB,
+    32 MiB or less), the rows of whole 64-byte lines (float32 and float64) are streamed."""
     per_sample = channels * 33 * 35 * dtype.itemsize
     shape = (ROW_ORDER_BYTES // per_sample + 1, channels, 33, 35)
     size = torch.Size(shape).numel() * dtype.itemsize
-    assert ROW_ORDER_BYTES <= size < min(OUT_OF_CACHE_BYTES, STREAMING_BYTES)
+    assert ROW_ORDER_BYTES <= size < OUT_OF_CACHE_BYTES
     x, grad, _, state, expected, reference = channels_last_case(shape, dtype)
-    for isa in ISAS:
-        with fastbn.ops.use_cpu_capability(isa):
-            assert_channels_last_step_within_budget(state, dtype, x, grad, expected, reference, isa)
+    with fastbn.ops.use_cpu_streaming_bytes(streaming_from):
+        for isa in ISAS:
+            with fastbn.ops.use_cpu_capability(isa):
+                assert_channels_last_step_within_budget(state, dtype, x, grad, expected, reference, isa)
 
 
 @pytest.mark.parametrize("channels", [32, 48, 64, 96, 128])
@@ -510,6 +516,44 @@ def test_use_cpu_capability_switches_and_restores():
         with pytest.raises(ValueError, match="cpu capability"), fastbn.ops.use_cpu_capability(name):
             pass
         assert fastbn.ops.CPU_CAPABILITY == before == fastbn.ops._C._get_cpu_capability()
+
+
+def last_level_cache_from_sysfs():
+    """Bytes of cpu0's highest-level data or unified cache as sysfs lists it, else 0."""
+    best = (0, 0)
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    for entry in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        try:
+            with open(f"{root}/{entry}/type") as f:
+                kind = f.read().strip()
+            with open(f"{root}/{entry}/level") as f:
+                level = int(f.read())
+            with open(f"{root}/{entry}/size") as f:
+                text = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        match = re.fullmatch(r"(\d+)([KMG]?)", text)
+        if kind != "Instruction" and match and level > best[0]:
+            best = (level, int(match[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[match[2]])
+    return best[1]
+
+
+def test_streaming_threshold_follows_the_last_level_cache():
+    """An eighth of the L3 (lscpu's size, from sysfs), within 4-16 MiB; 16 MiB where no size is known."""
+    cache = last_level_cache_from_sysfs()
+    assert fastbn.ops._C._last_level_cache_bytes() == cache
+    expected = min(max(cache // 8, 4 << 20), 16 << 20) if cache else 16 << 20
+    assert STREAMING_BYTES == expected == fastbn.ops.cpu_streaming_bytes()
+
+
+def test_use_cpu_streaming_bytes_switches_and_restores():
+    before = fastbn.ops.cpu_streaming_bytes()
+    with fastbn.ops.use_cpu_streaming_bytes(1 << 30):
+        assert fastbn.ops.cpu_streaming_bytes() == 1 << 30
+    assert fastbn.ops.cpu_streaming_bytes() == before
+    with pytest.raises(ValueError, match="streaming threshold"), fastbn.ops.use_cpu_streaming_bytes(-1):
+        pass
+    assert fastbn.ops.cpu_streaming_bytes() == before
 
 
 def import_with(capability):

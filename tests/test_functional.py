@@ -81,7 +81,8 @@ def test_outlier_first_value_of_a_later_part(sample, device):
 ], ids=str)
 def test_large_outputs_forward_and_backward(shape, channels_last, dtype, device):
     """Outputs from 16 MiB on (channels_last: rows of whole 64-byte lines) are written with
-    streaming stores on CPU (kStreamingBytes in csrc/cpu/work_division.h)."""
+    streaming stores on CPU on every host (the threshold, csrc/cpu/output_streaming.h, is
+    at most 16 MiB)."""
     assert torch.Size(shape).numel() * dtype.itemsize >= 16 << 20
     x = random_input(shape, dtype, device, channels_last)
     channels = shape[1]

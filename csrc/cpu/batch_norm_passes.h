@@ -18,8 +18,8 @@
 // in pieces about the running mean), redone exactly where the shift turns out
 // far from the mean (statistics_need_second_pass, bn_math.h), and merged with
 // Chan's formula. This is as stable as a two-pass algorithm and reads memory once.
-// Outputs from kStreamingBytes on are written with streaming stores (stream_output,
-// work_division.h).
+// Outputs from streaming_bytes() on (output_streaming.h) are written with streaming
+// stores (stream_output, work_division.h).
 #pragma once
 
 #include <ATen/Parallel.h>

@@ -15,6 +15,7 @@
 #include <utility>
 
 #include "bn_checks.h"
+#include "cpu/output_streaming.h"
 #include "cpu/vec_kernels.h"
 
 #ifndef CPU_CAPABILITY
@@ -299,29 +300,27 @@ inline void for_each_row_panel(int64_t begin, int64_t end, int64_t C, int64_t gr
   });
 }
 
-// Outputs this large are written with streaming stores, in either layout: past the
-// caches that keep a layer's output until the next layer reads it (kOutOfCacheBytes).
-// There a normal store would first read every destination line from memory (a third
-// of the traffic of a read + write pass), and the next layer reads y from memory anyway.
-// Smaller outputs are stored normally, so that whoever reads them next finds them in
-// cache. Measured with `python -m bench.blocks`-style steps: training fwd+bwd of blocks
-// whose next op reads y (BN then torch.relu, relu(BN + residual), BN, relu and a 1x1
-// conv), a ring of 4 inputs, 2 threads, alternating processes, 5-8 pairs, on a 2-vCPU
-// Xeon guest (2 MiB L2 per core, L3 480 MiB). Streamed, 4-13 MB tensors ran 1.02x-1.27x
-// slower in both layouts: float32 (32,256,14,14) BN+relu 1.25x NCHW, 1.23x
-// channels_last; (250,64,11,11) 1.19x / 1.27x; (32,128,28,28) 1.11x / 1.11x; bfloat16
-// (32,64,56,56) 1.04x / 1.07x. 0.8-4 MB ones too (NCHW BN+relu 1.20x-1.52x). From about
-// 20 MB streaming won: float32 (32,64,56,56) BN+relu 0.84x NCHW, 0.97x channels_last
-// (but BN, relu and a 1x1 conv 1.02x, slower); (250,32,26,26) 0.94x; (32,128,56,56)
-// 0.79x. A BN step alone on the same ring gained from streaming from 4 MB (0.66x-0.93x
-// at 4-13 MB; 0.87x-1.23x below). The eleventh to sixteenth sessions measured only BN
-// steps alone and streamed from 4-8 MiB (bench/NOTES.md).
-constexpr int64_t kStreamingBytes = kOutOfCacheBytes;
+// Outputs from streaming_bytes() on (output_streaming.h: an eighth of the L3, within
+// 4-16 MiB) are written with streaming stores, in either layout: past what the L3 keeps
+// of a layer's output until the next layer reads it. There a normal store would first
+// read every destination line from memory (a third of the traffic of a read + write
+// pass), and the next layer reads y from memory anyway. Smaller outputs are stored
+// normally, so that whoever reads them next finds them in cache. Measured with
+// `python -m bench.blocks`: training fwd+bwd of blocks whose next op reads y (BN then
+// torch.relu, relu(BN + residual), BN, relu and a 1x1 conv), a ring of 4 inputs, 2
+// threads, alternating processes. On a 2-vCPU Xeon guest (2 MiB L2 per core, L3 480
+// MiB: threshold 16 MiB) streamed 4-13 MB tensors ran 1.02x-1.27x slower in both
+// layouts (float32 (32,256,14,14) BN+relu 1.25x NCHW, 1.23x channels_last;
+// (250,64,11,11) 1.19x / 1.27x; (32,128,28,28) 1.11x / 1.11x), 0.8-4 MB ones too (NCHW
+// BN+relu 1.20x-1.52x); from about 20 MB streaming won (float32 (32,64,56,56) BN+relu
+// 0.84x NCHW, (32,128,56,56) 0.79x). On a 2-vCPU Zen 4 guest (1 MiB L2 per core, L3 32
+// MiB: threshold 4 MiB) streaming from 4 MiB made the float32 channels_last blocks of
+// 6-13 MB faster against torch (bench/NOTES.md, twenty-second and twenty-third sessions).
 
 // Whether the planar elementwise passes walk a range of runs as one span
 // (flat_forward, flat_backward in vec_elementwise.h) rather than run by run: runs of
 // a block or more. Module steps (float32 NCHW, 2 threads, in-process A/B, 9 rounds,
-// both streaming from 8 MiB, the threshold before kStreamingBytes): (32,128,28,28)
+// both streaming from 8 MiB, the threshold of the time): (32,128,28,28)
 // 1.15x, (250,32,26,26) 1.08x, (64,96,28,28) 1.07x, (32,256,14,14) 1.04x; 0.99x-1.00x
 // on (32,64,56,56), (8,64,112,112), (16,512,7,7). bfloat16 (alternating processes, old
 // build / new, 8 and 10 rounds, with its spans streamed from 4 MiB): (64,256,14,14)
@@ -337,7 +336,7 @@ inline bool flat_planar_walk(const Geometry& g) {
 // (interleaved) they also need every row to start 64-byte aligned.
 template <typename scalar_t>
 inline bool stream_output(const Geometry& g, const scalar_t* out) {
-  if (tensor_bytes<scalar_t>(g) < kStreamingBytes) return false;
+  if (tensor_bytes<scalar_t>(g) < streaming_bytes()) return false;
   return g.layout == Layout::Planar ||
          (reinterpret_cast<uintptr_t>(out) % 64 == 0 && (g.C * int64_t(sizeof(scalar_t))) % 64 == 0);
 }
