@@ -57,11 +57,18 @@ def want_cuda():
 # The CPU kernels (csrc/cpu/per_isa/) are compiled once per x86 vector ISA, lowest
 # first, each with its flags and at::vec's CPU_CAPABILITY macros; the package runs
 # the best one the CPU supports (csrc/cpu/cpu_capability.cpp). Elsewhere: DEFAULT.
+_AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
 X86_CAPABILITY_FLAGS = [
     ("DEFAULT", []),
     ("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
-    ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]),
+    ("AVX512", _AVX512_FLAGS),
+    # AVX512 with the bfloat16 conversion instructions (Cooper Lake, Sapphire Rapids, Zen 4):
+    # a bfloat16 output is rounded by one instruction (vcvtne2ps2bf16) instead of at::vec's ten
+    # or so integer operations (csrc/cpu/vec_lanes.h). at::vec runs its AVX-512 code for it.
+    ("AVX512_BF16", _AVX512_FLAGS + ["-mavx512bf16"]),
 ]
+# at::vec's CPU_CAPABILITY_* macros that a capability defines besides its own.
+IMPLIED_CAPABILITY_MACROS = {"AVX512_BF16": ["AVX512"]}
 PER_ISA_SOURCES = sorted(glob.glob("csrc/cpu/per_isa/*.cpp"))
 
 
@@ -101,7 +108,8 @@ class BuildExtensionPerIsa(BuildExtension):
             return self.compiler.compile(
                 PER_ISA_SOURCES,
                 output_dir=os.path.join(self.build_temp, f"cpu_{capability}"),
-                macros=ext.define_macros + [("CPU_CAPABILITY", capability), (f"CPU_CAPABILITY_{capability}", None)],
+                macros=ext.define_macros + [("CPU_CAPABILITY", capability), (f"CPU_CAPABILITY_{capability}", None)]
+                + [(f"CPU_CAPABILITY_{implied}", None) for implied in IMPLIED_CAPABILITY_MACROS.get(capability, [])],
                 include_dirs=ext.include_dirs,
                 debug=self.debug,
                 extra_postargs=cxx_flags + flags,

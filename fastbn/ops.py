@@ -18,9 +18,9 @@ from . import _C  # noqa: F401  (loading it registers torch.ops.fastbn.*)
 
 WITH_CUDA = bool(_C.with_cuda)
 
-# The CPU kernels are compiled for DEFAULT, AVX2 and AVX512 (x86-64; DEFAULT
-# only elsewhere). CPU_CAPABILITY names the one that runs: the best this CPU
-# supports, or FASTBN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512 from the environment
+# The CPU kernels are compiled for DEFAULT, AVX2, AVX512 and AVX512_BF16 (x86-64;
+# DEFAULT only elsewhere). CPU_CAPABILITY names the one that runs: the best this CPU
+# supports, or FASTBN_CPU_CAPABILITY=DEFAULT|AVX2|AVX512|AVX512_BF16 from the environment
 # (importing fails, naming what the CPU supports, when it cannot be honoured).
 # CPU_CAPABILITIES: every one this CPU and build can run, lowest first.
 CPU_CAPABILITY = _C._get_cpu_capability()

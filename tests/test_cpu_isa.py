@@ -483,7 +483,8 @@ def test_every_isa_rounds_bfloat16_outputs_to_nearest_even(planar):
 
 
 def test_capabilities_follow_the_cpu_flags():
-    """DEFAULT everywhere; AVX2 with avx2, fma and f16c; AVX512 with avx512 f, bw, vl and dq as well."""
+    """DEFAULT everywhere; AVX2 with avx2, fma and f16c; AVX512 with avx512 f, bw, vl and dq as well;
+    AVX512_BF16 with avx512_bf16 as well."""
     assert ISAS[0] == "DEFAULT"
     if not (sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")):
         assert ISAS == ("DEFAULT",) or platform.machine().lower() in ("x86_64", "amd64")
@@ -495,6 +496,8 @@ def test_capabilities_follow_the_cpu_flags():
         expected.append("AVX2")
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
             expected.append("AVX512")
+            if "avx512_bf16" in flags:
+                expected.append("AVX512_BF16")
     assert list(ISAS) == expected
 
 
@@ -512,7 +515,7 @@ def test_use_cpu_capability_switches_and_restores():
     with pytest.raises(KeyError), fastbn.ops.use_cpu_capability(ISAS[0]):
         raise KeyError("inside the block")
     assert fastbn.ops.CPU_CAPABILITY == before == fastbn.ops._C._get_cpu_capability()
-    for name in ["AVX9", ""] + [c for c in ("AVX2", "AVX512") if c not in ISAS]:
+    for name in ["AVX9", ""] + [c for c in ("AVX2", "AVX512", "AVX512_BF16") if c not in ISAS]:
         with pytest.raises(ValueError, match="cpu capability"), fastbn.ops.use_cpu_capability(name):
             pass
         assert fastbn.ops.CPU_CAPABILITY == before == fastbn.ops._C._get_cpu_capability()
@@ -571,7 +574,7 @@ def test_environment_chooses_at_run_time():
 
 
 def test_environment_naming_no_supported_capability_fails_the_import():
-    for name in ["AVX9"] + [c for c in ("AVX2", "AVX512") if c not in ISAS]:
+    for name in ["AVX9"] + [c for c in ("AVX2", "AVX512", "AVX512_BF16") if c not in ISAS]:
         result = import_with(name)
         assert result.returncode != 0, f"{name}: imported"
         assert "ImportError: fastbn: FASTBN_CPU_CAPABILITY" in result.stderr and name in result.stderr, result.stderr
@@ -579,7 +582,7 @@ def test_environment_naming_no_supported_capability_fails_the_import():
 
 def vector_code_reachable_outside_isa_code(library):
     """Functions of `library` with VEX/EVEX (AVX, AVX-512) instructions that code outside
-    the AVX2/AVX512 namespaces can reach through direct calls, jumps and address loads.
+    the AVX2/AVX512/AVX512_BF16 namespaces can reach through direct calls, jumps and address loads.
 
     setup.py links the per-ISA objects lowest ISA first so that an inline function of a
     shared header resolves to a copy compiled for its caller's ISA or a lower one; with
@@ -589,7 +592,7 @@ def vector_code_reachable_outside_isa_code(library):
                                  check=True).stdout
     function_start = re.compile(r"^([0-9a-f]+) <(.+)>:$")
     reference = re.compile(r"\b([0-9a-f]+) <([^>+]+?)(@plt)?(?:\+0x[0-9a-f]+)?>")
-    isa_named = re.compile(r"4AVX2|6AVX512")  # the mangled fastbn::cpu::AVX2 / at::vec::AVX512 ...
+    isa_named = re.compile(r"4AVX2|6AVX512|11AVX512_BF16")  # the mangled fastbn::cpu::AVX2 / at::vec::AVX512 ...
     names, vector_code, references, current = {}, set(), [], None
     for line in disassembly.splitlines():
         match = function_start.match(line)

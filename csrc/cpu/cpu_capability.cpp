@@ -10,7 +10,8 @@
 namespace fastbn::cpu {
 namespace {
 
-constexpr CpuCapability kAll[] = {CpuCapability::Default, CpuCapability::AVX2, CpuCapability::AVX512};
+constexpr CpuCapability kAll[] = {CpuCapability::Default, CpuCapability::AVX2, CpuCapability::AVX512,
+                                   CpuCapability::AVX512_BF16};
 
 // The best capability the running CPU (and OS: __builtin_cpu_supports checks
 // that it saves the AVX / AVX-512 registers) supports among those compiled in.
@@ -20,6 +21,7 @@ CpuCapability best_supported() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) return CpuCapability::AVX512_BF16;
   if (avx512) return CpuCapability::AVX512;
   if (avx2) return CpuCapability::AVX2;
 #endif
@@ -38,10 +40,11 @@ CpuCapability supported_by_name(const std::string& name, const std::string& what
   std::transform(upper.begin(), upper.end(), upper.begin(), [](unsigned char ch) { return char(std::toupper(ch)); });
   const auto* known = std::find_if(std::begin(kAll), std::end(kAll),
                                    [&](CpuCapability c) { return upper == capability_name(c); });
-  TORCH_CHECK(known != std::end(kAll), "fastbn: ", what, " must be DEFAULT, AVX2 or AVX512, got '", name, "'");
+  TORCH_CHECK(known != std::end(kAll), "fastbn: ", what, " must be DEFAULT, AVX2, AVX512 or AVX512_BF16, got '",
+              name, "'");
   TORCH_CHECK(*known <= best_supported(), "fastbn: ", what, "=", upper, " is not available here: this CPU and build ",
               "run ", supported_names(), " (AVX2 needs avx2, fma and f16c; AVX512 also avx512f, avx512bw, avx512vl ",
-              "and avx512dq; a build for a CPU other than x86-64 carries DEFAULT only)");
+              "and avx512dq; AVX512_BF16 also avx512_bf16; a build for a CPU other than x86-64 carries DEFAULT only)");
   return *known;
 }
 
@@ -56,6 +59,8 @@ const char* capability_name(CpuCapability capability) {
       return "AVX2";
     case CpuCapability::AVX512:
       return "AVX512";
+    case CpuCapability::AVX512_BF16:
+      return "AVX512_BF16";
     default:
       return "DEFAULT";
   }
@@ -89,6 +94,8 @@ void set_active_capability(const std::string& name) {
 const CpuKernels& active_kernels() {
   switch (active_capability()) {
 #if defined(FASTBN_X86_KERNELS)
+    case CpuCapability::AVX512_BF16:
+      return AVX512_BF16::kernels;
     case CpuCapability::AVX512:
       return AVX512::kernels;
     case CpuCapability::AVX2:

@@ -50,6 +50,9 @@ extern const CpuKernels kernels;
 namespace AVX512 {
 extern const CpuKernels kernels;
 }
+namespace AVX512_BF16 {
+extern const CpuKernels kernels;
+}
 #endif
 
 }  // namespace fastbn::cpu

@@ -1,6 +1,6 @@
 // The CPU kernels behind cpu_kernels.h: dtype and activation dispatch onto the
 // passes of batch_norm_passes.h. setup.py compiles this file once per x86
-// vector ISA (DEFAULT, AVX2, AVX512; DEFAULT elsewhere) with that ISA's flags
+// vector ISA (DEFAULT, AVX2, AVX512, AVX512_BF16; DEFAULT elsewhere) with that ISA's flags
 // and CPU_CAPABILITY=<ISA>, which puts each copy in namespace
 // fastbn::cpu::<ISA> (and at::vec's in at::vec::<ISA>).
 //
