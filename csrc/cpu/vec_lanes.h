@@ -34,12 +34,11 @@ using at::vec::Vectorized;
 
 #if defined(CPU_CAPABILITY_AVX512_BF16)
 // 32 floats (lo's first) as bfloat16, rounded to nearest even by one instruction
-// (vcvtne2ps2bf16) where at::vec's conversion takes about ten integer operations: on
-// Zen 4, bfloat16 channels_last module steps ran 1.0x-1.3x faster with it (bench/NOTES.md,
-// twenty-fourth session). The instruction reads subnormal inputs as zero, c10::BFloat16
-// keeps them: a block holding one returns false (the caller rounds it with integer
-// operations, bits for bits as c10). A NaN stays a NaN (quiet, its sign kept; at::vec
-// writes 0xffff).
+// (vcvtne2ps2bf16) where at::vec's conversion takes about ten integer operations, most
+// of the instructions of a bfloat16 output pass (perf: bench/NOTES.md, twenty-fourth
+// session). The instruction reads subnormal inputs as zero, c10::BFloat16 keeps them: a
+// block holding one returns false (the caller rounds it with integer operations, bits
+// for bits as c10). A NaN stays a NaN (quiet, its sign kept; at::vec writes 0xffff).
 C10_ALWAYS_INLINE bool bfloat16_by_instruction(const __m512& lo, const __m512& hi, __m512i& out) {
   constexpr int kSubnormal = 0x20;  // vfpclassps category
   if (C10_UNLIKELY((_mm512_fpclass_ps_mask(lo, kSubnormal) | _mm512_fpclass_ps_mask(hi, kSubnormal)) != 0)) {
