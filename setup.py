@@ -10,6 +10,7 @@ import glob
 import os
 import platform
 import re
+import shlex
 import subprocess
 
 # torch.utils.cpp_extension reads CUDA_HOME when it is imported, so default it first;
@@ -24,6 +25,7 @@ from torch.utils.cpp_extension import (  # noqa: E402
     BuildExtension,
     CppExtension,
     CUDAExtension,
+    get_cxx_compiler,
 )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -82,16 +84,59 @@ def loaded_libstdcxx():
     return min(paths) if paths else None
 
 
-def cpu_capabilities():
-    """(name, compiler flags) of each ISA the CPU kernels are compiled for, lowest first."""
-    if platform.machine().lower() in ("x86_64", "amd64") and platform.system() != "Windows":
-        return X86_CAPABILITY_FLAGS
-    return X86_CAPABILITY_FLAGS[:1]
+# A source that compiles only where the compiler knows AVX512_BF16: its conversion
+# intrinsic (GCC >= 10, clang >= 9) and the CPU feature name that
+# csrc/cpu/cpu_capability.cpp asks __builtin_cpu_supports about.
+AVX512_BF16_PROBE = """
+#include <immintrin.h>
+__m512bh convert(__m512 lo, __m512 hi) { return _mm512_cvtne2ps_pbh(hi, lo); }
+int cpu_has_it() { return __builtin_cpu_supports("avx512bf16"); }
+"""
+
+
+def compiler_accepts(compiler, flags, source):
+    """Whether the C++ compiler (a command, as a list) compiles `source` with `flags`."""
+    try:
+        result = subprocess.run(compiler + ["-x", "c++", "-std=c++17", "-c", "-", "-o", os.devnull] + flags,
+                                input=source, capture_output=True, text=True)
+    except OSError:
+        return False
+    return result.returncode == 0
+
+
+def cpu_capabilities(compiler=None):
+    """(name, compiler flags) of each ISA the CPU kernels are compiled for, lowest first.
+
+    AVX512_BF16 only where the compiler (torch's choice: $CXX or c++) builds it: an older
+    one rejects -mavx512bf16, and the build then goes on without that capability (its
+    CPUs run the AVX512 kernels) instead of failing.
+    """
+    if not (platform.machine().lower() in ("x86_64", "amd64") and platform.system() != "Windows"):
+        return X86_CAPABILITY_FLAGS[:1]
+    compiler = compiler or shlex.split(get_cxx_compiler())
+    capabilities = []
+    for name, flags in X86_CAPABILITY_FLAGS:
+        if name == "AVX512_BF16" and not compiler_accepts(compiler, flags, AVX512_BF16_PROBE):
+            print(f"fastbn: {' '.join(compiler)} does not compile AVX512_BF16 code (-mavx512bf16), "
+                  "building without that CPU capability")
+            continue
+        capabilities.append((name, flags))
+    return capabilities
+
+
+def capability_macros(capabilities):
+    """The macros that tell the ISA-free sources (csrc/cpu/cpu_capability.cpp) which
+    capabilities' kernels are linked in."""
+    names = [name for name, _ in capabilities]
+    macros = [("FASTBN_X86_KERNELS", None)] if "AVX512" in names else []
+    if "AVX512_BF16" in names:
+        macros.append(("FASTBN_AVX512_BF16_KERNELS", None))
+    return macros
 
 
 class BuildExtensionPerIsa(BuildExtension):
     """torch's BuildExtension (ninja when available), plus PER_ISA_SOURCES compiled
-    once per ISA of cpu_capabilities() with that ISA's flags and linked into the
+    once per ISA of the extension's cpu_capabilities with that ISA's flags and linked into the
     extension after every other object, lowest ISA first.
 
     Why that order: an inline function of a shared header (c10, std, bn_math.h)
@@ -121,7 +166,7 @@ class BuildExtensionPerIsa(BuildExtension):
         # are needed only at the link, so the link waits for them. One after the
         # other, the ISAs took three times one compile (~35 s each), and before the
         # nvcc compile a GPU machine's build (16 cores) spent its first ~100 s on them.
-        capabilities = cpu_capabilities()
+        capabilities = ext.cpu_capabilities
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(capabilities)) as pool:
             per_isa = [pool.submit(compile_for, capability, flags) for capability, flags in capabilities]
 
@@ -144,12 +189,12 @@ class BuildExtensionPerIsa(BuildExtension):
             isa_objects()  # an ISA's compile error, also where nothing was linked
 
 
-def make_extension():
+def make_extension(capabilities):
     use_cuda = want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     # Without ISA flags: the operator entry points, checks and the ISA choice.
-    macros = [("FASTBN_X86_KERNELS", None)] if len(cpu_capabilities()) > 1 else []
+    macros = capability_macros(capabilities)
     # setuptools relinks when one of these is newer than the extension; the
     # per-ISA objects are rebuilt by their own (ninja) dependency tracking.
     depends = sorted(PER_ISA_SOURCES + glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
@@ -175,7 +220,7 @@ def make_extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         macros.append(("FASTBN_WITH_CUDA", None))
         nvcc_flags = ["-O3", "-Xcompiler", "-g0", "-lineinfo", "--expt-relaxed-constexpr"]
-        return CUDAExtension(
+        extension = CUDAExtension(
             "fastbn._C",
             sources + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
@@ -184,20 +229,25 @@ def make_extension():
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
             extra_link_args=link_flags,
         )
-    return CppExtension(
-        "fastbn._C",
-        sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        define_macros=macros,
-        depends=depends,
-        extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=link_flags,
-    )
+    else:
+        extension = CppExtension(
+            "fastbn._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=macros,
+            depends=depends,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
+    extension.cpu_capabilities = capabilities  # for BuildExtensionPerIsa
+    return extension
 
 
 # Not built for Python's limited API: csrc/eager.cpp uses torch's Python bindings
 # (libtorch_python), which torch builds per Python version anyway.
-setup(
-    ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExtensionPerIsa},
-)
+# (Guarded so that tests can import the helpers above; pip runs this file as __main__.)
+if __name__ == "__main__":
+    setup(
+        ext_modules=[make_extension(cpu_capabilities())],
+        cmdclass={"build_ext": BuildExtensionPerIsa},
+    )

@@ -1,5 +1,6 @@
 """Shared test helpers: devices, float64 references, error budgets."""
 import functools
+import importlib.util
 import os
 
 # On a GPU the tests exercise fastbn's CUDA kernels, not the torch fallback that
@@ -34,6 +35,15 @@ if CUDA_EMULATED:
 
 # Where test_cuda.py runs fastbn's CUDA kernels: the CPU under emulation, else a GPU.
 CUDA_KERNEL_DEVICE = "cpu" if CUDA_EMULATED else "cuda"
+
+
+def load_setup_script():
+    """setup.py as a module (its setup() call runs only as __main__), for its build helpers."""
+    spec = importlib.util.spec_from_file_location(
+        "fastbn_setup_script", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,13 +1,19 @@
 """How the extension is built: what a toolchain can get wrong without any kernel being wrong."""
+import os
+import platform
+import shlex
 import struct
+import subprocess
 import sys
 
 import pytest
 import torch
 
 import fastbn  # noqa: F401  (loads fastbn._C)
+from conftest import load_setup_script
 
 EXTENSION_PATH = sys.modules["fastbn._C"].__file__
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def needed_libraries(path):
@@ -60,3 +66,55 @@ def test_error_messages_keep_their_numbers():
     x = torch.randn(4, 3, 5, 5)
     with pytest.raises(RuntimeError, match=r"weight should contain 3 elements not 5 \(one per channel"):
         torch.ops.fastbn.batch_norm_train(x, torch.randn(5), None, 1e-5)
+
+
+X86_LINUX = sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
+
+
+@pytest.mark.skipif(not X86_LINUX, reason="the per-ISA build is for x86-64 Linux")
+def test_build_leaves_out_avx512_bf16_where_the_compiler_rejects_it(tmp_path):
+    """A compiler that rejects -mavx512bf16 (GCC < 10) builds the other capabilities, without the
+    macro that links AVX512_BF16's kernels in, instead of failing the whole build."""
+    setup_script = load_setup_script()
+    compiler = shlex.split(setup_script.get_cxx_compiler())
+    assert setup_script.compiler_accepts(compiler, [], "int f() { return 0; }\n")
+    assert not setup_script.compiler_accepts(compiler, [], "int f() { return undeclared; }\n")
+
+    old_compiler = tmp_path / "old-c++"  # the real compiler, refusing -mavx512bf16 as GCC 9 does
+    old_compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -mavx512bf16 ] && '
+                            '{ echo "unrecognized option $a" >&2; exit 1; }; done\n'
+                            f'exec {shlex.join(compiler)} "$@"\n')
+    old_compiler.chmod(0o755)
+    built = [name for name, _ in setup_script.cpu_capabilities([str(old_compiler)])]
+    assert built == ["DEFAULT", "AVX2", "AVX512"]
+    assert setup_script.capability_macros(setup_script.cpu_capabilities([str(old_compiler)])) == [
+        ("FASTBN_X86_KERNELS", None)]
+
+    full = setup_script.cpu_capabilities(compiler)
+    assert [name for name, _ in full][:3] == ["DEFAULT", "AVX2", "AVX512"]
+    assert (("FASTBN_AVX512_BF16_KERNELS", None) in setup_script.capability_macros(full)) == (
+        [name for name, _ in full][3:] == ["AVX512_BF16"])
+
+
+@pytest.mark.skipif(not X86_LINUX, reason="the per-ISA build is for x86-64 Linux")
+def test_capability_choice_names_avx512_bf16_only_when_built_with_it():
+    """Without FASTBN_AVX512_BF16_KERNELS, the ISA-free source that picks the kernels refers to
+    neither AVX512_BF16's kernels nor the CPU feature name an old compiler does not know."""
+    from torch.utils.cpp_extension import include_paths
+
+    setup_script = load_setup_script()
+    compiler = shlex.split(setup_script.get_cxx_compiler())
+    includes = [f"-I{path}" for path in include_paths() + [os.path.join(ROOT, "csrc")]]
+
+    def preprocessed(macros):
+        command = compiler + ["-std=c++17", "-E", "-P", *macros, *includes,
+                              os.path.join(ROOT, "csrc", "cpu", "cpu_capability.cpp")]
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    without = preprocessed(["-DFASTBN_X86_KERNELS"])
+    assert "avx512bf16" not in without and "AVX512_BF16::kernels" not in without
+    assert "AVX512::kernels" in without
+    with_it = preprocessed(["-DFASTBN_X86_KERNELS", "-DFASTBN_AVX512_BF16_KERNELS"])
+    assert "avx512bf16" in with_it and "AVX512_BF16::kernels" in with_it

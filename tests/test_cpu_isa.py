@@ -11,6 +11,7 @@ import bisect
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 import fastbn
-from conftest import ALL_DTYPES, EMULATED_TOLERANCE, assert_within_budget, random_input
+from conftest import ALL_DTYPES, EMULATED_TOLERANCE, assert_within_budget, load_setup_script, random_input
 
 ISAS = fastbn.ops.CPU_CAPABILITIES
 X86_ISAS_ABOVE_DEFAULT = ("AVX2", "AVX512", "AVX512_BF16")  # every capability an x86-64 build carries
@@ -485,7 +486,7 @@ def test_every_isa_rounds_bfloat16_outputs_to_nearest_even(planar):
 
 def test_capabilities_follow_the_cpu_flags():
     """DEFAULT everywhere; AVX2 with avx2, fma and f16c; AVX512 with avx512 f, bw, vl and dq as well;
-    AVX512_BF16 with avx512_bf16 as well."""
+    AVX512_BF16 with avx512_bf16 as well, where the compiler builds it."""
     assert ISAS[0] == "DEFAULT"
     if not (sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")):
         assert ISAS == ("DEFAULT",) or platform.machine().lower() in ("x86_64", "amd64")
@@ -497,7 +498,10 @@ def test_capabilities_follow_the_cpu_flags():
         expected.append("AVX2")
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
             expected.append("AVX512")
-            if "avx512_bf16" in flags:
+            setup_script = load_setup_script()  # and where the compiler builds it (setup.py's probe)
+            if "avx512_bf16" in flags and setup_script.compiler_accepts(
+                    shlex.split(setup_script.get_cxx_compiler()), dict(setup_script.X86_CAPABILITY_FLAGS)["AVX512_BF16"],
+                    setup_script.AVX512_BF16_PROBE):
                 expected.append("AVX512_BF16")
     assert list(ISAS) == expected
 

@@ -21,7 +21,9 @@ CpuCapability best_supported() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#if defined(FASTBN_AVX512_BF16_KERNELS)  // (setup.py leaves them out where the compiler cannot build them)
   if (avx512 && __builtin_cpu_supports("avx512bf16")) return CpuCapability::AVX512_BF16;
+#endif
   if (avx512) return CpuCapability::AVX512;
   if (avx2) return CpuCapability::AVX2;
 #endif
@@ -93,9 +95,11 @@ void set_active_capability(const std::string& name) {
 
 const CpuKernels& active_kernels() {
   switch (active_capability()) {
-#if defined(FASTBN_X86_KERNELS)
+#if defined(FASTBN_AVX512_BF16_KERNELS)
     case CpuCapability::AVX512_BF16:
       return AVX512_BF16::kernels;
+#endif
+#if defined(FASTBN_X86_KERNELS)
     case CpuCapability::AVX512:
       return AVX512::kernels;
     case CpuCapability::AVX2:

@@ -50,6 +50,8 @@ extern const CpuKernels kernels;
 namespace AVX512 {
 extern const CpuKernels kernels;
 }
+#endif
+#if defined(FASTBN_AVX512_BF16_KERNELS)
 namespace AVX512_BF16 {
 extern const CpuKernels kernels;
 }

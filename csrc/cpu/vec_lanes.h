@@ -33,6 +33,15 @@ namespace fastbn::cpu::CPU_CAPABILITY {
 using at::vec::Vectorized;
 
 #if defined(CPU_CAPABILITY_AVX512_BF16)
+// The lanes of v that hold a subnormal (exponent bits zero, mantissa not), told by its
+// bits: vfpclassps would do it in one instruction but sees no subnormal while MXCSR.DAZ
+// is set, and those would then be written as zero where c10 writes them.
+C10_ALWAYS_INLINE __mmask16 subnormal_lanes(const __m512& v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __mmask16 zero_exponent = _mm512_testn_epi32_mask(bits, _mm512_set1_epi32(0x7f800000));
+  return _mm512_mask_test_epi32_mask(zero_exponent, bits, _mm512_set1_epi32(0x007fffff));
+}
+
 // 32 floats (lo's first) as bfloat16, rounded to nearest even by one instruction
 // (vcvtne2ps2bf16) where at::vec's conversion takes about ten integer operations, most
 // of the instructions of a bfloat16 output pass (perf: bench/NOTES.md, twenty-fourth
@@ -40,10 +49,7 @@ using at::vec::Vectorized;
 // block holding one returns false (the caller rounds it with integer operations, bits
 // for bits as c10). A NaN stays a NaN (quiet, its sign kept; at::vec writes 0xffff).
 C10_ALWAYS_INLINE bool bfloat16_by_instruction(const __m512& lo, const __m512& hi, __m512i& out) {
-  constexpr int kSubnormal = 0x20;  // vfpclassps category
-  if (C10_UNLIKELY((_mm512_fpclass_ps_mask(lo, kSubnormal) | _mm512_fpclass_ps_mask(hi, kSubnormal)) != 0)) {
-    return false;
-  }
+  if (C10_UNLIKELY((subnormal_lanes(lo) | subnormal_lanes(hi)) != 0)) return false;
   out = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
   return true;
 }
