@@ -8,11 +8,14 @@ larger buffer. .ci/run also reruns the kernel test files (small shapes) under
 FASTBN_CPU_CAPABILITY set to each capability below the machine's best.
 """
 import bisect
+import contextlib
+import ctypes
 import os
 import platform
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -482,6 +485,53 @@ def test_every_isa_rounds_bfloat16_outputs_to_nearest_even(planar):
         assert torch.equal(y.isnan(), expected.isnan()), isa
         finite = ~expected.isnan()
         assert torch.equal(y[finite].view(torch.int16), expected[finite].view(torch.int16)), isa
+
+
+@contextlib.contextmanager
+def denormals_are_zero():
+    """MXCSR.DAZ set (FTZ left off) on this thread, through glibc's fenv_t (x86-64: MXCSR at
+    byte 28), and torch at 1 thread so that the kernels run here. torch.set_flush_denormal sets
+    both bits, and with FTZ arithmetic makes no subnormal result."""
+    libm = ctypes.CDLL("libm.so.6")
+    env = ctypes.create_string_buffer(32)
+    assert libm.fegetenv(env) == 0
+    saved = env.raw
+    struct.pack_into("<I", env, 28, struct.unpack_from("<I", saved, 28)[0] | 0x40)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert libm.fesetenv(env) == 0
+    try:
+        yield
+    finally:
+        libm.fesetenv(ctypes.create_string_buffer(saved, 32))
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")),
+                    reason="sets MXCSR through glibc (x86-64 Linux)")
+@pytest.mark.parametrize("planar", [True, False], ids=["planar", "channels_last"])
+def test_every_vector_isa_keeps_subnormal_bfloat16_products_with_denormals_are_zero(planar):
+    """Under MXCSR.DAZ (FTZ off) a product of normal values can still be subnormal, and every
+    vector ISA writes it rounded as c10 rounds it. AVX512_BF16's rounding instruction would write
+    zero, so the blocks holding one take the integer rounding; the test for them must read the
+    bits (vfpclassps sees no subnormal under DAZ). DEFAULT is left out: its own float arithmetic
+    reads the subnormal product as zero under DAZ (its float32 outputs are zero too)."""
+    shape = (3, 4, 7, 9)
+    x = ((torch.rand(shape) + 0.5) * 1e-20).to(torch.bfloat16)  # normal values
+    if not planar:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.tensor([1e-19, 3e-19, 7e-20, -2e-19])
+    running_mean, running_var, eps = torch.zeros(4), torch.full((4,), 1 - 2 ** -10), 2 ** -10
+    expected = (x.float() * weight.view(1, -1, 1, 1)).to(torch.bfloat16)  # computed before DAZ is set
+    assert (expected.float().abs() < torch.finfo(torch.float32).tiny).all() and (expected != 0).all()
+    outputs = {}
+    with denormals_are_zero():
+        for isa in ISAS[1:]:
+            with fastbn.ops.use_cpu_capability(isa):
+                outputs[isa] = torch.ops.fastbn.batch_norm_eval(x, weight, torch.zeros(4), running_mean, running_var,
+                                                                eps)
+    for isa, y in outputs.items():  # compared with DAZ off again (under it, a subnormal compares as zero)
+        assert torch.equal(y.view(torch.int16), expected.view(torch.int16)), isa
 
 
 def test_capabilities_follow_the_cpu_flags():
