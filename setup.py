@@ -84,9 +84,8 @@ def loaded_libstdcxx():
     return min(paths) if paths else None
 
 
-# A source that compiles only where the compiler knows AVX512_BF16: its conversion
-# intrinsic (GCC >= 10, clang >= 9) and the CPU feature name that
-# csrc/cpu/cpu_capability.cpp asks __builtin_cpu_supports about.
+# A source that compiles only where the compiler knows AVX512_BF16: its conversion intrinsic
+# and the CPU feature name that csrc/cpu/cpu_capability.cpp asks __builtin_cpu_supports about.
 AVX512_BF16_PROBE = """
 #include <immintrin.h>
 __m512bh convert(__m512 lo, __m512 hi) { return _mm512_cvtne2ps_pbh(hi, lo); }

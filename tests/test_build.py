@@ -73,14 +73,14 @@ X86_LINUX = sys.platform.startswith("linux") and platform.machine().lower() in (
 
 @pytest.mark.skipif(not X86_LINUX, reason="the per-ISA build is for x86-64 Linux")
 def test_build_leaves_out_avx512_bf16_where_the_compiler_rejects_it(tmp_path):
-    """A compiler that rejects -mavx512bf16 (GCC < 10) builds the other capabilities, without the
+    """A compiler that rejects -mavx512bf16 (an older GCC or clang) builds the other capabilities, without the
     macro that links AVX512_BF16's kernels in, instead of failing the whole build."""
     setup_script = load_setup_script()
     compiler = shlex.split(setup_script.get_cxx_compiler())
     assert setup_script.compiler_accepts(compiler, [], "int f() { return 0; }\n")
     assert not setup_script.compiler_accepts(compiler, [], "int f() { return undeclared; }\n")
 
-    old_compiler = tmp_path / "old-c++"  # the real compiler, refusing -mavx512bf16 as GCC 9 does
+    old_compiler = tmp_path / "old-c++"  # the real compiler, refusing -mavx512bf16 as an older one does
     old_compiler.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -mavx512bf16 ] && '
                             '{ echo "unrecognized option $a" >&2; exit 1; }; done\n'
                             f'exec {shlex.join(compiler)} "$@"\n')
