@@ -103,6 +103,11 @@ def compiler_accepts(compiler, flags, source):
     return result.returncode == 0
 
 
+def cxx_compiler():
+    """The C++ compiler command torch's build uses ($CXX or c++), as a list."""
+    return shlex.split(get_cxx_compiler())
+
+
 def cpu_capabilities(compiler=None):
     """(name, compiler flags) of each ISA the CPU kernels are compiled for, lowest first.
 
@@ -112,7 +117,7 @@ def cpu_capabilities(compiler=None):
     """
     if not (platform.machine().lower() in ("x86_64", "amd64") and platform.system() != "Windows"):
         return X86_CAPABILITY_FLAGS[:1]
-    compiler = compiler or shlex.split(get_cxx_compiler())
+    compiler = compiler or cxx_compiler()
     capabilities = []
     for name, flags in X86_CAPABILITY_FLAGS:
         if name == "AVX512_BF16" and not compiler_accepts(compiler, flags, AVX512_BF16_PROBE):

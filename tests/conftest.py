@@ -2,6 +2,8 @@
 import functools
 import importlib.util
 import os
+import platform
+import sys
 
 # On a GPU the tests exercise fastbn's CUDA kernels, not the torch fallback that
 # unvalidated builds use (see fastbn.ops.CUDA_KERNELS_VALIDATED).
@@ -35,6 +37,10 @@ if CUDA_EMULATED:
 
 # Where test_cuda.py runs fastbn's CUDA kernels: the CPU under emulation, else a GPU.
 CUDA_KERNEL_DEVICE = "cpu" if CUDA_EMULATED else "cuda"
+
+
+# Where setup.py builds the per-ISA CPU kernels and the tests can read /proc/cpuinfo and set MXCSR.
+X86_LINUX = sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
 
 
 def load_setup_script():

@@ -1,6 +1,5 @@
 """How the extension is built: what a toolchain can get wrong without any kernel being wrong."""
 import os
-import platform
 import shlex
 import struct
 import subprocess
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 import fastbn  # noqa: F401  (loads fastbn._C)
-from conftest import load_setup_script
+from conftest import X86_LINUX, load_setup_script
 
 EXTENSION_PATH = sys.modules["fastbn._C"].__file__
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,15 +67,12 @@ def test_error_messages_keep_their_numbers():
         torch.ops.fastbn.batch_norm_train(x, torch.randn(5), None, 1e-5)
 
 
-X86_LINUX = sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
-
-
 @pytest.mark.skipif(not X86_LINUX, reason="the per-ISA build is for x86-64 Linux")
 def test_build_leaves_out_avx512_bf16_where_the_compiler_rejects_it(tmp_path):
     """A compiler that rejects -mavx512bf16 (an older GCC or clang) builds the other capabilities, without the
     macro that links AVX512_BF16's kernels in, instead of failing the whole build."""
     setup_script = load_setup_script()
-    compiler = shlex.split(setup_script.get_cxx_compiler())
+    compiler = setup_script.cxx_compiler()
     assert setup_script.compiler_accepts(compiler, [], "int f() { return 0; }\n")
     assert not setup_script.compiler_accepts(compiler, [], "int f() { return undeclared; }\n")
 
@@ -85,10 +81,9 @@ def test_build_leaves_out_avx512_bf16_where_the_compiler_rejects_it(tmp_path):
                             '{ echo "unrecognized option $a" >&2; exit 1; }; done\n'
                             f'exec {shlex.join(compiler)} "$@"\n')
     old_compiler.chmod(0o755)
-    built = [name for name, _ in setup_script.cpu_capabilities([str(old_compiler)])]
-    assert built == ["DEFAULT", "AVX2", "AVX512"]
-    assert setup_script.capability_macros(setup_script.cpu_capabilities([str(old_compiler)])) == [
-        ("FASTBN_X86_KERNELS", None)]
+    built = setup_script.cpu_capabilities([str(old_compiler)])
+    assert [name for name, _ in built] == ["DEFAULT", "AVX2", "AVX512"]
+    assert setup_script.capability_macros(built) == [("FASTBN_X86_KERNELS", None)]
 
     full = setup_script.cpu_capabilities(compiler)
     assert [name for name, _ in full][:3] == ["DEFAULT", "AVX2", "AVX512"]
@@ -103,7 +98,7 @@ def test_capability_choice_names_avx512_bf16_only_when_built_with_it():
     from torch.utils.cpp_extension import include_paths
 
     setup_script = load_setup_script()
-    compiler = shlex.split(setup_script.get_cxx_compiler())
+    compiler = setup_script.cxx_compiler()
     includes = [f"-I{path}" for path in include_paths() + [os.path.join(ROOT, "csrc")]]
 
     def preprocessed(macros):

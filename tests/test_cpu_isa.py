@@ -13,7 +13,6 @@ import ctypes
 import os
 import platform
 import re
-import shlex
 import shutil
 import struct
 import subprocess
@@ -24,7 +23,8 @@ import torch
 from torch import nn
 
 import fastbn
-from conftest import ALL_DTYPES, CUDA_EMULATED, EMULATED_TOLERANCE, assert_within_budget, load_setup_script, random_input
+from conftest import (ALL_DTYPES, CUDA_EMULATED, EMULATED_TOLERANCE, X86_LINUX, assert_within_budget, load_setup_script,
+                      random_input)
 
 ISAS = fastbn.ops.CPU_CAPABILITIES
 X86_ISAS_ABOVE_DEFAULT = ("AVX2", "AVX512", "AVX512_BF16")  # every capability an x86-64 build carries
@@ -507,8 +507,7 @@ def denormals_are_zero():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")),
-                    reason="sets MXCSR through glibc (x86-64 Linux)")
+@pytest.mark.skipif(not X86_LINUX, reason="sets MXCSR through glibc (x86-64 Linux)")
 @pytest.mark.skipif(CUDA_EMULATED, reason="the ops run the emulated CUDA kernels here, not the CPU ISAs: the CPU's "
                     "MXCSR is no part of a GPU's arithmetic")
 @pytest.mark.parametrize("planar", [True, False], ids=["planar", "channels_last"])
@@ -540,7 +539,7 @@ def test_capabilities_follow_the_cpu_flags():
     """DEFAULT everywhere; AVX2 with avx2, fma and f16c; AVX512 with avx512 f, bw, vl and dq as well;
     AVX512_BF16 with avx512_bf16 as well, where the compiler builds it."""
     assert ISAS[0] == "DEFAULT"
-    if not (sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")):
+    if not X86_LINUX:
         assert ISAS == ("DEFAULT",) or platform.machine().lower() in ("x86_64", "amd64")
         return
     with open("/proc/cpuinfo") as f:
@@ -550,10 +549,8 @@ def test_capabilities_follow_the_cpu_flags():
         expected.append("AVX2")
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
             expected.append("AVX512")
-            setup_script = load_setup_script()  # and where the compiler builds it (setup.py's probe)
-            if "avx512_bf16" in flags and setup_script.compiler_accepts(
-                    shlex.split(setup_script.get_cxx_compiler()), dict(setup_script.X86_CAPABILITY_FLAGS)["AVX512_BF16"],
-                    setup_script.AVX512_BF16_PROBE):
+            # and where the compiler builds it (setup.py's probe)
+            if "avx512_bf16" in flags and "AVX512_BF16" in dict(load_setup_script().cpu_capabilities()):
                 expected.append("AVX512_BF16")
     assert list(ISAS) == expected
 
