@@ -72,6 +72,18 @@ X86_CAPABILITY_FLAGS = [
 # at::vec's CPU_CAPABILITY_* macros that a capability defines besides its own.
 IMPLIED_CAPABILITY_MACROS = {"AVX512_BF16": ["AVX512"]}
 PER_ISA_SOURCES = sorted(glob.glob("csrc/cpu/per_isa/*.cpp"))
+# FASTBN_QUICK_CPU_KERNELS=1: the per-ISA CPU kernels at -O1, for builds where CPU speed does
+# not matter (bench/gpu_run.sh's lease: a lent GPU's call has 10 minutes, and there the -O3
+# objects took 443 s of them; one -O1 compile took 118 s here against ~400 s at -O3). -O1
+# leaves the intrinsics' self-initialised temporaries to -Wuninitialized: 168 MB of warnings.
+QUICK_CPU_KERNEL_FLAGS = ["-O1", "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
+
+
+def per_isa_compile_flags(cxx_flags, isa_flags, environ=os.environ):
+    """The flags of one ISA's compile of PER_ISA_SOURCES: the extension's, the ISA's, then
+    QUICK_CPU_KERNEL_FLAGS where FASTBN_QUICK_CPU_KERNELS=1 (last, so that -O1 wins)."""
+    quick = environ.get("FASTBN_QUICK_CPU_KERNELS", "0") == "1"
+    return list(cxx_flags) + list(isa_flags) + (QUICK_CPU_KERNEL_FLAGS if quick else [])
 
 
 def loaded_libstdcxx():
@@ -152,6 +164,8 @@ class BuildExtensionPerIsa(BuildExtension):
 
     def build_extension(self, ext):
         cxx_flags = ext.extra_compile_args["cxx"]  # with the flags BuildExtension added
+        if os.environ.get("FASTBN_QUICK_CPU_KERNELS", "0") == "1":
+            print("fastbn: FASTBN_QUICK_CPU_KERNELS=1, CPU kernels built with " + " ".join(QUICK_CPU_KERNEL_FLAGS))
 
         def compile_for(capability, flags):
             return self.compiler.compile(
@@ -161,7 +175,7 @@ class BuildExtensionPerIsa(BuildExtension):
                 + [(f"CPU_CAPABILITY_{implied}", None) for implied in IMPLIED_CAPABILITY_MACROS.get(capability, [])],
                 include_dirs=ext.include_dirs,
                 debug=self.debug,
-                extra_postargs=cxx_flags + flags,
+                extra_postargs=per_isa_compile_flags(cxx_flags, flags),
                 depends=ext.depends,
             )
 

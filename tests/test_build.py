@@ -113,3 +113,18 @@ def test_capability_choice_names_avx512_bf16_only_when_built_with_it():
     assert "AVX512::kernels" in without
     with_it = preprocessed(["-DFASTBN_X86_KERNELS", "-DFASTBN_AVX512_BF16_KERNELS"])
     assert "avx512bf16" in with_it and "AVX512_BF16::kernels" in with_it
+
+
+def test_quick_cpu_kernels_flag_builds_the_per_isa_objects_at_o1():
+    """FASTBN_QUICK_CPU_KERNELS=1 (bench/gpu_run.sh's lease) compiles the per-ISA kernels at -O1: the last -O
+    flag wins, so QUICK_CPU_KERNEL_FLAGS must come after the extension's -O3 and the ISA's flags; unset, the
+    flags are the extension's and the ISA's alone."""
+    setup_script = load_setup_script()
+    cxx_flags, isa_flags = ["-O3", "-g0", "-fopenmp"], ["-mavx2", "-mfma"]
+    plain = setup_script.per_isa_compile_flags(cxx_flags, isa_flags, environ={})
+    assert plain == cxx_flags + isa_flags
+    quick = setup_script.per_isa_compile_flags(cxx_flags, isa_flags, environ={"FASTBN_QUICK_CPU_KERNELS": "1"})
+    assert quick[:len(plain)] == plain
+    assert [flag for flag in quick if flag.startswith("-O")][-1] == "-O1"
+    compiler = setup_script.cxx_compiler()
+    assert setup_script.compiler_accepts(compiler, setup_script.QUICK_CPU_KERNEL_FLAGS, "int f() { return 0; }\n")

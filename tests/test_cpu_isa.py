@@ -143,17 +143,17 @@ def test_every_isa_past_the_streaming_threshold(dtype, channels_last):
 
 
 @pytest.mark.parametrize("streaming_from", [OUT_OF_CACHE_BYTES, ROW_ORDER_BYTES], ids=["large_l3", "small_l3"])
-@pytest.mark.parametrize("channels", [80, 136])
+@pytest.mark.parametrize("channels", [48, 80, 136])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_every_isa_channels_last_between_row_order_and_streaming(dtype, channels, streaming_from):
     """channels_last tensors whose elementwise passes walk rows in memory order
     (kRowOrderBytes <= size < kOutOfCacheBytes), under each ISA. Their reductions walk
-    whole rows where a row is 2-4 channel blocks (row_walk_group_rows: 80 channels with
-    AVX-512 are 3 blocks of 32, the last one partial; the statistics of every dtype,
-    the backward sums of half and bfloat16), else each piece in groups of rows block
-    by block (groups of kInCacheReductionGroupBytes, the last one of a piece partial:
-    136 channels, 5 blocks with AVX-512; both widths with AVX2 and DEFAULT, 5 and 9
-    blocks of 16). With the streaming threshold of a host with a large L3 (16 MiB, from
+    whole rows where a row is 2-4 channel blocks (row_walk_group_rows: 48 and 80 channels
+    with AVX-512 are 2 and 3 blocks of 32, the last one partial; the statistics of every
+    dtype, the backward sums of half and bfloat16 rows of 2 or 3 blocks), else each piece
+    in groups of rows block by block (groups of kInCacheReductionGroupBytes, the last one
+    of a piece partial: 136 channels, 5 blocks with AVX-512; 80 and 136 channels with
+    AVX2 and DEFAULT, 5 and 9 blocks of 16, where 48 channels are 3 blocks, walked whole). With the streaming threshold of a host with a large L3 (16 MiB, from
     128 MiB of L3 on), every output is stored normally; with that of a small L3 (4 MiB,
     32 MiB or less), the rows of whole 64-byte lines (float32 and float64) are streamed."""
     per_sample = channels * 33 * 35 * dtype.itemsize

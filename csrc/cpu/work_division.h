@@ -223,11 +223,14 @@ inline int64_t reduction_group_rows(const Geometry& g, int64_t piece_rows) {
 //    (250,64,11,11) 1.10x, (32,128,28,28) 1.07x, (32,96,28,28) 1.04x, (16,64,56,56)
 //    1.03x. Module steps: 0.99x-1.08x (the statistics are one pass of the step's eight).
 //  - backward sums of rows of 2 to kMaxRowBlocks blocks: past kOutOfCacheBytes; half
-//    and bfloat16 rows of 3 blocks from kRowOrderBytes on. Module steps (same A/B, 9-11
-//    rounds): bfloat16 (64,96,28,28) 1.12x-1.16x, (32,80,40,40) 1.11x; but rows of 2
-//    blocks lost ((8,64,112,112) with 1 KiB column groups 0.92x; op loop, whole rows,
-//    (32,64,56,56) 0.74x), rows of 4 (op loop (32,112,28,28) 0.83x, (64,128,28,28)
-//    0.96x) and float32 rows of 3 ((32,96,28,28) 0.97x). Why 3 blocks only was not found.
+//    and bfloat16 rows of 2 or 3 blocks from kRowOrderBytes on. Module steps (same A/B,
+//    9-11 rounds): bfloat16 (64,96,28,28) 1.12x-1.16x, (32,80,40,40) 1.11x; but there
+//    rows of 4 lost (op loop (32,112,28,28) 0.83x, (64,128,28,28) 0.96x), and float32
+//    rows of 3 ((32,96,28,28) 0.97x). Rows of 2 lost on that Xeon too (bfloat16
+//    (32,64,56,56) op loop 0.74x) but win on the Zen 4 host (1 MiB L2 per core, 32 MiB
+//    L3): bfloat16 channels_last backward op, 2 threads, alternating processes, 4-5
+//    rounds, three runs: (32,64,56,56) 1.27x, 1.39x, 1.48x, (8,64,112,112) 1.29x, 1.21x,
+//    1.68x (a control build that changed nothing there: 0.97x, 0.96x).
 //  - wider rows, both reductions: past kOutOfCacheBytes, in groups of about
 //    kPanelGroupBytes per input. Before, the column loops walked them in groups of
 //    about 1 KiB per input (a row or less: each block of each row loaded and stored
@@ -250,7 +253,7 @@ inline int64_t row_walk_group_rows(const Geometry& g, RowReduction reduction) {
   }
   const bool whole_rows = reduction == RowReduction::Statistics
                               ? bytes >= kRowOrderBytes
-                              : past_cache || (Lanes<scalar_t>::kReduced && blocks == 3 && bytes >= kRowOrderBytes);
+                              : past_cache || (Lanes<scalar_t>::kReduced && blocks <= 3 && bytes >= kRowOrderBytes);
   return whole_rows ? g.count() : 0;
 }
 
