@@ -79,11 +79,14 @@ PER_ISA_SOURCES = sorted(glob.glob("csrc/cpu/per_isa/*.cpp"))
 QUICK_CPU_KERNEL_FLAGS = ["-O1", "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
 
 
+def quick_cpu_kernels(environ=os.environ):
+    return environ.get("FASTBN_QUICK_CPU_KERNELS", "0") == "1"
+
+
 def per_isa_compile_flags(cxx_flags, isa_flags, environ=os.environ):
     """The flags of one ISA's compile of PER_ISA_SOURCES: the extension's, the ISA's, then
     QUICK_CPU_KERNEL_FLAGS where FASTBN_QUICK_CPU_KERNELS=1 (last, so that -O1 wins)."""
-    quick = environ.get("FASTBN_QUICK_CPU_KERNELS", "0") == "1"
-    return list(cxx_flags) + list(isa_flags) + (QUICK_CPU_KERNEL_FLAGS if quick else [])
+    return list(cxx_flags) + list(isa_flags) + (QUICK_CPU_KERNEL_FLAGS if quick_cpu_kernels(environ) else [])
 
 
 def loaded_libstdcxx():
@@ -164,7 +167,7 @@ class BuildExtensionPerIsa(BuildExtension):
 
     def build_extension(self, ext):
         cxx_flags = ext.extra_compile_args["cxx"]  # with the flags BuildExtension added
-        if os.environ.get("FASTBN_QUICK_CPU_KERNELS", "0") == "1":
+        if quick_cpu_kernels():
             print("fastbn: FASTBN_QUICK_CPU_KERNELS=1, CPU kernels built with " + " ".join(QUICK_CPU_KERNEL_FLAGS))
 
         def compile_for(capability, flags):

@@ -13,8 +13,7 @@
 # memcheck then racecheck for at most 75 s each, a 72-row benchmark capped at 120 s;
 # the CPU kernels built at -O1; everything written to a scratch folder and packed into
 # $OUT/gpu_results.tgz (one file) at the end, also when a step fails; wheels in .whl/
-# installed first. Any knob
-# below set in the environment wins.
+# installed first. Any knob below set in the environment wins.
 #
 # sanitize: tests/test_cuda.py under compute-sanitizer --tool memcheck and --tool
 # racecheck, checking fastbn's kernels only: the out-of-bounds accesses and

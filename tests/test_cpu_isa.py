@@ -153,9 +153,10 @@ def test_every_isa_channels_last_between_row_order_and_streaming(dtype, channels
     dtype, the backward sums of half and bfloat16 rows of 2 or 3 blocks), else each piece
     in groups of rows block by block (groups of kInCacheReductionGroupBytes, the last one
     of a piece partial: 136 channels, 5 blocks with AVX-512; 80 and 136 channels with
-    AVX2 and DEFAULT, 5 and 9 blocks of 16, where 48 channels are 3 blocks, walked whole). With the streaming threshold of a host with a large L3 (16 MiB, from
-    128 MiB of L3 on), every output is stored normally; with that of a small L3 (4 MiB,
-    32 MiB or less), the rows of whole 64-byte lines (float32 and float64) are streamed."""
+    AVX2 and DEFAULT, 5 and 9 blocks of 16, where 48 channels are 3 blocks, walked whole).
+    With the streaming threshold of a host with a large L3 (16 MiB, from 128 MiB of L3
+    on), every output is stored normally; with that of a small L3 (4 MiB, 32 MiB or
+    less), the rows of whole 64-byte lines (float32 and float64) are streamed."""
     per_sample = channels * 33 * 35 * dtype.itemsize
     shape = (ROW_ORDER_BYTES // per_sample + 1, channels, 33, 35)
     size = torch.Size(shape).numel() * dtype.itemsize

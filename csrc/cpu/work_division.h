@@ -230,7 +230,7 @@ inline int64_t reduction_group_rows(const Geometry& g, int64_t piece_rows) {
 //    (32,64,56,56) op loop 0.74x) but win on the Zen 4 host (1 MiB L2 per core, 32 MiB
 //    L3): bfloat16 channels_last backward op, 2 threads, alternating processes, 4-5
 //    rounds, three runs: (32,64,56,56) 1.27x, 1.39x, 1.48x, (8,64,112,112) 1.29x, 1.21x,
-//    1.68x (a control build that changed nothing there: 0.97x, 0.96x).
+//    1.68x (a variant of the same build that left those rows as they were: 0.97x, 0.96x).
 //  - wider rows, both reductions: past kOutOfCacheBytes, in groups of about
 //    kPanelGroupBytes per input. Before, the column loops walked them in groups of
 //    about 1 KiB per input (a row or less: each block of each row loaded and stored
