@@ -146,22 +146,6 @@ def emulated_tolerance_far_from_zero(dtype, mean, std):
     return max(EMULATED_TOLERANCE[dtype], accumulate_eps * abs(mean) / std)
 
 
-def emulated_grad_weight_tolerance(x, grad_output, reference_grad_weight):
-    """EMULATED_TOLERANCE for grad_weight = sum(dy * (x - mean)) / sqrt(var + eps), whose
-    mean is the one the forward saved in float32 (as torch saves it for float32, half and
-    bfloat16). A mean off by eps * |mean| (about a unit in the last place) moves channel
-    c's grad_weight by eps * |mean_c| * |sum(dy_c)| / std_c: on data far from zero that
-    is more than EMULATED_TOLERANCE of grad_weight's largest value (torch's own float32
-    error on the CPU reaches it there), and it is no error of the backward's sums."""
-    dims = [d for d in range(x.dim()) if d != 1]
-    x64 = x.double()
-    mean, std = x64.mean(dims), x64.var(dims, unbiased=False).sqrt()
-    accumulate_eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
-    shift = (accumulate_eps * mean.abs() * grad_output.double().sum(dims).abs() / std).max().item()
-    scale = max(1.0, reference_grad_weight.double().abs().max().item())
-    return EMULATED_TOLERANCE[x.dtype] + shift / scale
-
-
 def assert_within_budget(actual, torch_result, reference, what="", emulated_tolerance=None):
     """fastbn's error against the float64 reference is at most 2x torch's own error
     in the same dtype, plus one unit in the last place of the largest value (where

@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fastbn
-from conftest import (DEVICES, assert_within_budget, emulated_grad_weight_tolerance,
-                      emulated_tolerance_far_from_zero, random_input, reference_batch_norm)
+from conftest import DEVICES, assert_within_budget, emulated_tolerance_far_from_zero, random_input, reference_batch_norm
 
 
 def test_signature_matches_torch():
@@ -259,6 +258,7 @@ def test_float_group_statistics_far_from_the_first_values(shape, pattern, channe
         y = fn(inputs[0], None, None, inputs[1], inputs[2], True)
         y.backward(grad.to(y.dtype))
         results.append([y.detach()] + [t.grad for t in inputs])
+    # grad_weight on data far from zero: the CUDA kernels take the saved mean's rounding back
+    # (sum_dy_xmu_about_batch_mean), so the emulated run holds it to the plain tolerance too
     for what, ours, theirs, reference in zip(("output", "grad_input", "grad_weight", "grad_bias"), *results):
-        tolerance = emulated_grad_weight_tolerance(x, grad, reference) if what == "grad_weight" else None
-        assert_within_budget(ours, theirs, reference, what, emulated_tolerance=tolerance)
+        assert_within_budget(ours, theirs, reference, what)

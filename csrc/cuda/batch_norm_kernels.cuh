@@ -54,8 +54,27 @@ struct ChannelParams {
 // g = dy * act'(z), v = x, mu = the channel's mean.
 template <typename acc_t>
 __device__ __forceinline__ void backward_sums_push(BackwardSums& sums, acc_t g, acc_t v, acc_t mu) {
-  sums.a += double(g);
-  sums.b += double(g) * (double(v) - double(mu));
+  const double xmu = double(v) - double(mu);  // exact: two floats' difference in double
+  sums.dy += double(g);
+  sums.dy_xmu += double(g) * xmu;
+  sums.xmu += xmu;
+}
+
+// sum(dy * (x - mean)) of one channel from its sums, in training about the batch's
+// own mean rather than the rounded one the forward saved (sum_dy_xmu_about_batch_mean).
+template <typename acc_t>
+__device__ __forceinline__ double channel_sum_dy_xmu(const BackwardSums& sums, acc_t mean, acc_t var, int64_t count,
+                                                    bool train) {
+  return train ? sum_dy_xmu_about_batch_mean(sums.dy_xmu, sums.xmu, sums.dy, count, double(mean), double(var),
+                                             double(std::numeric_limits<acc_t>::epsilon()))
+               : sums.dy_xmu;
+}
+
+// grad_weight from the double sum, rounded once (in float, 1/sqrt(var + eps) and the
+// product would add two roundings: 1 unit in the last place where torch had 0.06).
+template <typename acc_t>
+__device__ __forceinline__ acc_t channel_grad_weight(double sum_dy_xmu, acc_t var, acc_t eps) {
+  return acc_t(grad_weight_from_sums(sum_dy_xmu, double(var), double(eps)));
 }
 
 // ------------------------------------------------------------------ general: reductions
@@ -125,7 +144,7 @@ __global__ void planar_backward_sums_kernel(const scalar_t* __restrict__ dy, con
   const index_t c = blockIdx.x;
   const acc_t mu = mean[c];
   const ForwardCoefficients<acc_t> fk = fcoef[c];
-  BackwardSums sums{0.0, 0.0};
+  BackwardSums sums{0.0, 0.0, 0.0};
   for (index_t n = blockIdx.y * blockDim.y + threadIdx.y; n < N; n += gridDim.y * blockDim.y) {
     const index_t base = (n * C + c) * S;
     for (index_t s = threadIdx.x; s < S; s += blockDim.x) {
@@ -134,7 +153,7 @@ __global__ void planar_backward_sums_kernel(const scalar_t* __restrict__ dy, con
       backward_sums_push(sums, g, v, mu);
     }
   }
-  sums = block_reduce_broadcast(sums, shared, BackwardSums{0.0, 0.0});
+  sums = block_reduce_broadcast(sums, shared, BackwardSums{0.0, 0.0, 0.0});
   if (threadIdx.x == 0 && threadIdx.y == 0) partial[int64_t(c) * gridDim.y + blockIdx.y] = sums;
 }
 
@@ -146,7 +165,7 @@ __global__ void interleaved_backward_sums_kernel(const scalar_t* __restrict__ dy
                                                  index_t R, index_t C) {
   __shared__ BackwardSums shared[kInterleavedRows * kWarpSize];
   const index_t c = blockIdx.x * kWarpSize + threadIdx.x;
-  BackwardSums sums{0.0, 0.0};
+  BackwardSums sums{0.0, 0.0, 0.0};
   if (c < C) {
     const acc_t mu = mean[c];
     const ForwardCoefficients<acc_t> fk = fcoef[c];
@@ -169,23 +188,25 @@ __global__ void finalize_backward_kernel(const BackwardSums* __restrict__ partia
                                          BackwardCoefficients<acc_t>* __restrict__ coef) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  const BackwardSums sums = combine_pairwise(partial + c * splits, splits, BackwardSums{0.0, 0.0});
-  const acc_t sum_dy = acc_t(sums.a), sum_dy_xmu = acc_t(sums.b);
-  grad_bias[c] = sum_dy;
-  grad_weight[c] = grad_weight_from_sums(sum_dy_xmu, var[c], eps);
-  coef[c] = backward_coefficients(mean[c], var[c], eps, params.w(c), sum_dy, sum_dy_xmu, count, train);
+  const BackwardSums sums = combine_pairwise(partial + c * splits, splits, BackwardSums{0.0, 0.0, 0.0});
+  const double sum_dy_xmu = channel_sum_dy_xmu(sums, mean[c], var[c], count, train);
+  grad_bias[c] = acc_t(sums.dy);
+  grad_weight[c] = channel_grad_weight(sum_dy_xmu, var[c], eps);
+  coef[c] = backward_coefficients(mean[c], var[c], eps, params.w(c), acc_t(sums.dy), acc_t(sum_dy_xmu), count, train);
 }
 
 // SyncBatchNorm's phases: the channel sums alone, and dx coefficients from sums
-// reduced across processes (count: values of the global batch).
+// reduced across processes (count: values of the global batch). sum(dy * (x - mean))
+// stays about the saved mean, as in torch's SyncBatchNorm: its correction needs the
+// global sum(dy) and sum(x - mean), which the op's outputs do not carry.
 template <typename acc_t>
 __global__ void finalize_sums_kernel(const BackwardSums* __restrict__ partial, int splits, int64_t C,
                                      acc_t* __restrict__ sum_dy, acc_t* __restrict__ sum_dy_xmu) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  const BackwardSums sums = combine_pairwise(partial + c * splits, splits, BackwardSums{0.0, 0.0});
-  sum_dy[c] = acc_t(sums.a);
-  sum_dy_xmu[c] = acc_t(sums.b);
+  const BackwardSums sums = combine_pairwise(partial + c * splits, splits, BackwardSums{0.0, 0.0, 0.0});
+  sum_dy[c] = acc_t(sums.dy);
+  sum_dy_xmu[c] = acc_t(sums.dy_xmu);
 }
 
 template <typename acc_t>
@@ -401,24 +422,24 @@ __global__ void __launch_bounds__(kOnChipThreads) onchip_backward_kernel(
   const auto fk = forward_coefficients(mu, channel_var, eps, tile.active ? params.w(tile.c) : acc_t(1),
                                        tile.active ? params.b(tile.c) : acc_t(0));
   acc_t g[ITEMS], v[ITEMS];
-  BackwardSums sums{0.0, 0.0};
+  BackwardSums sums{0.0, 0.0, 0.0};
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
     const bool has = tile.has(k);
-    v[k] = has ? acc_t(x[tile.offset(k)]) : acc_t(0);
+    v[k] = has ? acc_t(x[tile.offset(k)]) : mu;  // mu where absent: adds 0 to sum(x - mean)
     g[k] = has ? act.grad(acc_t(dy[tile.offset(k)]), fk, v[k], residual_at<scalar_t, acc_t>(residual, tile.offset(k)))
                : acc_t(0);
-    backward_sums_push(sums, g[k], v[k], mu);  // g = 0 where absent
+    backward_sums_push(sums, g[k], v[k], mu);  // g = 0, v = mu where absent
   }
-  sums = tile.reduce(sums, shared, BackwardSums{0.0, 0.0});
+  sums = tile.reduce(sums, shared, BackwardSums{0.0, 0.0, 0.0});
   if (!tile.active) return;
-  const acc_t sum_dy = acc_t(sums.a), sum_dy_xmu = acc_t(sums.b);
+  const double sum_dy_xmu = channel_sum_dy_xmu(sums, mu, channel_var, int64_t(count), train);
   if (tile.first == 0) {
-    grad_bias[tile.c] = sum_dy;
-    grad_weight[tile.c] = grad_weight_from_sums(sum_dy_xmu, channel_var, eps);
+    grad_bias[tile.c] = acc_t(sums.dy);
+    grad_weight[tile.c] = channel_grad_weight(sum_dy_xmu, channel_var, eps);
   }
-  const auto coef =
-      backward_coefficients(mu, channel_var, eps, params.w(tile.c), sum_dy, sum_dy_xmu, int64_t(count), train);
+  const auto coef = backward_coefficients(mu, channel_var, eps, params.w(tile.c), acc_t(sums.dy), acc_t(sum_dy_xmu),
+                                          int64_t(count), train);
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
     if (tile.has(k)) {

@@ -1,5 +1,5 @@
 // Warp and block reductions of fastbn's CUDA kernels: Chan merges of Moments
-// (statistics) and plain sums of pairs (backward).
+// (statistics) and plain sums (on-chip forward, backward).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -11,21 +11,28 @@ namespace fastbn::cuda {
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// Sum of two per-channel quantities, reduced together (backward: sum(dy), sum(dy * (x - mean))).
+// Sum of two per-channel quantities, reduced together (the on-chip forward's sums).
 template <typename acc_t>
 struct SumPair {
   acc_t a;
   acc_t b;
 };
 
-// The backward sums accumulate in double for every input dtype, each term formed
-// in double from the float values, so grad_bias, grad_weight and SyncBatchNorm's
-// sums are rounded once, at the end (the CPU kernels' double lanes do the same).
-// Summed in float (per thread, then the warp and block trees), they landed 1.6-11
-// units in the last place off on small shapes on an H200, where torch (cuDNN) stayed
-// under 1: where a channel's terms cancel, float's error follows the terms, not the
-// total. The reductions are memory-bound, so the double adds cost little time.
-using BackwardSums = SumPair<double>;
+// One channel's backward sums: sum(dy), sum(dy * (x - mean)) and sum(x - mean), about
+// the mean the forward saved (rounded to acc_t). They accumulate in double for every
+// input dtype, each term formed in double from the float values, so grad_bias,
+// grad_weight and SyncBatchNorm's sums are rounded once, at the end (the CPU kernels'
+// double lanes do the same). Summed in float (per thread, then the warp and block
+// trees), they landed 1.6-11 units in the last place off on small shapes on an H200,
+// where torch (cuDNN) stayed under 1: where a channel's terms cancel, float's error
+// follows the terms, not the total. sum(x - mean) says how far the saved mean is from
+// the values' own (sum_dy_xmu_about_batch_mean). The reductions are memory-bound, so
+// the double adds cost little time.
+struct BackwardSums {
+  double dy;
+  double dy_xmu;
+  double xmu;
+};
 
 template <typename acc_t>
 __device__ __forceinline__ Moments<acc_t> shuffle_down(const Moments<acc_t>& m, int offset) {
@@ -41,6 +48,11 @@ __device__ __forceinline__ SumPair<acc_t> shuffle_down(const SumPair<acc_t>& p, 
   return {__shfl_down_sync(kFullMask, p.a, offset), __shfl_down_sync(kFullMask, p.b, offset)};
 }
 
+__device__ __forceinline__ BackwardSums shuffle_down(const BackwardSums& s, int offset) {
+  return {__shfl_down_sync(kFullMask, s.dy, offset), __shfl_down_sync(kFullMask, s.dy_xmu, offset),
+          __shfl_down_sync(kFullMask, s.xmu, offset)};
+}
+
 template <typename acc_t>
 __device__ __forceinline__ Moments<acc_t> combine(const Moments<acc_t>& a, const Moments<acc_t>& b) {
   return moments_merge(a, b);
@@ -49,6 +61,10 @@ __device__ __forceinline__ Moments<acc_t> combine(const Moments<acc_t>& a, const
 template <typename acc_t>
 __device__ __forceinline__ SumPair<acc_t> combine(const SumPair<acc_t>& a, const SumPair<acc_t>& b) {
   return {a.a + b.a, a.b + b.b};
+}
+
+__device__ __forceinline__ BackwardSums combine(const BackwardSums& a, const BackwardSums& b) {
+  return {a.dy + b.dy, a.dy_xmu + b.dy_xmu, a.xmu + b.xmu};
 }
 
 // The total of values[0 .. n) merged pairwise (as a tree: 1+1, 2+2, 4+4, ...), so
