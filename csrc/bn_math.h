@@ -180,9 +180,13 @@ FASTBN_HOST_DEVICE T sum_dy_xmu_about_batch_mean(T sum_dy_xmu_r, T sum_xmu_r, T 
   if (count == 0) return sum_dy_xmu_r;
   const T shift = sum_xmu_r / T(count);
   const T rounding_scale = T(256) * rounding_eps * (fabs(mean_r) + sqrt(var));
-  // false for a NaN too; shift == 0: nothing to take back (and no 0 * inf for an infinite sum(dy))
-  if (!(fabs(shift) <= rounding_scale) || shift == T(0)) return sum_dy_xmu_r;
-  return sum_dy_xmu_r - shift * sum_dy;
+  const T correction = shift * sum_dy;
+  // Nothing is taken back for a shift beyond rounding (false for a NaN too), a zero shift,
+  // an infinite mean or var (an infinite scale would pass any shift) or an infinite
+  // correction (an infinite or overflowing sum(dy)): the sum stays as torch's, not inf - inf.
+  const bool finite = rounding_scale - rounding_scale == T(0) && correction - correction == T(0);
+  if (!(fabs(shift) <= rounding_scale) || shift == T(0) || !finite) return sum_dy_xmu_r;
+  return sum_dy_xmu_r - correction;
 }
 
 // grad_weight = sum(dy * xhat) = sum(dy * (x - mean)) * invstd; grad_bias = sum(dy).

@@ -241,3 +241,16 @@ def test_training_grad_weight_is_about_the_batch_mean_not_its_rounding(shape, ch
             assert_rounded_once(grad_weight, exact_grad_weight(mean), 1, "evaluation grad_weight")
         _, grad_weight, _ = torch.ops.fastbn.batch_norm_backward(dy, x, None, None, deliberate, var, eps, True)
         assert_rounded_once(grad_weight, exact_grad_weight(deliberate), 1, "training grad_weight, a mean given")
+        # an infinite dy where x > mean: sum(dy * (x - mean)) = +inf, as torch's; taking back a
+        # shift above the rounded mean (nudged down) must not make it inf - inf = NaN
+        below = rounded
+        for _ in range(3):
+            below = torch.nextafter(below, torch.full_like(below, float("-inf")))
+        # in each channel the first value above the mean given: (n, h, w) of it
+        above = (x.transpose(0, 1).reshape(shape[1], -1) > below.view(-1, 1)).float().argmax(1)
+        n, h, w = above // (shape[2] * shape[3]), above % (shape[2] * shape[3]) // shape[3], above % shape[3]
+        assert torch.all(x[n, torch.arange(shape[1], device=DEVICE), h, w] > below.to(dtype))
+        dy_inf = dy.clone()
+        dy_inf[n, torch.arange(shape[1], device=DEVICE), h, w] = float("inf")
+        _, grad_weight, grad_bias = torch.ops.fastbn.batch_norm_backward(dy_inf, x, None, None, below, var, eps, True)
+        assert torch.all(grad_weight == float("inf")) and torch.all(grad_bias == float("inf")), (grad_weight, grad_bias)

@@ -54,7 +54,7 @@ struct ChannelParams {
 // g = dy * act'(z), v = x, mu = the channel's mean.
 template <typename acc_t>
 __device__ __forceinline__ void backward_sums_push(BackwardSums& sums, acc_t g, acc_t v, acc_t mu) {
-  const double xmu = double(v) - double(mu);  // exact: two floats' difference in double
+  const double xmu = double(v) - double(mu);  // exact for float32 values of similar exponents
   sums.dy += double(g);
   sums.dy_xmu += double(g) * xmu;
   sums.xmu += xmu;
