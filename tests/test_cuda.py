@@ -202,6 +202,14 @@ def test_backward_sums_are_rounded_once(shape, channels_last, dtype, impl):
             assert_rounded_once(reduced_dy_xmu, sum_dy_xmu, 1, "batch_norm_backward_reduce sum_dy_xmu")
 
 
+def units_away(values, units):
+    """float32 `values` moved by `units` units in the last place (down for a negative count)."""
+    toward = torch.full_like(values, float("inf") if units > 0 else float("-inf"))
+    for _ in range(abs(units)):
+        values = torch.nextafter(values, toward)
+    return values
+
+
 @pytest.mark.parametrize("impl", ["general", "onchip"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -228,10 +236,7 @@ def test_training_grad_weight_is_about_the_batch_mean_not_its_rounding(shape, ch
         return (dy.double() * (x.double() - mean.double().view(1, -1, 1, 1))).sum(dims) * kernel_invstd(var, eps)
 
     rounded = batch_mean.float()
-    # the rounded mean 3 units in the last place further off, as a float32 reduction may leave it
-    nudged = rounded
-    for _ in range(3):
-        nudged = torch.nextafter(nudged, torch.full_like(nudged, float("inf")))
+    nudged = units_away(rounded, 3)  # further off, as a float32 reduction may leave it
     deliberate = rounded + 1e-3 * var.sqrt()  # not the batch's mean: taken as given
     with fastbn.ops.cuda_implementation(impl):
         for mean in (rounded, nudged):
@@ -243,9 +248,7 @@ def test_training_grad_weight_is_about_the_batch_mean_not_its_rounding(shape, ch
         assert_rounded_once(grad_weight, exact_grad_weight(deliberate), 1, "training grad_weight, a mean given")
         # an infinite dy where x > mean: sum(dy * (x - mean)) = +inf, as torch's; taking back a
         # shift above the rounded mean (nudged down) must not make it inf - inf = NaN
-        below = rounded
-        for _ in range(3):
-            below = torch.nextafter(below, torch.full_like(below, float("-inf")))
+        below = units_away(rounded, -3)
         # in each channel the first value above the mean given: (n, h, w) of it
         above = (x.transpose(0, 1).reshape(shape[1], -1) > below.view(-1, 1)).float().argmax(1)
         n, h, w = above // (shape[2] * shape[3]), above % (shape[2] * shape[3]) // shape[3], above % shape[3]
