@@ -61,13 +61,18 @@ class Case:
     backward: bool  # also run y.backward(grad_out), parameters' and input's grads
     activation: Optional[str] = None  # fused activation (fastbn) vs BN then the op (torch)
     residual: bool = False  # act(bn(x) + residual): fastbn's module(x, residual) vs torch's ops
+    # with backward: "input" (x needs no grad: a first layer) or "params" (the BN's
+    # parameters are frozen: fine-tuning); the backward then computes only the grads wanted
+    frozen: Optional[str] = None
 
     def min_bytes(self, numel: int, element_size: int) -> int:
         # Forward reads x and writes y. Backward must at least read x and dy and write dx
         # (the statistics can be recomputed or come from the forward's saved vectors;
         # per-channel vectors are ignored as they are tiny next to the activations).
         # A residual adds a read forward, and a read and a write (its gradient) backward.
-        tensor_passes = 2 + (3 if self.backward else 0)
+        # Without dx the backward reads x and dy; without the parameters' grads (and the
+        # batch statistics: evaluation) it reads dy and writes dx.
+        tensor_passes = 2 + ((2 if self.frozen else 3) if self.backward else 0)
         if self.residual:
             tensor_passes += 1 + (2 if self.backward else 0)
         return tensor_passes * numel * element_size
@@ -81,6 +86,10 @@ CASES: List[Case] = [
          True, True, activation="relu"),
     Case("bn_add_relu_fwd_bwd", "relu(BN(x) + residual) training forward + backward (ResNet block end); "
          "torch: BN, add, torch.relu", True, True, activation="relu", residual=True),
+    Case("train_const_input_fwd_bwd", "training forward + backward of an input that needs no grad (a first "
+         "layer): dweight, dbias only", True, True, frozen="input"),
+    Case("eval_frozen_fwd_bwd", "frozen BN (fine-tuning): evaluation forward + backward, parameters frozen: "
+         "dx only", False, True, frozen="params"),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
 
@@ -203,6 +212,7 @@ def prepare_module(module: torch.nn.Module, case: Case, param_dtype, device) -> 
             bn.running_mean.copy_(seeded(0.0, 1.0))
             bn.running_var.copy_(seeded(3.0, 2.0))
     module.train(case.training)
+    module.requires_grad_(case.frozen != "params")
     return module
 
 
@@ -215,7 +225,7 @@ def make_step(module: torch.nn.Module, case: Case, workload: Workload) -> Tuple[
     parameters = list(module.parameters())
     if case.backward:
         # A leaf of its own per implementation, so the two never share .grad.
-        x = workload.x.detach().clone().requires_grad_(True)
+        x = workload.x.detach().clone().requires_grad_(case.frozen != "input")
         residual = workload.residual.detach().clone().requires_grad_(True) if case.residual else None
         inputs = (x,) if residual is None else (x, residual)
         grad_out = workload.grad_out
@@ -250,13 +260,15 @@ def make_step(module: torch.nn.Module, case: Case, workload: Workload) -> Tuple[
 
 def results_for_check(step: Callable, x: torch.Tensor, module: torch.nn.Module,
                       backward: bool) -> List[torch.Tensor]:
-    """Run the case once; return y and, with backward, dx and the parameters' grads."""
+    """Run the case once; return y and, with backward, dx and the parameters' grads (those
+    that require one)."""
     results = [step()]
     if backward:
-        results.append(x.grad)
+        if x.requires_grad:
+            results.append(x.grad)
         if getattr(step, "residual", None) is not None:
             results.append(step.residual.grad)
-        results += [parameter.grad for parameter in module.parameters()]
+        results += [parameter.grad for parameter in module.parameters() if parameter.requires_grad]
     return [result.detach().double() for result in results]
 
 

@@ -69,8 +69,13 @@ struct Arguments {
   double activation_param;
 };
 
+// `wanted`: which of (input, weight, bias) need a gradient (the node's edges in this
+// backward): the fused op then skips the passes only the others need, as torch's
+// batch-norm backward does with its output mask; an unwanted gradient comes back
+// undefined. (The composite and the residual-with-activation ops compute them all.)
 InputGrads input_grads(const Arguments& args, const Tensor& grad_output, const Tensor& input, const Tensor& residual,
-                       const Tensor& weight, const Tensor& bias, const Tensor& mean, const Tensor& var, bool train) {
+                       const Tensor& weight, const Tensor& bias, const Tensor& mean, const Tensor& var, bool train,
+                       OutputMask wanted) {
   const double eps = args.eps, activation_param = args.activation_param;
   const int64_t activation = args.activation;
   const auto w = optional_tensor(weight), b = optional_tensor(bias);
@@ -89,8 +94,10 @@ InputGrads input_grads(const Arguments& args, const Tensor& grad_output, const T
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (!residual.defined() || activation == 0) {  // without an activation the sum's gradient is grad_output itself
     const auto [grad_input, grad_weight, grad_bias] =
-        ops().backward.call(grad_output, input, w, b, mean, var, eps, train, activation, activation_param);
-    return {grad_input, grad_weight, grad_bias, residual.defined() ? grad_output : Tensor()};
+        ops().backward.call(grad_output, input, w, b, mean, var, eps, train, activation, activation_param, wanted);
+    const auto if_wanted = [&](const Tensor& grad, int64_t i) { return wanted[i] ? grad : Tensor(); };
+    return {if_wanted(grad_input, 0), if_wanted(grad_weight, 1), if_wanted(grad_bias, 2),
+            residual.defined() ? grad_output : Tensor()};
   }
   const auto [grad_input, grad_residual, grad_weight, grad_bias] = ops().add_act_backward.call(
       grad_output, input, residual, w, b, mean, var, eps, train, activation, activation_param);
@@ -98,9 +105,9 @@ InputGrads input_grads(const Arguments& args, const Tensor& grad_output, const T
 }
 
 // A parameter's gradient in the parameter's dtype (the kernels give the accumulation dtype);
-// undefined for an absent parameter.
+// undefined for an absent parameter or a gradient not wanted.
 Tensor grad_for(const Tensor& parameter, const Tensor& grad) {
-  if (!parameter.defined()) return Tensor();
+  if (!parameter.defined() || !grad.defined()) return Tensor();
   return grad.scalar_type() == parameter.scalar_type() ? grad : grad.to(parameter.scalar_type());
 }
 
@@ -115,15 +122,26 @@ Arguments saved_arguments(AutogradContext* ctx) {
           ctx->saved_data["activation_param"].toDouble()};
 }
 
+// Which of (input, weight, bias) need a gradient in this backward; the plain nodes below
+// ask their edges the same. A Function has edges only for the tensors it was given (an
+// absent weight or bias has none), in argument order.
+OutputMask wanted_grads(AutogradContext* ctx, const Tensor& weight, const Tensor& bias) {
+  size_t edge = 0;
+  const bool input = ctx->needs_input_grad(edge++);
+  const bool for_weight = weight.defined() && ctx->needs_input_grad(edge++);
+  const bool for_bias = bias.defined() && ctx->needs_input_grad(edge++);
+  return {input, for_weight, for_bias};
+}
+
 // batch_norm_train's backward: gradients for (input, weight, bias, residual) from the
 // gradients of (output, mean, var), any of them undefined where unused.
 variable_list train_backward(const Arguments& args, const variable_list& grads, const Tensor& input,
                              const Tensor& weight, const Tensor& bias, const Tensor& mean, const Tensor& var,
-                             const Tensor& residual) {
+                             const Tensor& residual, OutputMask wanted) {
   const Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(input);
-  InputGrads g = input_grads(args, grad_output, input, residual, weight, bias, mean, var, /*train=*/true);
+  InputGrads g = input_grads(args, grad_output, input, residual, weight, bias, mean, var, /*train=*/true, wanted);
   const Tensor &grad_mean = grads[1], &grad_var = grads[2];
-  if (grad_mean.defined() || grad_var.defined()) {
+  if (g.input.defined() && (grad_mean.defined() || grad_var.defined())) {
     // The batch statistics are outputs too: d mean / dx = 1/n, d var / dx = 2 (x - mean) / n.
     std::vector<int64_t> channel_shape(input.dim(), 1);
     channel_shape[1] = -1;
@@ -143,9 +161,9 @@ variable_list train_backward(const Arguments& args, const variable_list& grads, 
 // statistics are constants (no gradient, as in torch).
 variable_list eval_backward(const Arguments& args, const Tensor& grad_output, const Tensor& input,
                             const Tensor& weight, const Tensor& bias, const Tensor& running_mean,
-                            const Tensor& running_var, const Tensor& residual) {
-  const InputGrads g =
-      input_grads(args, grad_output, input, residual, weight, bias, running_mean, running_var, /*train=*/false);
+                            const Tensor& running_var, const Tensor& residual, OutputMask wanted) {
+  const InputGrads g = input_grads(args, grad_output, input, residual, weight, bias, running_mean, running_var,
+                                   /*train=*/false, wanted);
   return {g.input, grad_for(weight, g.weight), grad_for(bias, g.bias), g.residual};
 }
 
@@ -165,7 +183,7 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     variable_list g = train_backward(saved_arguments(ctx), grads, saved[0], saved[1], saved[2], saved[3], saved[4],
-                                     saved[5]);
+                                     saved[5], wanted_grads(ctx, saved[1], saved[2]));
     // (input, weight, bias, eps, activation, activation_param, residual)
     return {g[0], g[1], g[2], Tensor(), Tensor(), Tensor(), g[3]};
   }
@@ -190,7 +208,7 @@ struct BatchNormEval : public torch::autograd::Function<BatchNormEval> {
     if (!grads[0].defined()) return variable_list(9);  // the output was not used
     const variable_list saved = ctx->get_saved_variables();
     variable_list g = eval_backward(saved_arguments(ctx), grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
-                                    saved[5]);
+                                    saved[5], wanted_grads(ctx, saved[1], saved[2]));
     // (input, weight, bias, running_mean, running_var, eps, activation, activation_param, residual)
     return {g[0], g[1], g[2], Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), g[3]};
   }
@@ -246,6 +264,11 @@ struct BatchNormNode : public torch::autograd::Node {
     std::lock_guard<std::mutex> lock(mutex_);
     for (torch::autograd::SavedVariable* saved : {&input, &weight, &bias, &residual, &mean, &var}) saved->reset_data();
   }
+
+  // Which of the next edges (input, weight, bias) need a gradient in this backward.
+  OutputMask wanted_grads() const {
+    return {task_should_compute_output(0), task_should_compute_output(1), task_should_compute_output(2)};
+  }
 };
 
 struct BatchNormTrainBackward : public BatchNormNode {
@@ -255,7 +278,7 @@ struct BatchNormTrainBackward : public BatchNormNode {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto self = pointer_to(this);  // mean and var are this node's outputs
     return train_backward(args, grads, input.unpack(), weight.unpack(), bias.unpack(), mean.unpack(self),
-                          var.unpack(self), residual.unpack());
+                          var.unpack(self), residual.unpack(), wanted_grads());
   }
 };
 
@@ -265,7 +288,7 @@ struct BatchNormEvalBackward : public BatchNormNode {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!grads[0].defined()) return variable_list(4);  // the output was not used
     return eval_backward(args, grads[0], input.unpack(), weight.unpack(), bias.unpack(), mean.unpack(), var.unpack(),
-                         residual.unpack());
+                         residual.unpack(), wanted_grads());
   }
 };
 

@@ -287,13 +287,15 @@ PhaseOperands backward_phase_operands(const at::Tensor& grad_output, const at::T
 BackwardCall backward_call(const at::Tensor& grad_output, const at::Tensor& input,
                            const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
-                           int64_t activation, double activation_param, const char* op) {
+                           int64_t activation, double activation_param, const char* op, OutputMask output_mask) {
   const Activation act = check_activation(activation, op);
   BackwardCall b{backward_phase_operands(grad_output, input, weight, bias, mean, var, op)};
   b.act = act;
   b.residual = dense_residual(input, residual, b.o.g, op);
+  b.need_input = output_mask[0];
+  b.need_params = output_mask[1] || output_mask[2];
   const auto layout = input.options().memory_format(b.o.g.format);
-  b.grad_input = at::empty(input.sizes(), layout);
+  b.grad_input = b.need_input ? at::empty(input.sizes(), layout) : at::empty({0}, input.options());
   if (b.residual.defined()) b.grad_residual = at::empty(input.sizes(), layout);
   const auto acc = input.options().dtype(accumulate_dtype(input.scalar_type()));
   // The kernels write every channel's gradient; without values they do not run, and the gradients are 0.
@@ -301,6 +303,14 @@ BackwardCall backward_call(const at::Tensor& grad_output, const at::Tensor& inpu
   b.grad_bias = b.empty() ? at::zeros({b.o.g.C}, acc) : at::empty({b.o.g.C}, acc);
   check_activation_param(act, activation_param, op);
   return b;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward_outputs(const BackwardCall& b, OutputMask output_mask) {
+  const auto wanted = [](const at::Tensor& grad, bool want) {
+    return want ? grad : at::empty({0}, grad.options());
+  };
+  return {wanted(b.grad_input, output_mask[0]), wanted(b.grad_weight, output_mask[1]),
+          wanted(b.grad_bias, output_mask[2])};
 }
 
 InvertCall invert_output_call(const at::Tensor& grad_output, const at::Tensor& output,

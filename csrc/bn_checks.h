@@ -5,7 +5,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/MemoryFormat.h>
 
+#include <array>
 #include <optional>
+#include <tuple>
 
 #include "bn_math.h"
 
@@ -151,18 +153,30 @@ PhaseOperands backward_phase_operands(const at::Tensor& grad_output, const at::T
 // grad_input and (with a residual) grad_residual in the layout of describe(input),
 // grad_weight and grad_bias in the accumulation dtype: zeros when empty() (no kernel
 // runs), else uninitialized (the kernels assign every channel's; none may accumulate).
+// need_input and need_params come from batch_norm_backward's output_mask: without
+// need_input, grad_input is an empty tensor and no dx is computed; without
+// need_params, evaluation computes no backward sums (training needs them for dx).
 struct BackwardCall {
   PhaseOperands o;
   at::Tensor residual;  // dense in o.g.format, or undefined
   Activation act;
   at::Tensor grad_input, grad_residual, grad_weight, grad_bias;
+  bool need_input = true, need_params = true;
   bool empty() const { return o.g.count() == 0 || o.g.C == 0; }
 };
+
+using OutputMask = std::array<bool, 3>;  // (grad_input, grad_weight, grad_bias)
+constexpr OutputMask kEveryOutput{true, true, true};
 
 BackwardCall backward_call(const at::Tensor& grad_output, const at::Tensor& input,
                            const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
-                           int64_t activation, double activation_param, const char* op);
+                           int64_t activation, double activation_param, const char* op,
+                           OutputMask output_mask = kEveryOutput);
+
+// batch_norm_backward's (grad_input, grad_weight, grad_bias) under its output_mask: an
+// output that is not wanted comes back as an empty tensor of its dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_backward_outputs(const BackwardCall& b, OutputMask output_mask);
 
 // batch_norm_invert_output's checked operands (o.x is the output y; o.mean is
 // unused: in-place activated BN's backward works on centered values) and its

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -19,7 +20,7 @@ using EvalSignature = at::Tensor(const at::Tensor&, const std::optional<at::Tens
                                  int64_t, double, const std::optional<at::Tensor>&);
 using BackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-    const at::Tensor&, const at::Tensor&, double, bool, int64_t, double);
+    const at::Tensor&, const at::Tensor&, double, bool, int64_t, double, std::array<bool, 3>);
 using AddActBackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double, bool, int64_t, double);

@@ -39,10 +39,14 @@ TORCH_LIBRARY(fastbn, m) {
       "float eps, int activation=0, float activation_param=0.) -> ()");
   // Backward of both: (grad_input, grad_weight, grad_bias). `train` says whether
   // mean/var were batch statistics (they then depend on the input) or constants.
-  // grad_weight and grad_bias come in the accumulation dtype.
+  // grad_weight and grad_bias come in the accumulation dtype. output_mask says which
+  // of the three are wanted, as in torch's native_batch_norm_backward: one that is
+  // not wanted comes back as an empty tensor (0 elements; torch's gives None), and
+  // the pass only it needs is skipped (the dx pass; in evaluation the reduction).
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, "
-      "float eps, bool train, int activation=0, float activation_param=0.) -> (Tensor, Tensor, Tensor)");
+      "float eps, bool train, int activation=0, float activation_param=0., "
+      "bool[3] output_mask=[True, True, True]) -> (Tensor, Tensor, Tensor)");
   // Backward of act(bn(input) + residual): (grad_input, grad_residual, grad_weight, grad_bias).
   m.def(
       "batch_norm_add_act_backward(Tensor grad_output, Tensor input, Tensor residual, Tensor? weight, Tensor? bias, "

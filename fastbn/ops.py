@@ -226,13 +226,16 @@ def _batch_norm_invert_output_fake(grad_output, output, weight, bias, var, eps, 
 
 @torch.library.register_fake("fastbn::batch_norm_backward")
 def _batch_norm_backward_fake(grad_output, input, weight, bias, mean, var, eps, train, activation=0,
-                              activation_param=0.0):
+                              activation_param=0.0, output_mask=(True, True, True)):
     _check_input_devices("batch_norm_backward", input, grad_output=grad_output, weight=weight, bias=bias, mean=mean,
                          var=var)
     channels = input.shape[1]
     acc = accumulate_dtype(input.dtype)
-    grad_input = torch.empty_like(input, memory_format=output_memory_format(input))
-    return grad_input, input.new_empty((channels,), dtype=acc), input.new_empty((channels,), dtype=acc)
+    # an output the mask leaves out comes back empty (the schema's comment in csrc/ops.cpp)
+    grad_input = (torch.empty_like(input, memory_format=output_memory_format(input)) if output_mask[0]
+                  else input.new_empty((0,)))
+    grad_weight, grad_bias = (input.new_empty((channels if wanted else 0,), dtype=acc) for wanted in output_mask[1:])
+    return grad_input, grad_weight, grad_bias
 
 
 @torch.library.register_fake("fastbn::batch_norm_stats")

@@ -104,9 +104,10 @@ void batch_norm_eval_inplace_cpu(const Tensor& input, const std::optional<Tensor
 BackwardCall backward_cpu(const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& residual,
                           const std::optional<Tensor>& weight, const std::optional<Tensor>& bias, const Tensor& mean,
                           const Tensor& var, double eps, bool train, int64_t activation, double activation_param,
-                          const char* op) {
-  BackwardCall b = backward_call(grad_output, input, residual, weight, bias, mean, var, activation, activation_param, op);
-  if (b.empty()) return b;
+                          const char* op, OutputMask output_mask = kEveryOutput) {
+  BackwardCall b = backward_call(grad_output, input, residual, weight, bias, mean, var, activation, activation_param, op,
+                                 output_mask);
+  if (b.empty() || !(b.need_input || b.need_params)) return b;
   active_kernels().backward(b, eps, activation_param, train);
   return b;
 }
@@ -115,10 +116,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
                                                            const std::optional<Tensor>& weight,
                                                            const std::optional<Tensor>& bias, const Tensor& mean,
                                                            const Tensor& var, double eps, bool train,
-                                                           int64_t activation, double activation_param) {
+                                                           int64_t activation, double activation_param,
+                                                           OutputMask output_mask) {
   const BackwardCall b = backward_cpu(grad_output, input, std::nullopt, weight, bias, mean, var, eps, train,
-                                      activation, activation_param, "fastbn.batch_norm_backward");
-  return {b.grad_input, b.grad_weight, b.grad_bias};
+                                      activation, activation_param, "fastbn.batch_norm_backward", output_mask);
+  return masked_backward_outputs(b, output_mask);
 }
 
 // Backward of act(bn(x) + residual): (dx, grad_residual, grad_weight, grad_bias).

@@ -767,7 +767,9 @@ void write_param_grads(const BackwardSums& sums, const acc_t* var, acc_t eps, ac
 
 // The planar training backward a group of channels at a time, in parallel over groups:
 // the channels' sums over their N chunks, then their dx from the same chunks while
-// they are still in L2 (torch's channels-first backward walks one channel so).
+// they are still in L2 (torch's channels-first backward walks one channel so). Without
+// out.dx (no grad_input wanted) the sums alone, in the same order: the parameters'
+// gradients are bit for bit those of a call that wants dx too.
 template <Activation A, typename scalar_t, typename acc_t>
 void planar_channel_backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> out,
                              acc_t* grad_weight, acc_t* grad_bias, int64_t group) {
@@ -794,7 +796,7 @@ void planar_channel_backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOut
         write_channel_param_grads(c, sum_dy, sum_dy_xmu, a.var, a.eps, grad_weight, grad_bias);
         k[j] = channel_backward_coefficients(a, c, sum_dy, sum_dy_xmu, g.count(), true);
       }
-      for (int64_t n = 0; n < g.N; ++n) {
+      for (int64_t n = 0; n < (out.dx != nullptr ? g.N : 0); ++n) {
         if (flat) {  // the sample's chunk of the group's runs
           const int64_t begin = (n * g.C + c0) * g.S;
           flat_backward<A>(a.dy, a.x, a.residual, out.dx, out.grad_residual, begin, begin + width * g.S, g.S,
@@ -814,15 +816,23 @@ void planar_channel_backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOut
   });
 }
 
+// The fused backward. Without out.dx (output_mask: no grad_input wanted) only the
+// sums and the parameters' gradients; without need_params, evaluation's dx pass alone
+// (it does not use the sums), as torch's backward skips what its output mask leaves out.
+// Either way the outputs computed are those of a call that wants every output.
 template <Activation A, typename scalar_t, typename acc_t>
 void backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> out, acc_t* grad_weight,
-              acc_t* grad_bias, bool train) {
+              acc_t* grad_bias, bool train, bool need_params) {
+  const bool need_input = out.dx != nullptr;
+  if (need_input && !train && !need_params) {
+    return backward_apply_all<A>(a, out, nullptr, nullptr, a.g.count(), train);
+  }
   if (const int64_t group = train ? planar_channel_group<scalar_t>(a.g, a.residual != nullptr ? 3 : 2) : 0) {
     return planar_channel_backward<A>(a, out, grad_weight, grad_bias, group);
   }
   const BackwardSums sums = backward_sums<A>(a);
   write_param_grads(sums, a.var, a.eps, grad_weight, grad_bias);
-  backward_apply_all<A>(a, out, sums.dy.data(), sums.dy_xmu.data(), a.g.count(), train);
+  if (need_input) backward_apply_all<A>(a, out, sums.dy.data(), sums.dy_xmu.data(), a.g.count(), train);
 }
 
 }  // namespace fastbn::cpu::CPU_CAPABILITY

@@ -233,10 +233,13 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cuda(const Tensor& grad_o
                                                             const std::optional<Tensor>& weight,
                                                             const std::optional<Tensor>& bias, const Tensor& mean,
                                                             const Tensor& var, double eps, bool train,
-                                                            int64_t activation, double activation_param) {
+                                                            int64_t activation, double activation_param,
+                                                            OutputMask output_mask) {
+  // The CUDA kernels compute every output (the mask's skipped passes are the CPU's);
+  // the unwanted ones are then returned empty, as the op's schema says.
   const BackwardCall b = backward_cuda(grad_output, input, std::nullopt, weight, bias, mean, var, eps, train,
                                        activation, activation_param, "fastbn.batch_norm_backward");
-  return {b.grad_input, b.grad_weight, b.grad_bias};
+  return masked_backward_outputs(b, output_mask);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_add_act_backward_cuda(

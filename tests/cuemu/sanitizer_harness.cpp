@@ -119,7 +119,8 @@ void train_case(at::IntArrayRef shape, at::ScalarType dtype, bool channels_last,
     expect_close(gw, ref.grad_weight, what + " grad_weight");
     expect_close(gb, ref.grad_bias, what + " grad_bias");
   } else {
-    auto [dx, gw, gb] = fastbn::cuda::batch_norm_backward_cuda(dy, x, w, b, mean, var, eps, true, 0, 0.0);
+    auto [dx, gw, gb] =
+        fastbn::cuda::batch_norm_backward_cuda(dy, x, w, b, mean, var, eps, true, 0, 0.0, fastbn::kEveryOutput);
     expect_close(dx, ref.dx, what + " grad_input");
     expect_close(gw, ref.grad_weight, what + " grad_weight");
     expect_close(gb, ref.grad_bias, what + " grad_bias");
@@ -142,7 +143,8 @@ void other_ops_case(at::IntArrayRef shape, bool channels_last) {
   const Tensor eval_ref = (xd - rm.to(at::kDouble).view(shape_c)) * scale + b.to(at::kDouble).view(shape_c);
   expect_close(fastbn::cuda::batch_norm_eval_cuda(x, w, b, rm, rv, eps, 0, 0.0, std::nullopt), eval_ref,
                what + " eval output");
-  auto [dx_eval, gw_eval, gb_eval] = fastbn::cuda::batch_norm_backward_cuda(dy, x, w, b, rm, rv, eps, false, 0, 0.0);
+  auto [dx_eval, gw_eval, gb_eval] =
+      fastbn::cuda::batch_norm_backward_cuda(dy, x, w, b, rm, rv, eps, false, 0, 0.0, fastbn::kEveryOutput);
   expect_close(dx_eval, dy.to(at::kDouble) * scale, what + " eval grad_input");
 
   const Reference ref = reference(x, w, b, Tensor(), false, dy, eps);

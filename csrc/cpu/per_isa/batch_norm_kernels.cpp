@@ -54,10 +54,12 @@ void backward_into(const BackwardCall& b, double eps, double activation_param, b
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.o.x.scalar_type(), "fastbn_batch_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto args = backward_args<scalar_t, acc_t>(b.o, eps, activation_param, b.residual);
+    // (no dx wanted: no dx pointer, and the passes skip it)
     const BackwardOutputs<scalar_t> out{
-        b.grad_input.data_ptr<scalar_t>(), b.grad_residual.defined() ? b.grad_residual.data_ptr<scalar_t>() : nullptr};
+        b.need_input ? b.grad_input.data_ptr<scalar_t>() : nullptr,
+        b.grad_residual.defined() ? b.grad_residual.data_ptr<scalar_t>() : nullptr};
     FASTBN_ACTIVATION_SWITCH(b.act, A, [&] {
-      backward<A>(args, out, b.grad_weight.data_ptr<acc_t>(), b.grad_bias.data_ptr<acc_t>(), train);
+      backward<A>(args, out, b.grad_weight.data_ptr<acc_t>(), b.grad_bias.data_ptr<acc_t>(), train, b.need_params);
     });
   });
 }
