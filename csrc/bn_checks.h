@@ -154,8 +154,10 @@ PhaseOperands backward_phase_operands(const at::Tensor& grad_output, const at::T
 // grad_weight and grad_bias in the accumulation dtype: zeros when empty() (no kernel
 // runs), else uninitialized (the kernels assign every channel's; none may accumulate).
 // need_input and need_params come from batch_norm_backward's output_mask: without
-// need_input, grad_input is an empty tensor and no dx is computed; without
-// need_params, evaluation computes no backward sums (training needs them for dx).
+// need_input, grad_input is an empty tensor and the CPU kernels compute no dx; without
+// need_params, their evaluation backward computes no sums (training needs them for dx),
+// so grad_weight and grad_bias stay uninitialized: masked_backward_outputs returns
+// them empty, and nothing else may read them.
 struct BackwardCall {
   PhaseOperands o;
   at::Tensor residual;  // dense in o.g.format, or undefined

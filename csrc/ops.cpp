@@ -42,7 +42,8 @@ TORCH_LIBRARY(fastbn, m) {
   // grad_weight and grad_bias come in the accumulation dtype. output_mask says which
   // of the three are wanted, as in torch's native_batch_norm_backward: one that is
   // not wanted comes back as an empty tensor (0 elements; torch's gives None), and
-  // the pass only it needs is skipped (the dx pass; in evaluation the reduction).
+  // the CPU kernels skip the pass only it needs (the dx pass; in evaluation the
+  // reduction). The CUDA kernels compute all three.
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor var, "
       "float eps, bool train, int activation=0, float activation_param=0., "

@@ -11,9 +11,20 @@ from conftest import DEVICES, random_input
 
 MASKS = list(itertools.product([True, False], repeat=3))
 # planar (4,6,5,5): memory-order passes; (8,16,16,16) float32: the planar channel-group
-# backward (sums and dx of a group of channels together); channels_last: the row passes
+# backward (sums and dx of a group of channels together: 4 groups of 4 channels, which
+# that walk takes with at most 2 threads, see planar_channel_group); channels_last: the
+# row passes
 CASES = [((4, 6, 5, 5), False, torch.float32), ((8, 16, 16, 16), False, torch.float32),
          ((4, 40, 3, 5), True, torch.float32), ((4, 6, 5, 5), True, torch.bfloat16)]
+
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    """2 threads, whatever the machine's core count: the walks CASES names stay the ones run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
 
 
 def backward_operands(shape, channels_last, dtype, device):
