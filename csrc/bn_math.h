@@ -137,12 +137,11 @@ struct BackwardCoefficients {
   acc_t k_const;
 };
 
-// sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)) over the channel's count values.
+// sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)) over the channel's count values;
+// invstd = invstd_from_var(var, eps) (the CPU computes it for every channel at once).
 template <typename acc_t>
-FASTBN_HOST_DEVICE BackwardCoefficients<acc_t> backward_coefficients(
-    acc_t mean, acc_t var, acc_t eps, acc_t weight, acc_t sum_dy, acc_t sum_dy_xmu,
-    int64_t count, bool train) {
-  const acc_t invstd = invstd_from_var(var, eps);
+FASTBN_HOST_DEVICE BackwardCoefficients<acc_t> backward_coefficients_from_invstd(
+    acc_t mean, acc_t invstd, acc_t weight, acc_t sum_dy, acc_t sum_dy_xmu, int64_t count, bool train) {
   BackwardCoefficients<acc_t> c;
   c.mean = mean;
   c.k_dy = weight * invstd;
@@ -155,6 +154,13 @@ FASTBN_HOST_DEVICE BackwardCoefficients<acc_t> backward_coefficients(
     c.k_const = acc_t(0);
   }
   return c;
+}
+
+template <typename acc_t>
+FASTBN_HOST_DEVICE BackwardCoefficients<acc_t> backward_coefficients(
+    acc_t mean, acc_t var, acc_t eps, acc_t weight, acc_t sum_dy, acc_t sum_dy_xmu,
+    int64_t count, bool train) {
+  return backward_coefficients_from_invstd(mean, invstd_from_var(var, eps), weight, sum_dy, sum_dy_xmu, count, train);
 }
 
 // k_xmu is 0 in evaluation mode: x then takes no part, so a NaN or infinite x leaves
@@ -191,8 +197,13 @@ FASTBN_HOST_DEVICE T sum_dy_xmu_about_batch_mean(T sum_dy_xmu_r, T sum_xmu_r, T 
 
 // grad_weight = sum(dy * xhat) = sum(dy * (x - mean)) * invstd; grad_bias = sum(dy).
 template <typename acc_t>
+FASTBN_HOST_DEVICE acc_t grad_weight_from_invstd(acc_t sum_dy_xmu, acc_t invstd) {
+  return sum_dy_xmu * invstd;
+}
+
+template <typename acc_t>
 FASTBN_HOST_DEVICE acc_t grad_weight_from_sums(acc_t sum_dy_xmu, acc_t var, acc_t eps) {
-  return sum_dy_xmu * invstd_from_var(var, eps);
+  return grad_weight_from_invstd(sum_dy_xmu, invstd_from_var(var, eps));
 }
 
 // Activations fused after the normalization: y = act(z), z = the BN output.

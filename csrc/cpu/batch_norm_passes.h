@@ -357,21 +357,41 @@ std::vector<Moments<double>> channel_moments(const scalar_t* x, const Geometry& 
 
 // ------------------------------------------------------------------ forward
 
-// The forward coefficients of every channel (backward uses them to recompute
-// z = bn(x) for the activation's derivative); a null mean is 0 (centered input).
+// invstd_from_var of every channel in double, in a loop of its own so that the square
+// roots and divisions vectorize. Inside the loops that build each channel's coefficients
+// they ran one at a time, serial on the calling thread: about 7 ns a channel each, and the
+// backward took four (bench/NOTES.md, thirtieth session).
 template <typename acc_t>
-ForwardArrays<acc_t> forward_arrays(const acc_t* mean, const acc_t* var, ChannelParams<acc_t> params, int64_t C,
-                                    acc_t eps) {
+std::vector<double> channel_invstd(const acc_t* var, int64_t C, acc_t eps) {
+  std::vector<double> invstd(C);
+  double* out = invstd.data();
+  const double eps_d = double(eps);
+  for (int64_t c = 0; c < C; ++c) out[c] = invstd_from_var(double(var[c]), eps_d);
+  return invstd;
+}
+
+// The forward coefficients of every channel (backward uses them to recompute
+// z = bn(x) for the activation's derivative); a null mean is 0 (centered input);
+// invstd from channel_invstd(var, C, eps).
+template <typename acc_t>
+ForwardArrays<acc_t> forward_arrays(const acc_t* mean, const acc_t* var, const double* invstd,
+                                    ChannelParams<acc_t> params, int64_t C, acc_t eps) {
   ForwardArrays<acc_t> coef(C);
   for (int64_t c = 0; c < C; ++c) {
     ForwardCoefficients<acc_t> k = forward_coefficients(mean ? mean[c] : acc_t(0), var[c], eps, params.w(c),
                                                         params.b(c));
     // weight * invstd in double, rounded once (as torch's CPU kernels, which use double here):
     // in float its three roundings cost up to 2 ulp of every eval-mode output and grad_input
-    k.scale = acc_t(double(params.w(c)) * invstd_from_var(double(var[c]), double(eps)));
+    k.scale = acc_t(double(params.w(c)) * invstd[c]);
     coef.set(c, k);
   }
   return coef;
+}
+
+template <typename acc_t>
+ForwardArrays<acc_t> forward_arrays(const acc_t* mean, const acc_t* var, ChannelParams<acc_t> params, int64_t C,
+                                    acc_t eps) {
+  return forward_arrays(mean, var, channel_invstd(var, C, eps).data(), params, C, eps);
 }
 
 // y = act(forward_apply(coef[c], x) [+ residual]) over every value; residual may be null.
@@ -532,14 +552,23 @@ struct BackwardArgs {
   const Geometry& g;
   acc_t eps;
   acc_t act_param;
+  std::vector<double> invstd;  // channel_invstd(var, C, eps): every phase needs it
 };
 
 template <typename scalar_t, typename acc_t>
 BackwardArgs<scalar_t, acc_t> backward_args(const PhaseOperands& o, double eps, double activation_param,
                                             const at::Tensor& residual = at::Tensor()) {
+  const acc_t* var = o.var.const_data_ptr<acc_t>();
   return {o.dy.const_data_ptr<scalar_t>(), o.x.const_data_ptr<scalar_t>(),
           residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr, o.mean.const_data_ptr<acc_t>(),
-          o.var.const_data_ptr<acc_t>(), channel_params<acc_t>(o.w, o.b), o.g, acc_t(eps), acc_t(activation_param)};
+          var, channel_params<acc_t>(o.w, o.b), o.g, acc_t(eps), acc_t(activation_param),
+          channel_invstd(var, o.g.C, acc_t(eps))};
+}
+
+// The forward coefficients of a backward's channels (see forward_arrays).
+template <typename scalar_t, typename acc_t>
+ForwardArrays<acc_t> forward_arrays(const BackwardArgs<scalar_t, acc_t>& a) {
+  return forward_arrays(a.mean, a.var, a.invstd.data(), a.params, a.g.C, a.eps);
 }
 
 // Where the backward writes: dx, and the residual's gradient (null without a residual).
@@ -610,7 +639,7 @@ BackwardSums backward_sums(const BackwardArgs<scalar_t, acc_t>& a) {
   using red_t = typename ReduceLanes<scalar_t>::red_t;
   const Geometry& g = a.g;
   const int64_t C = g.C, padded = round_up(C, 64);
-  const ForwardArrays<acc_t> forward_k = forward_arrays(a.mean, a.var, a.params, C, a.eps);
+  const ForwardArrays<acc_t> forward_k = forward_arrays(a);
   // Per-part sums in double (red_t), padded per part for the column loops' block stores.
   const int64_t tasks = g.layout == Layout::Planar ? planar_tasks(g) : interleaved_tasks(g.count());
   std::vector<red_t> part_dy(tasks * padded, red_t(0)), part_dy_xmu(tasks * padded, red_t(0));
@@ -701,9 +730,9 @@ template <typename scalar_t, typename acc_t>
 BackwardCoefficients<acc_t> channel_backward_coefficients(const BackwardArgs<scalar_t, acc_t>& a, int64_t c,
                                                           double sum_dy, double sum_dy_xmu, int64_t count,
                                                           bool train) {
-  const BackwardCoefficients<double> k = backward_coefficients(double(a.mean[c]), double(a.var[c]), double(a.eps),
-                                                               double(a.params.w(c)), sum_dy, sum_dy_xmu, count,
-                                                               train);
+  const BackwardCoefficients<double> k = backward_coefficients_from_invstd(double(a.mean[c]), a.invstd[c],
+                                                                           double(a.params.w(c)), sum_dy, sum_dy_xmu,
+                                                                           count, train);
   return {acc_t(k.mean), acc_t(k.k_dy), acc_t(k.k_xmu), acc_t(k.k_const)};
 }
 
@@ -713,7 +742,7 @@ template <Activation A, typename scalar_t, typename acc_t>
 void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> out, const double* sum_dy,
                         const double* sum_dy_xmu, int64_t count, bool train) {
   const Geometry& g = a.g;
-  const ForwardArrays<acc_t> forward_k = forward_arrays(a.mean, a.var, a.params, g.C, a.eps);
+  const ForwardArrays<acc_t> forward_k = forward_arrays(a);
   if (!train) return eval_backward_apply_all<A>(a, out, forward_k);
   BackwardArrays<acc_t> coef(g.C);
   std::vector<BackwardCoefficients<acc_t>> channel_coef(g.C);
@@ -751,17 +780,18 @@ void backward_apply_all(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<
   });
 }
 
+// invstd: channel_invstd's
 template <typename acc_t>
-void write_channel_param_grads(int64_t c, double sum_dy, double sum_dy_xmu, const acc_t* var, acc_t eps,
-                               acc_t* grad_weight, acc_t* grad_bias) {
+void write_channel_param_grads(int64_t c, double sum_dy, double sum_dy_xmu, const double* invstd, acc_t* grad_weight,
+                               acc_t* grad_bias) {
   grad_bias[c] = acc_t(sum_dy);
-  grad_weight[c] = acc_t(grad_weight_from_sums(sum_dy_xmu, double(var[c]), double(eps)));
+  grad_weight[c] = acc_t(grad_weight_from_invstd(sum_dy_xmu, invstd[c]));
 }
 
 template <typename acc_t>
-void write_param_grads(const BackwardSums& sums, const acc_t* var, acc_t eps, acc_t* grad_weight, acc_t* grad_bias) {
+void write_param_grads(const BackwardSums& sums, const double* invstd, acc_t* grad_weight, acc_t* grad_bias) {
   for (size_t c = 0; c < sums.dy.size(); ++c) {
-    write_channel_param_grads(int64_t(c), sums.dy[c], sums.dy_xmu[c], var, eps, grad_weight, grad_bias);
+    write_channel_param_grads(int64_t(c), sums.dy[c], sums.dy_xmu[c], invstd, grad_weight, grad_bias);
   }
 }
 
@@ -775,7 +805,7 @@ void planar_channel_backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOut
                              acc_t* grad_weight, acc_t* grad_bias, int64_t group) {
   using red_t = typename ReduceLanes<scalar_t>::red_t;
   const Geometry& g = a.g;
-  const ForwardArrays<acc_t> forward_k = forward_arrays(a.mean, a.var, a.params, g.C, a.eps);
+  const ForwardArrays<acc_t> forward_k = forward_arrays(a);
   const bool stream = stream_output(g, out.dx), flat = flat_planar_walk<scalar_t>(g);
   const int64_t groups = (g.C + group - 1) / group;
   at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
@@ -793,7 +823,7 @@ void planar_channel_backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOut
       for (int64_t j = 0; j < width; ++j) {
         const int64_t c = c0 + j;
         const double sum_dy = lanes_dy[j].flush(), sum_dy_xmu = lanes_dy_xmu[j].flush();
-        write_channel_param_grads(c, sum_dy, sum_dy_xmu, a.var, a.eps, grad_weight, grad_bias);
+        write_channel_param_grads(c, sum_dy, sum_dy_xmu, a.invstd.data(), grad_weight, grad_bias);
         k[j] = channel_backward_coefficients(a, c, sum_dy, sum_dy_xmu, g.count(), true);
       }
       for (int64_t n = 0; n < (out.dx != nullptr ? g.N : 0); ++n) {
@@ -831,7 +861,7 @@ void backward(const BackwardArgs<scalar_t, acc_t>& a, BackwardOutputs<scalar_t> 
     return planar_channel_backward<A>(a, out, grad_weight, grad_bias, group);
   }
   const BackwardSums sums = backward_sums<A>(a);
-  write_param_grads(sums, a.var, a.eps, grad_weight, grad_bias);
+  write_param_grads(sums, a.invstd.data(), grad_weight, grad_bias);
   if (need_input) backward_apply_all<A>(a, out, sums.dy.data(), sums.dy_xmu.data(), a.g.count(), train);
 }
 
